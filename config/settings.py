@@ -1,0 +1,156 @@
+"""Every setting of the worker, read from the environment and checked once at start-up.
+
+A bad value raises :class:`SettingsError` whose message names the setting, so that
+``ACTIVITY_BATCH_SIZE=5000`` stops the worker with "ACTIVITY_BATCH_SIZE=5000: must be 1..1000"
+instead of failing later, somewhere else. Nothing else in the project reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+#: The API's base URL for each Netcore data centre (``NETCORE_REGION``).
+REGIONS: dict[str, str] = {
+    "us": "https://api2.netcoresmartech.com",
+    "in": "https://apiin2.netcoresmartech.com",
+    "eu": "https://apieu2.netcoresmartech.com",
+}
+
+#: The API takes at most this many events in one request.
+API_MAX_BATCH = 1000
+
+#: The path of the upload endpoint, appended to the base URL.
+UPLOAD_PATH = "/v1/activity/upload"
+
+T = TypeVar("T", int, float)
+
+
+class SettingsError(ValueError):
+    """A setting is missing or has a value the worker cannot run with."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """The worker's configuration. Build it with :meth:`from_env`; never mutate it."""
+
+    broker_url: str = field(default="amqp://guest:guest@localhost:5672//", repr=False)
+    api_key: str = field(default="", repr=False)
+    region: str = "us"
+    api_url: str = ""
+    queue: str = "activities"
+    dead_letter_queue: str = "activities.dead"
+    #: Celery's default queue: where ``send_task("activities.ingest", ...)`` lands when the
+    #: producer's app is configured with nothing but the broker URL.
+    task_queue: str = "celery"
+    #: The internal queue of upload tasks (one message per batch).
+    upload_queue: str = "activities.upload"
+    batch_size: int = API_MAX_BATCH
+    batch_wait: float = 2.0
+    batch_max_bytes: int = 4 * 1024 * 1024
+    prefetch: int = 10_000
+    upload_timeout: float = 10.0
+    upload_connect_timeout: float = 3.05
+    max_retries: int = 8
+    retry_backoff: float = 1.0
+    retry_backoff_max: float = 300.0
+    sentry_dsn: str = field(default="", repr=False)
+
+    @property
+    def upload_url(self) -> str:
+        """Where batches are POSTed: ``NETCORE_API_URL`` if set, else the region's API."""
+        return (self.api_url or REGIONS[self.region]).rstrip("/") + UPLOAD_PATH
+
+    @property
+    def broker_url_redacted(self) -> str:
+        """The broker URL with its password masked, for logs."""
+        return redact_url(self.broker_url)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, require_api: bool = True) -> Settings:
+        """Read and check every setting; raise :class:`SettingsError` naming the first bad one.
+
+        ``require_api`` is off for tools that never call the API (the dead-letter command).
+        """
+        env = os.environ if env is None else env
+        get = _Reader(env)
+        region = get.text("NETCORE_REGION", "us").lower()
+        if region not in REGIONS:
+            raise SettingsError(f"NETCORE_REGION={region}: must be one of {', '.join(REGIONS)}")
+        api_url = get.text("NETCORE_API_URL", "")
+        if api_url and urlsplit(api_url).scheme not in ("http", "https"):
+            raise SettingsError(f"NETCORE_API_URL={api_url}: must be an http:// or https:// URL")
+        api_key = get.text("NETCORE_API_KEY", "")
+        if require_api and not api_key:
+            raise SettingsError(
+                "NETCORE_API_KEY is not set: the worker has no key to upload with "
+                "(for a local try-out, `make run` starts the sandbox API instead)"
+            )
+        backoff = get.number("UPLOAD_RETRY_BACKOFF", float, 1.0, low=0.0, high=3600.0)
+        settings = cls(
+            broker_url=get.text("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//"),
+            api_key=api_key,
+            region=region,
+            api_url=api_url,
+            queue=get.text("ACTIVITY_QUEUE", cls.queue),
+            dead_letter_queue=get.text("ACTIVITY_DEAD_LETTER_QUEUE", cls.dead_letter_queue),
+            task_queue=get.text("ACTIVITY_TASK_QUEUE", cls.task_queue),
+            upload_queue=get.text("ACTIVITY_UPLOAD_QUEUE", cls.upload_queue),
+            batch_size=get.number("ACTIVITY_BATCH_SIZE", int, API_MAX_BATCH, low=1, high=API_MAX_BATCH),
+            batch_wait=get.number("ACTIVITY_BATCH_WAIT", float, 2.0, low=0.01, high=3600.0),
+            batch_max_bytes=get.number(
+                "ACTIVITY_BATCH_MAX_BYTES", int, cls.batch_max_bytes, low=1024, high=64 * 1024 * 1024
+            ),
+            prefetch=get.number("ACTIVITY_PREFETCH", int, cls.prefetch, low=1, high=65_535),
+            upload_timeout=get.number("UPLOAD_TIMEOUT", float, 10.0, low=0.01, high=600.0),
+            max_retries=get.number("UPLOAD_MAX_RETRIES", int, 8, low=0, high=100),
+            retry_backoff=backoff,
+            retry_backoff_max=get.number(
+                "UPLOAD_RETRY_BACKOFF_MAX", float, 300.0, low=backoff, high=3600.0
+            ),
+            sentry_dsn=get.text("SENTRY_DSN", ""),
+        )
+        names = {settings.queue, settings.dead_letter_queue, settings.task_queue, settings.upload_queue}
+        if len(names) != 4:
+            raise SettingsError(
+                "ACTIVITY_QUEUE, ACTIVITY_DEAD_LETTER_QUEUE, ACTIVITY_TASK_QUEUE and "
+                "ACTIVITY_UPLOAD_QUEUE must be four different queues"
+            )
+        return settings
+
+
+class _Reader:
+    """Reads typed values from an environment mapping, naming the variable in every error."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+
+    def text(self, name: str, default: str) -> str:
+        value = self.env.get(name, "").strip()
+        return value or default
+
+    def number(self, name: str, kind: Callable[[str], T], default: T, *, low: T, high: T) -> T:
+        raw = self.env.get(name, "").strip()
+        if not raw:
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise SettingsError(f"{name}={raw}: must be a number in {low}..{high}") from None
+        if not low <= value <= high or value != value:  # value != value: NaN
+            raise SettingsError(f"{name}={raw}: must be {low}..{high}")
+        return value
+
+
+def redact_url(url: str) -> str:
+    """``amqp://user:secret@host//`` -> ``amqp://user:***@host//``; other URLs unchanged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))

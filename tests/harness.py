@@ -1,0 +1,295 @@
+"""Real parts for integration tests: the broker, queues of a test's own, worker processes.
+
+Nothing here sleeps: every wait is a blocking read (a process's output, the broker's
+``drain_events``, the sandbox's condition variable) with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kombu import Connection, Consumer, Queue
+
+from config.settings import Settings
+from worker import jsonutil
+from worker.publisher import Outgoing, Publisher
+
+#: The broker every integration test uses (the worker's own default).
+BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")
+
+#: The project's root, where the worker process runs.
+ROOT = Path(__file__).resolve().parent.parent
+
+#: A valid event's fields, besides asset_id and the id that makes it traceable.
+EVENT_TEMPLATE: dict[str, Any] = {
+    "activity_name": "Purchase",
+    "timestamp": "2026-11-26T12:06:28Z",
+    "identity": "customer-42@example.com",
+    "activity_source": "web",
+}
+
+
+def require_broker() -> None:
+    """Fail (in CI) or skip (locally, saying why) when RabbitMQ is unreachable."""
+    try:
+        with Connection(BROKER_URL, connect_timeout=3) as connection:
+            connection.ensure_connection(max_retries=1)
+    except Exception as exc:  # any reason the broker is not there
+        message = f"RabbitMQ is not reachable at {BROKER_URL.split('@')[-1]}: {exc!r}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message + " (start it with `rabbitmq-server -detached`)")
+
+
+def event(event_id: str, asset_id: str = "asset-1", **overrides: Any) -> dict[str, Any]:
+    """A valid event carrying ``event_id`` in its params (the ledger's key)."""
+    body = dict(EVENT_TEMPLATE, asset_id=asset_id, activity_params={"event_id": event_id, "total": 2})
+    body.update(overrides)
+    return body
+
+
+def event_id_of(event: Any) -> str | None:
+    """The ledger id of an event (or None for events that carry none)."""
+    if isinstance(event, dict) and isinstance(event.get("activity_params"), dict):
+        value = event["activity_params"].get("event_id")
+        return value if isinstance(value, str) else None
+    return None
+
+
+@dataclass
+class QueueSet:
+    """Queue names of one test, so tests never see each other's messages."""
+
+    prefix: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:10]}")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "ACTIVITY_QUEUE": f"{self.prefix}.activities",
+            "ACTIVITY_DEAD_LETTER_QUEUE": f"{self.prefix}.dead",
+            "ACTIVITY_TASK_QUEUE": f"{self.prefix}.celery",
+            "ACTIVITY_UPLOAD_QUEUE": f"{self.prefix}.upload",
+        }
+
+    @property
+    def settings(self) -> Settings:
+        return Settings.from_env({"CELERY_BROKER_URL": BROKER_URL, **self.env}, require_api=False)
+
+    def declare(self) -> None:
+        s = self.settings
+        with Connection(BROKER_URL) as connection:
+            channel = connection.default_channel
+            for name in (s.queue, s.dead_letter_queue, s.upload_queue):
+                Queue(name, durable=True)(channel).declare()
+
+    def delete(self) -> None:
+        with Connection(BROKER_URL) as connection:
+            channel = connection.default_channel
+            for name in self.env.values():
+                try:
+                    channel.queue_delete(name)
+                except Exception:
+                    channel = connection.channel()
+
+    def depth(self, name: str) -> int:
+        with Connection(BROKER_URL) as connection:
+            _, count, _ = connection.default_channel.queue_declare(name, passive=True)
+            return count
+
+
+def publish_raw(queue: str, bodies: Iterable[bytes | str], *, content_type: str | None = "application/json",
+                headers: Mapping[str, Any] | None = None) -> int:
+    """Publish bodies as a producer would: persistent, confirmed (in groups)."""
+    publisher = Publisher(BROKER_URL, declare=[Queue(queue, durable=True)])
+    try:
+        messages = [
+            Outgoing(queue, b if isinstance(b, bytes) else b.encode(), dict(headers or {}), content_type or "")
+            for b in bodies
+        ]
+        for start in range(0, len(messages), 1000):
+            publisher.publish(messages[start:start + 1000])
+        return len(messages)
+    finally:
+        publisher.close()
+
+
+def publish_events(queue: str, payloads: Iterable[Any]) -> int:
+    """Publish each payload (an event or a list of events) as one JSON message."""
+    return publish_raw(queue, (jsonutil.dumps(p) for p in payloads))
+
+
+class DeadLetters:
+    """Collects the dead-letter queue's envelopes as they arrive (event-driven, acked)."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.envelopes: list[dict[str, Any]] = []
+        self._connection = Connection(BROKER_URL)
+        self._consumer = Consumer(
+            self._connection.channel(), [Queue(queue, durable=True)], callbacks=[self._on_message],
+            accept=["json"], prefetch_count=2000,
+        )
+        self._consumer.consume()
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        self.envelopes.append(jsonutil.loads(message.body) if isinstance(message.body, (bytes, str)) else body)
+        message.ack()
+
+    def wait_for(self, count: int, timeout: float) -> bool:
+        """Block until ``count`` envelopes arrived or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        while len(self.envelopes) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                self._connection.drain_events(timeout=min(remaining, 1.0))
+            except socket.timeout:
+                pass
+        return True
+
+    def settle(self, quiet: float = 1.0) -> None:
+        """Read until nothing arrives for ``quiet`` seconds (catches extra dead letters)."""
+        while True:
+            try:
+                self._connection.drain_events(timeout=quiet)
+            except socket.timeout:
+                return
+
+    def ids(self) -> list[str | None]:
+        return [event_id_of(e.get("event")) for e in self.envelopes]
+
+    def by_reason(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for e in self.envelopes:
+            counts[e["reason"]] = counts.get(e["reason"], 0) + 1
+        return counts
+
+    def close(self) -> None:
+        try:
+            self._consumer.cancel()
+        finally:
+            self._connection.release()
+
+
+class WorkerProcess:
+    """``celery -A worker.app worker`` in a process group of its own.
+
+    A reader thread copies its output to ``log_path`` and wakes up whoever waits for a line
+    (:meth:`wait_for_log`): waiting is event-driven, with a deadline.
+    """
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, concurrency: int = 2) -> None:
+        self.log_path = log_path
+        self.env = {**os.environ, "CELERY_BROKER_URL": BROKER_URL, "PYTHONUNBUFFERED": "1", **env}
+        self.concurrency = concurrency
+        self.process: subprocess.Popen[bytes] | None = None
+        self._output = bytearray()
+        self._changed = threading.Condition()
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 60.0) -> WorkerProcess:
+        """Start the worker; return once it says it is ready (or fail with its log)."""
+        mark = len(self._output)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel=INFO",
+             f"--concurrency={self.concurrency}", "--without-gossip", "--without-mingle",
+             f"--hostname=test-{uuid.uuid4().hex[:8]}@%h"],
+            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, args=(self.process,), daemon=True)
+        self._reader.start()
+        if not self.wait_for_log(" ready.", timeout, start=mark):
+            self.kill()
+            raise AssertionError(f"the worker did not start; its log:\n{self.log()[-5000:]}")
+        return self
+
+    def _read(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        with open(self.log_path, "ab") as log:
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                with self._changed:
+                    self._output += line
+                    self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def log(self) -> str:
+        with self._changed:
+            return self._output.decode(errors="replace")
+
+    @property
+    def mark(self) -> int:
+        """A position in the output, to wait for lines written after it."""
+        with self._changed:
+            return len(self._output)
+
+    def wait_for_log(self, text: str, timeout: float, *, start: int = 0) -> bool:
+        """Block until ``text`` appears in the output after ``start``, or the process ends."""
+        needle = text.encode()
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while needle not in self._output[start:]:
+                remaining = deadline - time.monotonic()
+                reader_done = self._reader is not None and not self._reader.is_alive()
+                if remaining <= 0 or reader_done:
+                    return False
+                self._changed.wait(remaining)
+        return True
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM to the main process (a deploy): warm shutdown; return the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self._reap(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: main process and pool, no goodbye."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._reap(30)
+
+    def pool_pids(self) -> list[int]:
+        assert self.process is not None
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+    def _reap(self, timeout: float) -> int:
+        assert self.process is not None
+        code = self.process.wait(timeout)
+        try:  # orphaned pool processes, if any
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self._reader is not None:
+            self._reader.join(10)
+        return code
+
+
+@contextmanager
+def running_worker(env: Mapping[str, str], log_path: Path, **kwargs: Any) -> Iterator[WorkerProcess]:
+    worker = WorkerProcess(env, log_path, **kwargs).start()
+    try:
+        yield worker
+    finally:
+        if worker.process and worker.process.poll() is None:
+            worker.kill()

@@ -1,0 +1,68 @@
+"""Fixtures for the integration tests: the real RabbitMQ, the sandbox over HTTP, real workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import DeadLetters, QueueSet, WorkerProcess, require_broker
+from worker.sandbox import Sandbox
+
+#: The API key the sandbox expects and the worker sends in these tests.
+API_KEY = "test-key-0123456789"
+
+
+@pytest.fixture
+def queues() -> Iterator[QueueSet]:
+    require_broker()
+    queues = QueueSet()
+    queues.declare()
+    yield queues
+    queues.delete()
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    with Sandbox(api_key=API_KEY, seed=7) as sandbox:
+        yield sandbox
+
+
+@pytest.fixture
+def worker_env(queues: QueueSet, sandbox: Sandbox) -> dict[str, str]:
+    """Settings for a worker of this test: its own queues, the sandbox, short waits."""
+    return {
+        **queues.env,
+        "NETCORE_API_KEY": API_KEY,
+        "NETCORE_API_URL": sandbox.url,
+        "ACTIVITY_BATCH_WAIT": "0.5",
+        "UPLOAD_TIMEOUT": "5",
+        "UPLOAD_MAX_RETRIES": "4",
+        "UPLOAD_RETRY_BACKOFF": "0.2",
+        "UPLOAD_RETRY_BACKOFF_MAX": "1",
+    }
+
+
+@pytest.fixture
+def dead_letters(queues: QueueSet) -> Iterator[DeadLetters]:
+    collector = DeadLetters(queues.settings.dead_letter_queue)
+    yield collector
+    collector.close()
+
+
+@pytest.fixture
+def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start workers (``start_worker(**extra_env)``); every one is killed at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(concurrency: int = 2, **extra: Any) -> WorkerProcess:
+        env = {**worker_env, **{k: str(v) for k, v in extra.items()}}
+        worker = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log", concurrency=concurrency)
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        worker.kill()

@@ -1,0 +1,138 @@
+"""The Netcore Activity API client: one pooled HTTP session, one function that classifies.
+
+:func:`classify` is the single place that decides what an answer means; everything else asks
+it. Its rules (the contract's "Outcomes"):
+
+- 2xx with ``{"status": "success"}``: delivered.
+- 2xx with anything else (an HTML page from a proxy, an empty body, ``{"status": "fail"}``):
+  **transient**. We cannot tell whether Netcore stored the events, and losing them silently
+  is worse than sending them twice; after the retry budget they are dead-lettered and can be
+  replayed.
+- 400 (and 413): the request's events are rejected; the caller bisects.
+- 401: unauthorized (the API key). 403, 404, 405, 422: refused. All permanent.
+- 408, 425, 429, 5xx, timeouts, connection errors: transient, with ``Retry-After`` if given.
+- A TLS certificate error: permanent (``refused``); never retried, never downgraded to http.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from worker import deadletter, jsonutil
+from worker.errors import Permanent, Transient
+
+#: Statuses worth retrying.
+TRANSIENT_STATUSES = frozenset({408, 425, 429}) | frozenset(range(500, 600))
+
+#: Permanent statuses other than 400/401, each dead-lettered as ``refused``.
+REFUSED_STATUSES = frozenset({403, 404, 405, 413, 422})
+
+#: How much of a response body goes into logs and dead letters.
+BODY_EXCERPT = 300
+
+
+class ApiClient:
+    """Posts batches to ``url`` with the API key, over one pooled session per process."""
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        api_key: str,
+        timeout: float,
+        connect_timeout: float,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.url = url
+        self.timeout = (min(connect_timeout, timeout), timeout)
+        self.session = session or _session()
+        self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+
+    def post(self, events: Sequence[Any]) -> None:
+        """Upload ``events`` (one asset_id, 1..1000); raise Transient or Permanent on failure."""
+        try:
+            response = self.session.post(
+                self.url, data=jsonutil.dumps(list(events)), headers=self._headers, timeout=self.timeout
+            )
+        except requests.exceptions.SSLError as exc:
+            raise Permanent(
+                f"TLS failed talking to {self.url}: {type(exc).__name__}. Not retried: check the "
+                "URL and the certificate store",
+                reason=deadletter.REFUSED,
+            ) from None
+        except requests.exceptions.Timeout:
+            raise Transient(f"no answer from the API within {self.timeout[1]} s") from None
+        except requests.exceptions.RequestException as exc:
+            raise Transient(f"could not reach the API: {type(exc).__name__}") from None
+        classify(response.status_code, response.text, response.headers.get("Retry-After"))
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def classify(status: int, body: str, retry_after: str | None = None) -> None:
+    """Return if the answer means "delivered"; raise Transient or Permanent otherwise."""
+    excerpt = body[:BODY_EXCERPT]
+    if 200 <= status < 300:
+        if _is_success(body):
+            return
+        raise Transient(
+            f"the API answered {status} without {{\"status\": \"success\"}}; delivery unknown",
+            status=status,
+            body=excerpt,
+        )
+    if status in TRANSIENT_STATUSES:
+        raise Transient(
+            f"the API answered {status}", status=status, body=excerpt, retry_after=parse_retry_after(retry_after)
+        )
+    if status == 400:
+        raise Permanent(
+            "the API rejected the event (400 Bad Request)", reason=deadletter.REJECTED, status=status, body=excerpt
+        )
+    if status == 401:
+        raise Permanent(
+            "the API refused the API key (401 Unauthorized): check NETCORE_API_KEY and "
+            "NETCORE_REGION, then replay the reason 'unauthorized'",
+            reason=deadletter.UNAUTHORIZED,
+            status=status,
+            body=excerpt,
+        )
+    raise Permanent(
+        f"the API refused the request ({status})", reason=deadletter.REFUSED, status=status, body=excerpt
+    )
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), else None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _is_success(body: str) -> bool:
+    try:
+        answer = jsonutil.loads(body)
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and str(answer.get("status", "")).lower() == "success"
+
+
+def _session() -> requests.Session:
+    session = requests.Session()
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
