@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from kombu import Queue
 
-from config.settings import Settings
+from config.settings import load_or_exit
 
 #: Broker-side settings only: the API key is checked when the worker starts, so that
 #: the dead-letter command and producers can load this module without one.
-SETTINGS = Settings.from_env(require_api=False)
+SETTINGS = load_or_exit(require_api=False)
 
 broker_url = SETTINGS.broker_url
 broker_connection_retry_on_startup = True

@@ -8,6 +8,7 @@ instead of failing later, somewhere else. Nothing else in the project reads ``os
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -154,3 +155,15 @@ def redact_url(url: str) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def load_or_exit(*, require_api: bool = True) -> Settings:
+    """Read the settings; on a bad one, say which on stderr and exit with status 2.
+
+    Start-up is the place to stop: a traceback would bury the one line that matters.
+    """
+    try:
+        return Settings.from_env(require_api=require_api)
+    except SettingsError as exc:
+        print(f"netcore-activity-worker: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -7,24 +7,14 @@ refuses to start with a bad setting, naming it, before it consumes anything.
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 from celery import Celery
 from celery.signals import worker_init
 
-from config.settings import Settings, SettingsError
+from config.settings import Settings, load_or_exit
 
 logger = logging.getLogger(__name__)
-
-
-def check_settings() -> Settings:
-    """Read every setting; print the problem and exit with status 2 when one is bad."""
-    try:
-        return Settings.from_env()
-    except SettingsError as exc:
-        print(f"netcore-activity-worker: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def setup_sentry(settings: Settings) -> None:
@@ -48,7 +38,7 @@ def connect_signals(app: Celery) -> None:
 
     @worker_init.connect(weak=False)
     def on_worker_init(sender: Any = None, **kwargs: Any) -> None:
-        settings = check_settings()
+        settings = load_or_exit()
         setup_sentry(settings)
         logging.getLogger("amqp").setLevel(logging.WARNING)
         logger.info("Settings: %r (broker %s)", settings, settings.broker_url_redacted)
