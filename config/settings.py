@@ -41,7 +41,7 @@ class Settings:
     broker_url: str = field(default="amqp://guest:guest@localhost:5672//", repr=False)
     api_key: str = field(default="", repr=False)
     region: str = "us"
-    api_url: str = ""
+    api_url: str = field(default="", repr=False)
     queue: str = "activities"
     dead_letter_queue: str = "activities.dead"
     #: Celery's default queue: where ``send_task("activities.ingest", ...)`` lands when the
@@ -109,11 +109,14 @@ class Settings:
             upload_timeout=get.number("UPLOAD_TIMEOUT", float, 10.0, low=0.01, high=600.0),
             max_retries=get.number("UPLOAD_MAX_RETRIES", int, 8, low=0, high=100),
             retry_backoff=backoff,
-            retry_backoff_max=get.number(
-                "UPLOAD_RETRY_BACKOFF_MAX", float, 300.0, low=backoff, high=3600.0
-            ),
+            retry_backoff_max=get.number("UPLOAD_RETRY_BACKOFF_MAX", float, 300.0, low=0.0, high=3600.0),
             sentry_dsn=get.text("SENTRY_DSN", ""),
         )
+        if settings.retry_backoff_max < settings.retry_backoff:
+            raise SettingsError(
+                f"UPLOAD_RETRY_BACKOFF_MAX={settings.retry_backoff_max:g}: must be at least "
+                f"UPLOAD_RETRY_BACKOFF={settings.retry_backoff:g}"
+            )
         names = {settings.queue, settings.dead_letter_queue, settings.task_queue, settings.upload_queue}
         if len(names) != 4:
             raise SettingsError(
@@ -147,14 +150,17 @@ class _Reader:
 
 
 def redact_url(url: str) -> str:
-    """``amqp://user:secret@host//`` -> ``amqp://user:***@host//``; other URLs unchanged."""
+    """``amqp://user:secret@host//`` -> ``amqp://user:***@host//``, for each URL of a
+    ``;``-separated failover list; URLs without a password are unchanged."""
+    return ";".join(_redact_one(part) for part in url.split(";"))
+
+
+def _redact_one(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    host = parts.netloc.rsplit("@", 1)[1]  # as written: IPv6 brackets and port kept
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def load_or_exit(*, require_api: bool = True) -> Settings:

@@ -97,6 +97,14 @@ class Delivery:
         _log(report, attempts + 1, time.monotonic() - started)
         return report
 
+    def reschedule(self, asset_id: str, events: list[Any], attempts: int, error: Exception) -> None:
+        """After an unexpected error (a bug, not an answer): retry the batch later, like a
+        transient failure, so that it is never acknowledged unhandled nor retried forever."""
+        report = Report(asset_id, len(events))
+        failure = Transient(f"unexpected {type(error).__name__} in the worker")
+        messages = self._retry_or_give_up(asset_id, events, attempts + 1, None, failure, report)
+        self.publish(messages)
+
     def _upload(
         self, events: list[Any], report: Report, dead: list[Outgoing], attempt: int
     ) -> tuple[list[Any], float | None, Transient | None]:

@@ -39,6 +39,13 @@ def upload(self: Task, asset_id: str, events: list[Any], attempts: int = 0) -> d
         # back; it is delivered again (perhaps twice), never lost.
         logger.error("asset_id=%s: could not hand on results (%s); requeueing the batch", asset_id, exc)
         raise Reject(str(exc), requeue=True) from None
+    except Exception as exc:  # a bug: retried with backoff, then dead-lettered; never acked as is
+        logger.exception("asset_id=%s: unexpected %s delivering %d events", asset_id, type(exc).__name__, len(events))
+        try:
+            runtime.delivery.reschedule(asset_id, events, attempts, exc)
+        except PublishError as publish_error:
+            raise Reject(str(publish_error), requeue=True) from None
+        return {"asset_id": asset_id, "events": len(events), "error": type(exc).__name__}
     return {
         "asset_id": asset_id,
         "events": report.received,
