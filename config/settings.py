@@ -112,6 +112,11 @@ class Settings:
             retry_backoff_max=get.number("UPLOAD_RETRY_BACKOFF_MAX", float, 300.0, low=0.0, high=3600.0),
             sentry_dsn=get.text("SENTRY_DSN", ""),
         )
+        if settings.prefetch < settings.batch_size:
+            raise SettingsError(
+                f"ACTIVITY_PREFETCH={settings.prefetch}: must be at least ACTIVITY_BATCH_SIZE="
+                f"{settings.batch_size}, or batches could never fill"
+            )
         if settings.retry_backoff_max < settings.retry_backoff:
             raise SettingsError(
                 f"UPLOAD_RETRY_BACKOFF_MAX={settings.retry_backoff_max:g}: must be at least "

@@ -76,7 +76,8 @@ class FakeClient:
         self.delivered: list[Any] = []
 
     def post(self, events: Sequence[Any]) -> None:
-        batch = list(events)
+        # the worker posts each event's JSON text, as received
+        batch = [jsonutil.loads(e) if isinstance(e, str) else e for e in events]
         self.posts.append(batch)
         self.script(batch)
         self.delivered.extend(batch)
@@ -113,11 +114,14 @@ class Harness:
         self.published.append(list(messages))
 
     def retry_message(self, asset_id: str, events: list[Any], attempts: int, countdown: float) -> Outgoing:
-        self.retries.append(RetryCall(asset_id, list(events), attempts, countdown))
+        values = [jsonutil.loads(e) if isinstance(e, str) else e for e in events]
+        self.retries.append(RetryCall(asset_id, values, attempts, countdown))
         return Outgoing(UPLOAD_QUEUE, jsonutil.dumps({"asset_id": asset_id, "events": events, "attempts": attempts}))
 
     def deliver(self, events: list[Any], attempts: int = 0, asset_id: str = ASSET) -> Report:
-        return self.delivery.deliver(asset_id, events, attempts)
+        # as the ingest step sends them: each event's JSON text
+        texts = [jsonutil.dumps(e).decode("utf-8") for e in events]
+        return self.delivery.deliver(asset_id, texts, attempts)
 
     @property
     def messages(self) -> list[Outgoing]:
@@ -514,6 +518,35 @@ def test_with_the_real_upload_message() -> None:
     assert message.headers["task"] == UPLOAD_TASK
     args, kwargs, _ = jsonutil.loads(message.body)
     assert args[0] == ASSET
-    assert sorted(args[1], key=key) == events
+    assert sorted((jsonutil.loads(t) for t in args[1]), key=key) == events  # as JSON texts
     assert args[2] == 3
     assert "sku-" not in message.headers.get("argsrepr", "")  # Flower shows a summary only
+
+
+def test_event_texts_are_forwarded_exactly_as_received() -> None:
+    texts = ['{"asset_id":"asset-1", "activity_name":"Purchase","timestamp":"2026-01-01T00:00:00Z",'
+             '"identity":7,"activity_source":"app","activity_params":{"price":250.10,"n":1E2}}']
+    posted: list[Sequence[Any]] = []
+
+    class Recorder(FakeClient):
+        def post(self, events: Sequence[Any]) -> None:
+            posted.append(list(events))
+
+    h = harness()
+    h.delivery.client = Recorder()  # type: ignore[assignment]
+    report = h.delivery.deliver(ASSET, texts, 0)
+    assert report.delivered == 1
+    assert posted == [texts]  # "250.10" and "1E2" untouched: no re-encoding
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [('{"asset_id":"asset-1","asset_id":"asset-2"}', "duplicate_key"), ('{"n": 1', "not_json")],
+)
+def test_event_text_that_only_the_strict_parser_refuses_is_dead_lettered_malformed(text: str, problem: str) -> None:
+    h = harness()
+    report = h.delivery.deliver(ASSET, [text], 0)
+    assert report.delivered == 0 and h.client.posts == []
+    (dead,) = [jsonutil.loads(m.body) for m in h.messages]
+    assert dead["reason"] == "malformed" and dead["raw"] == text and dead["event"] is None
+    assert dead["details"]["problem"] == problem

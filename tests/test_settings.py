@@ -125,8 +125,16 @@ def test_bad_number_names_the_setting_and_value(name: str, value: str) -> None:
 
 @pytest.mark.parametrize(("name", "value"), [(n, v) for n, (_, ok) in NUMERIC.items() for v in ok])
 def test_edge_values_are_accepted(name: str, value: str) -> None:
-    extra = {"UPLOAD_RETRY_BACKOFF_MAX": "3600"} if name == "UPLOAD_RETRY_BACKOFF" else {}
+    extra = {
+        "UPLOAD_RETRY_BACKOFF": {"UPLOAD_RETRY_BACKOFF_MAX": "3600"},
+        "ACTIVITY_PREFETCH": {"ACTIVITY_BATCH_SIZE": "1"},
+    }.get(name, {})
     load(**{name: value, **extra})
+
+
+def test_a_prefetch_below_the_batch_size_is_refused() -> None:
+    with pytest.raises(SettingsError, match=r"^ACTIVITY_PREFETCH=999: must be at least ACTIVITY_BATCH_SIZE=1000"):
+        load(ACTIVITY_PREFETCH="999")
 
 
 def test_a_backoff_above_the_default_cap_is_refused_not_silently_capped() -> None:

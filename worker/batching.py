@@ -124,6 +124,12 @@ class Batcher:
             return max(0.0, batch.opened_at + self.max_wait - self.clock.monotonic())
         return None
 
+    def release_oldest(self) -> Batch | None:
+        """Release the oldest open batch (backpressure), or None when none is open."""
+        for asset_id in self._open:
+            return self._release(asset_id)
+        return None
+
     def drain(self) -> list[Batch]:
         """Release every open batch (warm shutdown)."""
         return [self._release(asset_id) for asset_id in list(self._open)]

@@ -55,11 +55,16 @@ class ApiClient:
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
 
     def post(self, events: Sequence[Any]) -> None:
-        """Upload ``events`` (one asset_id, 1..1000); raise Transient or Permanent on failure."""
+        """Upload ``events`` (one asset_id, 1..1000); raise Transient or Permanent on failure.
+
+        Events given as JSON text are forwarded exactly as received, without re-encoding.
+        """
+        if all(isinstance(event, str) for event in events):
+            body = ("[" + ",".join(events) + "]").encode("utf-8")
+        else:
+            body = jsonutil.dumps(list(events))
         try:
-            response = self.session.post(
-                self.url, data=jsonutil.dumps(list(events)), headers=self._headers, timeout=self.timeout
-            )
+            response = self.session.post(self.url, data=body, headers=self._headers, timeout=self.timeout)
         except requests.exceptions.SSLError as exc:
             raise Permanent(
                 f"TLS failed talking to {self.url}: {type(exc).__name__}. Not retried: check the "

@@ -18,6 +18,7 @@ from celery import bootsteps
 from kombu import Consumer, Exchange, Queue
 
 from config.settings import Settings
+from worker.acks import Acker
 from worker.batching import Batch, Batcher
 from worker.clock import SystemClock
 from worker.errors import PublishError
@@ -60,7 +61,13 @@ class IngestStep(bootsteps.ConsumerStep):
             return upload_message(app, settings.upload_queue, batch.asset_id, batch.events)
 
         self.ingest = Ingest(
-            settings=settings, batcher=batcher, publish=self.publisher.publish, upload_message=make_upload, clock=clock
+            settings=settings,
+            batcher=batcher,
+            acker=Acker(channel.basic_ack),
+            publish=self.publisher.publish,
+            upload_message=make_upload,
+            clock=clock,
+            max_outstanding=max(1, settings.prefetch - settings.batch_size),
         )
         task_exchange = Exchange(settings.task_queue, "direct", durable=True)
         sources = [

@@ -21,18 +21,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import deadletter
+from worker import deadletter, jsonutil
 from worker.client import ApiClient
 from worker.clock import Clock
 from worker.errors import Permanent, Transient
 from worker.publisher import Outgoing, PublishFn
 from worker.retry import RetryPolicy
+from worker.parsing import MalformedBody, parse_body
 from worker.validation import is_stale, validate_event
 
 logger = logging.getLogger(__name__)
 
 #: Builds the message of a retried batch: (asset_id, events, attempts, countdown) -> message.
 RetryMessageFn = Callable[[str, list[Any], int, float], Outgoing]
+
+#: An event as it travels: the JSON text it arrived in (forwarded as is), and its value.
+Item = tuple[str, Any]
 
 
 @dataclass
@@ -71,24 +75,34 @@ class Delivery:
         self.clock = clock
 
     def deliver(self, asset_id: str, events: Sequence[Any], attempts: int = 0) -> Report:
-        """Deliver one batch that has already been tried ``attempts`` times."""
+        """Deliver one batch that has already been tried ``attempts`` times.
+
+        ``events`` are the events' JSON texts, as the ingest step sends them; values that
+        are not strings are taken as events already parsed.
+        """
         started = time.monotonic()
         report = Report(asset_id, len(events))
         now = self.clock.now()
         dead: list[Outgoing] = []
-        valid: list[Any] = []
-        for event in events:
+        valid: list[Item] = []
+        for item in events:
+            text, event, problem = _read(item)
+            if problem is not None:
+                report.invalid += 1
+                dead.append(self._malformed(problem, text, asset_id))
+                continue
             errors = validate_event(event)
             if errors:
                 report.invalid += 1
                 dead.append(self._dead(deadletter.INVALID, _invalid_sentence(errors), event, asset_id, 0, errors))
             else:
-                valid.append(event)
+                valid.append((text, event))
                 if is_stale(event, now):
                     report.stale += 1
         retry, retry_after, last_error = self._upload(valid, report, dead, attempts + 1)
         if retry:
-            dead.extend(self._retry_or_give_up(asset_id, retry, attempts + 1, retry_after, last_error, report))
+            texts = [text for text, _ in retry]
+            dead.extend(self._retry_or_give_up(asset_id, texts, attempts + 1, retry_after, last_error, report))
         for message in dead:
             if message.queue == self.dead_letter_queue:
                 reason = message.headers[deadletter.REASON_HEADER]
@@ -102,22 +116,22 @@ class Delivery:
         transient failure, so that it is never acknowledged unhandled nor retried forever."""
         report = Report(asset_id, len(events))
         failure = Transient(f"unexpected {type(error).__name__} in the worker")
-        messages = self._retry_or_give_up(asset_id, events, attempts + 1, None, failure, report)
+        messages = self._retry_or_give_up(asset_id, list(events), attempts + 1, None, failure, report)
         self.publish(messages)
 
     def _upload(
-        self, events: list[Any], report: Report, dead: list[Outgoing], attempt: int
-    ) -> tuple[list[Any], float | None, Transient | None]:
+        self, events: list[Item], report: Report, dead: list[Outgoing], attempt: int
+    ) -> tuple[list[Item], float | None, Transient | None]:
         """Send ``events``, bisecting on rejection; return what must be retried."""
         pending = [events] if events else []
         while pending:
             part = pending.pop()
             report.requests += 1
             try:
-                self.client.post(part)
+                self.client.post([text for text, _ in part])
             except Transient as exc:
                 report.statuses.append(exc.status)
-                retry = [event for chunk in pending for event in chunk] + part
+                retry = [item for chunk in pending for item in chunk] + part
                 return retry, exc.retry_after, exc
             except Permanent as exc:
                 report.statuses.append(exc.status)
@@ -127,7 +141,7 @@ class Delivery:
                     continue
                 details = {"status": exc.status, "response": exc.body}
                 dead.extend(
-                    self._dead(exc.reason, str(exc), event, report.asset_id, attempt, details) for event in part
+                    self._dead(exc.reason, str(exc), event, report.asset_id, attempt, details) for _, event in part
                 )
             else:
                 report.statuses.append(200)
@@ -150,8 +164,8 @@ class Delivery:
             )
             details = {"status": error.status if error else None, "response": error.body if error else ""}
             return [
-                self._dead(deadletter.RETRIES_EXHAUSTED, sentence, event, asset_id, attempts, details)
-                for event in events
+                self._dead(deadletter.RETRIES_EXHAUSTED, sentence, _read(item)[1], asset_id, attempts, details)
+                for item in events
             ]
         delay = self.policy.delay(attempts, retry_after)
         report.retried = len(events)
@@ -160,6 +174,13 @@ class Delivery:
             len(events), asset_id, error, attempts, self.policy.max_retries, delay,
         )
         return [self.retry_message(asset_id, events, attempts, delay)]
+
+    def _malformed(self, problem: MalformedBody, text: str, asset_id: str) -> Outgoing:
+        body = deadletter.envelope(
+            reason=deadletter.MALFORMED, error=problem.error, raw=text, details=problem.details,
+            asset_id=asset_id, failed_at=self.clock.now(),
+        )
+        return deadletter.message(self.dead_letter_queue, body)
 
     def _dead(
         self, reason: str, error: str, event: Any, asset_id: str, attempts: int, details: dict[str, Any]
@@ -174,6 +195,20 @@ class Delivery:
             failed_at=self.clock.now(),
         )
         return deadletter.message(self.dead_letter_queue, body)
+
+
+def _read(item: Any) -> tuple[str, Any, MalformedBody | None]:
+    """(text, event, problem) of one item of a batch: strict parsing of an event's text
+    (duplicate keys, huge numbers... that the consumer's fast parser lets through)."""
+    if not isinstance(item, str):
+        return jsonutil.dumps(item).decode("utf-8"), item, None
+    try:
+        values = parse_body(item)
+    except MalformedBody as exc:
+        return item, None, exc
+    if len(values) != 1:
+        return item, None, MalformedBody("Expected one event here, found an array.", {"problem": "not_object"})
+    return item, values[0], None
 
 
 def _invalid_sentence(errors: dict[str, list[str]]) -> str:

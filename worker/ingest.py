@@ -2,28 +2,35 @@
 
 Runs in the worker's main process, on every message of the ``activities`` queue (plain
 JSON) and of Celery's default queue (``activities.ingest`` task messages). It does the cheap
-work only: parse the body once, dead-letter what cannot be read or routed, group the rest by
-``asset_id``. Full validation and the upload run in the pool (:mod:`worker.delivery`).
+work only, because this one process is the throughput bottleneck: parse the body once
+(orjson), dead-letter what cannot be read or routed, group the rest by ``asset_id``. An
+event travels on as the text it arrived in; strict parsing, validation and the upload run
+in the pool (:mod:`worker.delivery`).
 
 A message is acknowledged once each of its events is handed on: published, broker-confirmed,
-in an upload-task message or in the dead-letter queue (:class:`~worker.batching.Ticket`).
-When the broker does not confirm a hand-off, it is kept and tried again on the next tick; the
-messages behind it stay unacknowledged meanwhile, so nothing is lost if the worker dies.
+in an upload-task message or in the dead-letter queue (:class:`~worker.batching.Ticket`),
+in order and many at a time (:class:`~worker.acks.Acker`). When the broker does not confirm
+a hand-off, it is kept and tried again on the next tick; the messages behind it stay
+unacknowledged meanwhile, so nothing is lost if the worker dies.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
+
+import orjson
 
 from config.settings import Settings
 from worker import deadletter, jsonutil
+from worker.acks import Acker
 from worker.batching import Batch, Batcher, Ticket
 from worker.clock import Clock
 from worker.errors import PublishError
 from worker.messages import INGEST_TASK
-from worker.parsing import MalformedBody, parse_body, raw_text
+from worker.parsing import ACCEPTED_ENCODINGS, JSON_CONTENT_TYPE, MAX_MESSAGE_BYTES, MalformedBody, parse_body, raw_text
 from worker.publisher import Outgoing, PublishFn
 from worker.validation import routing_key_of, validate_event
 
@@ -37,12 +44,14 @@ class Message(Protocol):
     content_type: str | None
     content_encoding: str | None
     headers: dict[str, Any]
+    delivery_tag: int
 
-    def ack(self) -> None: ...
 
-
-#: (queue, asset_id, events) -> the upload-task message for a batch.
+#: batch -> the upload-task message that carries it.
 UploadMessageFn = Callable[[Batch], Outgoing]
+
+#: (asset_id or None when it cannot be routed, the event's JSON text, the event).
+Routed = tuple[str | None, str, Any]
 
 
 class Ingest:
@@ -53,15 +62,20 @@ class Ingest:
         *,
         settings: Settings,
         batcher: Batcher,
+        acker: Acker,
         publish: PublishFn,
         upload_message: UploadMessageFn,
         clock: Clock,
+        max_outstanding: int,
     ) -> None:
         self.settings = settings
         self.batcher = batcher
+        self.acker = acker
         self.publish = publish
         self.upload_message = upload_message
         self.clock = clock
+        #: Unacknowledged messages past which the oldest batch is released (backpressure).
+        self.max_outstanding = max_outstanding
         #: Hand-offs the broker has not confirmed yet: messages, then what to do once it has.
         self._pending: list[tuple[list[Outgoing], list[Callable[[], None]]]] = []
         self.counts = {"messages": 0, "events": 0, "malformed": 0, "invalid": 0, "batches": 0}
@@ -69,32 +83,30 @@ class Ingest:
     def on_message(self, message: Message) -> None:
         """Take one source message: dead-letter or batch each of its events."""
         self.counts["messages"] += 1
-        ticket = Ticket(message.ack)
+        self.acker.received(message.delivery_tag)
+        ticket = Ticket(partial(self.acker.complete, message.delivery_tag))
         try:
             events = self._events_of(message)
         except MalformedBody as exc:
-            self.counts["malformed"] += 1
-            logger.warning("Dead-lettering an unreadable message: %s", exc.error)
-            dead = deadletter.envelope(
-                reason=deadletter.MALFORMED,
-                error=exc.error,
-                raw=raw_text(message.body),
-                details=exc.details,
-                failed_at=self.clock.now(),
-            )
-            self._hand_off([deadletter.message(self.settings.dead_letter_queue, dead)], [ticket.release])
+            self._malformed(message, ticket, exc.error, exc.details)
+            return
+        except Exception as exc:  # a bug must not stop the consumer nor lose the message
+            logger.exception("Unexpected %s reading a message; dead-lettering it whole", type(exc).__name__)
+            self._malformed(message, ticket, f"The worker failed to read this message ({type(exc).__name__}).",
+                            {"problem": "internal_error"})
             return
         self.counts["events"] += len(events)
-        share = max(1, len(message.body) // len(events))
         outgoing: list[Outgoing] = []
         ready: list[Batch] = []
-        for event in events:
-            asset_id = routing_key_of(event)
+        for asset_id, text, event in events:
             if asset_id is None:
                 outgoing.append(self._invalid(event))
             else:
-                ready += self.batcher.add(asset_id, event, share, ticket)
-        self._hand_off(outgoing + [self._upload(batch) for batch in ready], [b.handed_on for b in ready] + [ticket.release])
+                ready += self.batcher.add(asset_id, text, len(text), ticket)
+        while self.acker.outstanding > self.max_outstanding and self.batcher.buffered:
+            ready.append(self.batcher.release_oldest())  # type: ignore[arg-type]
+        outgoing += [self._upload(batch) for batch in ready]
+        self._hand_off(outgoing, [b.handed_on for b in ready] + [ticket.release])
 
     def tick(self) -> None:
         """Called often by a timer: retry unconfirmed hand-offs, release batches due."""
@@ -113,35 +125,51 @@ class Ingest:
     def discard(self) -> int:
         """Forget everything in memory (the channel is gone; the broker redelivers it all)."""
         self._pending.clear()
+        self.acker.forget()
         return self.batcher.discard()
 
-    @property
-    def backlog(self) -> int:
-        """Hand-offs waiting for the broker."""
-        return len(self._pending)
+    def _events_of(self, message: Message) -> list[Routed]:
+        body = message.body
+        task = (message.headers or {}).get("task")
+        if task is None and _plain_json(message) and len(body) <= MAX_MESSAGE_BYTES:
+            try:
+                event = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                event = None  # the strict parser below says exactly what is wrong
+            if isinstance(event, dict):  # the fast path: one event, forwarded as its text
+                text = body if isinstance(body, str) else body.decode("utf-8")
+                return [(routing_key_of(event), text, event)]
+        events = parse_body(body, content_type=message.content_type or None,
+                            content_encoding=message.content_encoding or None)
+        if task is not None:
+            events = self._task_events(str(task), events)
+        return [(routing_key_of(e), jsonutil.dumps(e).decode("utf-8"), e) for e in events]
 
-    def _events_of(self, message: Message) -> list[Any]:
-        headers = message.headers or {}
-        task = headers.get("task")
-        if task is None:
-            return parse_body(message.body, content_type=message.content_type or None,
-                              content_encoding=message.content_encoding or None)
+    def _task_events(self, task: str, body: list[Any]) -> list[Any]:
+        """The events of a Celery task message: body ``[args, kwargs, embed]``."""
         if task != INGEST_TASK:
             raise MalformedBody(
                 f"This worker only runs {INGEST_TASK!r}; a task message for {task!r} reached its "
                 "queue. Send other tasks to another queue.",
-                {"task": str(task)},
+                {"problem": "unknown_task", "task": task},
             )
-        body = parse_body(message.body, content_type=message.content_type or None,
-                          content_encoding=message.content_encoding or None)
         args = body[0] if len(body) == 3 and isinstance(body[0], list) else None
-        if not args or len(args) != 1:
+        if not args or len(args) != 1 or not isinstance(args[0], (dict, list)) or args[0] == []:
             raise MalformedBody(
-                f"{INGEST_TASK} takes one argument, an event or a list of events: "
+                f"{INGEST_TASK} takes one argument, an event or a non-empty list of events: "
                 "send_task('activities.ingest', args=[event_or_list])",
-                {"task": INGEST_TASK},
+                {"problem": "bad_task_arguments", "task": INGEST_TASK},
             )
-        return parse_body(jsonutil.dumps(args[0]), content_type="application/json")
+        return args[0] if isinstance(args[0], list) else [args[0]]
+
+    def _malformed(self, message: Message, ticket: Ticket, error: str, details: dict[str, Any]) -> None:
+        self.counts["malformed"] += 1
+        logger.warning("Dead-lettering an unreadable message: %s", error)
+        dead = deadletter.envelope(
+            reason=deadletter.MALFORMED, error=error, raw=raw_text(message.body), details=details,
+            failed_at=self.clock.now(),
+        )
+        self._hand_off([deadletter.message(self.settings.dead_letter_queue, dead)], [ticket.release])
 
     def _invalid(self, event: Any) -> Outgoing:
         self.counts["invalid"] += 1
@@ -160,6 +188,10 @@ class Ingest:
         return self.upload_message(batch)
 
     def _hand_off(self, messages: list[Outgoing], then: list[Callable[[], None]]) -> None:
+        if not messages and not self._pending:  # the common case: nothing to publish yet
+            for callback in then:
+                callback()
+            return
         self._pending.append((messages, then))
         self._retry_pending()
 
@@ -174,3 +206,12 @@ class Ingest:
             self._pending.pop(0)
             for callback in then:
                 callback()
+
+
+def _plain_json(message: Message) -> bool:
+    """Does the message declare JSON in UTF-8 (or nothing)? Else the strict parser explains."""
+    content_type = message.content_type
+    encoding = message.content_encoding
+    return (not content_type or content_type.split(";")[0].strip().lower() == JSON_CONTENT_TYPE) and (
+        not encoding or encoding.lower() in ACCEPTED_ENCODINGS
+    )
