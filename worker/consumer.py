@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 #: How often the timer checks for batches that waited long enough, as a share of the wait.
 TICKS_PER_WAIT = 10
 
+#: The longest interval between two ticks, whatever the wait: stragglers are acknowledged
+#: on ticks (worker.acks), and a long wait must not leave them unacknowledged for long.
+MAX_TICK = 0.25
+
 
 class IngestStep(bootsteps.ConsumerStep):
     """Consumes source messages into batches; see the module docstring."""
@@ -82,7 +86,7 @@ class IngestStep(bootsteps.ConsumerStep):
     def start(self, c: Any) -> None:
         self.consumer_app = c.app
         super().start(c)
-        interval = max(0.01, self.settings.batch_wait / TICKS_PER_WAIT)
+        interval = min(MAX_TICK, max(0.01, self.settings.batch_wait / TICKS_PER_WAIT))
         self._timer = c.timer.call_repeatedly(interval, self._tick)
         logger.info(
             "Consuming %s and %s from %s (prefetch %d, batches of %d, wait %.2f s) -> %s",

@@ -111,6 +111,7 @@ class Ingest:
     def tick(self) -> None:
         """Called often by a timer: retry unconfirmed hand-offs, release batches due."""
         self._retry_pending()
+        self.acker.ack_stragglers()
         due = self.batcher.due()
         if due:
             self._hand_off([self._upload(b) for b in due], [b.handed_on for b in due])

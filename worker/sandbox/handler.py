@@ -117,7 +117,11 @@ class Handler(BaseHTTPRequestHandler):
         else:
             decision = sandbox.store.decide_fault()
             if decision.latency:
-                sandbox.stopping.wait(decision.latency)  # stop() cuts a long delay short
+                sandbox.store.arrived(+1)  # a test can wait for "an upload is in progress"
+                try:
+                    sandbox.stopping.wait(decision.latency)  # stop() cuts a long delay short
+                finally:
+                    sandbox.store.arrived(-1)
             if decision.answer is None:
                 self._accept(body, decision.applied)
             elif decision.answer.drop:

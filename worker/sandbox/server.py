@@ -105,6 +105,10 @@ class Sandbox:
     def accepted_count(self) -> int:
         return self.store.accepted_count()
 
+    def in_flight(self) -> int:
+        """Upload requests being held by a latency fault right now (an upload in progress)."""
+        return self.store.in_flight()
+
     def requests(self) -> list[RequestRecord]:
         return self.store.requests()
 

@@ -65,6 +65,18 @@ class Store:
         self._accepted_count = 0
         self._dropped: list[dict[str, Any]] = []
         self._records: list[RequestRecord] = []
+        self._delayed = 0
+
+    def arrived(self, change: int) -> None:
+        """Count requests held by a latency fault (+1 as one starts waiting, -1 as it ends)."""
+        with self.lock:
+            self._delayed += change
+            self.changed.notify_all()
+
+    def in_flight(self) -> int:
+        """Upload requests received and held by a latency fault, not answered yet."""
+        with self.lock:
+            return self._delayed
 
     def decide_fault(self) -> Decision:
         with self.lock:
