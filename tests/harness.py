@@ -111,12 +111,13 @@ class QueueSet:
 
 
 def publish_raw(queue: str, bodies: Iterable[bytes | str], *, content_type: str | None = "application/json",
-                headers: Mapping[str, Any] | None = None) -> int:
+                headers: Mapping[str, Any] | None = None, encoding: str | None = None) -> int:
     """Publish bodies as a producer would: persistent, confirmed (in groups)."""
     publisher = Publisher(BROKER_URL, declare=[Queue(queue, durable=True)])
     try:
         messages = [
-            Outgoing(queue, b if isinstance(b, bytes) else b.encode(), dict(headers or {}), content_type or "")
+            Outgoing(queue, b if isinstance(b, bytes) else b.encode(), dict(headers or {}), content_type or "",
+                     content_encoding=encoding)
             for b in bodies
         ]
         for start in range(0, len(messages), 1000):

@@ -51,6 +51,9 @@ class IngestStep(bootsteps.ConsumerStep):
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         settings = self.settings
+        # Bodies stay the bytes the producer sent: py-amqp would otherwise decode them with
+        # whatever content_encoding the message claims, and dead letters would lose the original.
+        channel.auto_decode = False
         app = self.consumer_app
         clock = SystemClock()
         batcher = Batcher(

@@ -36,6 +36,10 @@ from worker.validation import routing_key_of, validate_event
 
 logger = logging.getLogger(__name__)
 
+#: The largest event forwarded, in bytes of JSON. The API documents no limit; an event this
+#: big is a producer bug (a blob in activity_params), and a batch of them would be huge.
+MAX_EVENT_BYTES = 512 * 1024
+
 
 class Message(Protocol):
     """What the pipeline needs of a kombu message."""
@@ -101,6 +105,8 @@ class Ingest:
         for asset_id, text, event in events:
             if asset_id is None:
                 outgoing.append(self._invalid(event))
+            elif len(text) > MAX_EVENT_BYTES:
+                outgoing.append(self._too_large(event, asset_id, len(text)))
             else:
                 ready += self.batcher.add(asset_id, text, len(text), ticket)
         while self.acker.outstanding > self.max_outstanding and self.batcher.buffered:
@@ -180,6 +186,19 @@ class Ingest:
             error=f"The event cannot be routed: {'; '.join(m for ms in errors.values() for m in ms)}",
             event=event,
             details=errors,
+            failed_at=self.clock.now(),
+        )
+        return deadletter.message(self.settings.dead_letter_queue, body)
+
+    def _too_large(self, event: Any, asset_id: str, size: int) -> Outgoing:
+        self.counts["invalid"] += 1
+        body = deadletter.envelope(
+            reason=deadletter.INVALID,
+            error=f"The event is {size} bytes of JSON, over the {MAX_EVENT_BYTES}-byte limit per event: "
+            "send large data by reference, not inside activity_params.",
+            event=event,
+            details={"_schema": ["event too large"], "size": size, "max_bytes": MAX_EVENT_BYTES},
+            asset_id=asset_id,
             failed_at=self.clock.now(),
         )
         return deadletter.message(self.settings.dead_letter_queue, body)

@@ -42,6 +42,7 @@ class Outgoing:
     headers: dict[str, Any] = field(default_factory=dict)
     content_type: str = "application/json"
     properties: dict[str, Any] = field(default_factory=dict)
+    content_encoding: str | None = "utf-8"
 
 
 class _Confirms:
@@ -128,15 +129,13 @@ class Publisher:
         first_tag = confirms.next_tag
         nacked, returned = confirms.nacked, confirms.returned
         for message in messages:
+            properties = dict(message.properties)
+            if message.content_type:
+                properties["content_type"] = message.content_type
+            if message.content_encoding:
+                properties["content_encoding"] = message.content_encoding
             channel.basic_publish(
-                amqp.Message(
-                    message.body,
-                    content_type=message.content_type,
-                    content_encoding="utf-8",
-                    delivery_mode=2,
-                    application_headers=message.headers,
-                    **message.properties,
-                ),
+                amqp.Message(message.body, delivery_mode=2, application_headers=message.headers, **properties),
                 exchange="",
                 routing_key=message.queue,
                 mandatory=True,
