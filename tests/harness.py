@@ -28,7 +28,28 @@ from worker import jsonutil
 from worker.publisher import Outgoing, Publisher
 
 #: The broker every integration test uses (the worker's own default).
-BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")
+DEFAULT_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")
+
+#: A broker user of the tests' own, with a password that cannot be mistaken for anything
+#: else, so that a grep of the worker's logs for it proves the password never leaks.
+TEST_BROKER_USER, TEST_BROKER_PASSWORD = "activity-tests", "brk-pw-7f3a9c1e5d"
+
+
+def _test_broker_url() -> str:
+    """The tests' own broker user, created with rabbitmqctl when it can be; else the default."""
+    try:
+        subprocess.run(["rabbitmqctl", "add_user", TEST_BROKER_USER, TEST_BROKER_PASSWORD],
+                       capture_output=True, timeout=60)
+        done = subprocess.run(["rabbitmqctl", "set_permissions", "-p", "/", TEST_BROKER_USER, ".*", ".*", ".*"],
+                              capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return DEFAULT_BROKER_URL
+    if done.returncode != 0:
+        return DEFAULT_BROKER_URL
+    return f"amqp://{TEST_BROKER_USER}:{TEST_BROKER_PASSWORD}@localhost:5672//"
+
+
+BROKER_URL = _test_broker_url() if "CELERY_BROKER_URL" not in os.environ else DEFAULT_BROKER_URL
 
 #: The project's root, where the worker process runs.
 ROOT = Path(__file__).resolve().parent.parent

@@ -54,8 +54,8 @@ class Message(Protocol):
 #: batch -> the upload-task message that carries it.
 UploadMessageFn = Callable[[Batch], Outgoing]
 
-#: (asset_id or None when it cannot be routed, the event's JSON text, the event).
-Routed = tuple[str | None, str, Any]
+#: (asset_id or None when it cannot be routed, the event's JSON text, the event, its size in bytes).
+Routed = tuple[str | None, str, Any, int]
 
 
 class Ingest:
@@ -102,14 +102,15 @@ class Ingest:
         self.counts["events"] += len(events)
         outgoing: list[Outgoing] = []
         ready: list[Batch] = []
-        for asset_id, text, event in events:
+        for asset_id, text, event, size in events:
             if asset_id is None:
                 outgoing.append(self._invalid(event))
-            elif len(text) > MAX_EVENT_BYTES:
-                outgoing.append(self._too_large(event, asset_id, len(text)))
+            elif size > MAX_EVENT_BYTES:
+                outgoing.append(self._too_large(event, asset_id, size))
             else:
-                ready += self.batcher.add(asset_id, text, len(text), ticket)
-        while self.acker.outstanding > self.max_outstanding and self.batcher.buffered:
+                ready += self.batcher.add(asset_id, text, size, ticket)
+        if self.acker.outstanding > self.max_outstanding and self.batcher.buffered:
+            # one batch per message over the limit keeps pace with what arrives
             ready.append(self.batcher.release_oldest())  # type: ignore[arg-type]
         outgoing += [self._upload(batch) for batch in ready]
         self._hand_off(outgoing, [b.handed_on for b in ready] + [ticket.release])
@@ -144,13 +145,17 @@ class Ingest:
             except orjson.JSONDecodeError:
                 event = None  # the strict parser below says exactly what is wrong
             if isinstance(event, dict):  # the fast path: one event, forwarded as its text
-                text = body if isinstance(body, str) else body.decode("utf-8")
-                return [(routing_key_of(event), text, event)]
+                data = body.encode("utf-8") if isinstance(body, str) else body
+                return [(routing_key_of(event), data.decode("utf-8"), event, len(data))]
         events = parse_body(body, content_type=message.content_type or None,
                             content_encoding=message.content_encoding or None)
         if task is not None:
             events = self._task_events(str(task), events)
-        return [(routing_key_of(e), jsonutil.dumps(e).decode("utf-8"), e) for e in events]
+        routed = []
+        for event in events:
+            data = jsonutil.dumps(event)
+            routed.append((routing_key_of(event), data.decode("utf-8"), event, len(data)))
+        return routed
 
     def _task_events(self, task: str, body: list[Any]) -> list[Any]:
         """The events of a Celery task message: body ``[args, kwargs, embed]``."""

@@ -10,27 +10,21 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_process_shutdown
 
 from config.settings import Settings, load_or_exit
+from worker import observability
 
 logger = logging.getLogger(__name__)
 
 
 def setup_sentry(settings: Settings) -> None:
-    """Send errors to Sentry when ``SENTRY_DSN`` is set; never personal data or secrets."""
-    if not settings.sentry_dsn:
-        return
-    import sentry_sdk
-    from sentry_sdk.integrations.celery import CeleryIntegration
-    from sentry_sdk.integrations.logging import LoggingIntegration
+    """Send errors to Sentry when ``SENTRY_DSN`` is set; never personal data or secrets.
 
-    sentry_sdk.init(
-        dsn=settings.sentry_dsn,
-        send_default_pii=False,
-        include_local_variables=False,
-        integrations=[CeleryIntegration(), LoggingIntegration(level=logging.INFO, event_level=logging.ERROR)],
-    )
+    The set-up, the scrubber and the failure fingerprints live in :mod:`worker.observability`,
+    where they can be read (and tested) together.
+    """
+    observability.setup_sentry(settings)
 
 
 def connect_signals(app: Celery) -> None:
@@ -42,3 +36,9 @@ def connect_signals(app: Celery) -> None:
         setup_sentry(settings)
         logging.getLogger("amqp").setLevel(logging.WARNING)
         logger.info("Settings: %r (broker %s)", settings, settings.broker_url_redacted)
+
+    @worker_process_shutdown.connect(weak=False)
+    def on_worker_process_shutdown(sender: Any = None, **kwargs: Any) -> None:
+        # Pool processes end with os._exit: without this, the last errors they queued for
+        # Sentry (often the ones explaining why the process ended) would be lost.
+        observability.flush_sentry()

@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from tests.harness import DeadLetters, QueueSet, WorkerProcess, require_broker
+from tests.harness import (
+    BROKER_URL,
+    EVENT_TEMPLATE,
+    TEST_BROKER_PASSWORD,
+    DeadLetters,
+    QueueSet,
+    WorkerProcess,
+    require_broker,
+)
 from worker.sandbox import Sandbox
 
 #: The API key the sandbox expects and the worker sends in these tests.
@@ -66,3 +74,14 @@ def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
     yield start
     for worker in started:
         worker.kill()
+    for worker in started:
+        assert_no_secrets(worker.log(), worker.env["NETCORE_API_KEY"])
+
+
+def assert_no_secrets(log: str, api_key: str) -> None:
+    """Nothing the worker logged may hold a secret or an event's personal data."""
+    secrets = {"the API key": api_key, "the identity": str(EVENT_TEMPLATE["identity"])}
+    if TEST_BROKER_PASSWORD in BROKER_URL:
+        secrets["the broker password"] = TEST_BROKER_PASSWORD
+    for what, value in secrets.items():
+        assert value not in log, f"{what} appears in the worker's log"
