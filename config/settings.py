@@ -49,6 +49,11 @@ class Settings:
     task_queue: str = "celery"
     #: The internal queue of upload tasks (one message per batch).
     upload_queue: str = "activities.upload"
+    #: ``classic`` or ``quorum`` (replicated, for a RabbitMQ cluster) for ACTIVITY_QUEUE.
+    queue_type: str = "classic"
+    #: On a quorum queue: a message delivered this many times without being handled (the
+    #: worker died each time) is dead-lettered as ``poison`` instead of tried again. 0: never.
+    delivery_limit: int = 10
     batch_size: int = API_MAX_BATCH
     batch_wait: float = 2.0
     batch_max_bytes: int = 4 * 1024 * 1024
@@ -100,6 +105,8 @@ class Settings:
             dead_letter_queue=get.text("ACTIVITY_DEAD_LETTER_QUEUE", cls.dead_letter_queue),
             task_queue=get.text("ACTIVITY_TASK_QUEUE", cls.task_queue),
             upload_queue=get.text("ACTIVITY_UPLOAD_QUEUE", cls.upload_queue),
+            queue_type=get.choice("ACTIVITY_QUEUE_TYPE", ("classic", "quorum")),
+            delivery_limit=get.number("ACTIVITY_DELIVERY_LIMIT", int, 10, low=0, high=1000),
             batch_size=get.number("ACTIVITY_BATCH_SIZE", int, API_MAX_BATCH, low=1, high=API_MAX_BATCH),
             batch_wait=get.number("ACTIVITY_BATCH_WAIT", float, 2.0, low=0.01, high=3600.0),
             batch_max_bytes=get.number(
@@ -140,6 +147,12 @@ class _Reader:
     def text(self, name: str, default: str) -> str:
         value = self.env.get(name, "").strip()
         return value or default
+
+    def choice(self, name: str, options: tuple[str, ...]) -> str:
+        value = self.text(name, options[0]).lower()
+        if value not in options:
+            raise SettingsError(f"{name}={value}: must be one of {', '.join(options)}")
+        return value
 
     def number(self, name: str, kind: Callable[[str], T], default: T, *, low: T, high: T) -> T:
         raw = self.env.get(name, "").strip()

@@ -113,7 +113,7 @@ class QueueSet:
         s = self.settings
         with Connection(BROKER_URL) as connection:
             channel = connection.default_channel
-            for name in (s.queue, s.dead_letter_queue, s.upload_queue):
+            for name in (s.dead_letter_queue, s.upload_queue):
                 Queue(name, durable=True)(channel).declare()
 
     def delete(self) -> None:
@@ -132,9 +132,10 @@ class QueueSet:
 
 
 def publish_raw(queue: str, bodies: Iterable[bytes | str], *, content_type: str | None = "application/json",
-                headers: Mapping[str, Any] | None = None, encoding: str | None = None) -> int:
+                headers: Mapping[str, Any] | None = None, encoding: str | None = None,
+                queue_arguments: Mapping[str, Any] | None = None) -> int:
     """Publish bodies as a producer would: persistent, confirmed (in groups)."""
-    publisher = Publisher(BROKER_URL, declare=[Queue(queue, durable=True)])
+    publisher = Publisher(BROKER_URL, declare=[Queue(queue, durable=True, queue_arguments=queue_arguments)])
     try:
         messages = [
             Outgoing(queue, b if isinstance(b, bytes) else b.encode(), dict(headers or {}), content_type or "",
@@ -148,9 +149,9 @@ def publish_raw(queue: str, bodies: Iterable[bytes | str], *, content_type: str 
         publisher.close()
 
 
-def publish_events(queue: str, payloads: Iterable[Any]) -> int:
+def publish_events(queue: str, payloads: Iterable[Any], **kwargs: Any) -> int:
     """Publish each payload (an event or a list of events) as one JSON message."""
-    return publish_raw(queue, (jsonutil.dumps(p) for p in payloads))
+    return publish_raw(queue, (jsonutil.dumps(p) for p in payloads), **kwargs)
 
 
 class DeadLetters:

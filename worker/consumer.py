@@ -25,7 +25,7 @@ from worker.errors import PublishError
 from worker.ingest import Ingest
 from worker.messages import upload_message
 from worker.publisher import Publisher
-from worker.runtime import queues
+from worker.runtime import queues, source_queue
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class IngestStep(bootsteps.ConsumerStep):
         )
         task_exchange = Exchange(settings.task_queue, "direct", durable=True)
         sources = [
-            Queue(settings.queue, durable=True),
+            source_queue(settings),
             Queue(settings.task_queue, task_exchange, routing_key=settings.task_queue, durable=True),
         ]
         return [

@@ -27,8 +27,11 @@ REFUSED = "refused"
 #: Transient failures went on past ``UPLOAD_MAX_RETRIES``. Replay once the API is back.
 RETRIES_EXHAUSTED = "retries_exhausted"
 
+#: A message (on a quorum queue) that the worker died holding, ``ACTIVITY_DELIVERY_LIMIT`` times.
+POISON = "poison"
+
 #: Every reason this worker writes.
-REASONS = (MALFORMED, INVALID, REJECTED, UNAUTHORIZED, REFUSED, RETRIES_EXHAUSTED)
+REASONS = (MALFORMED, INVALID, REJECTED, UNAUTHORIZED, REFUSED, RETRIES_EXHAUSTED, POISON)
 
 #: Header on each dead letter, so tools can filter without parsing bodies.
 REASON_HEADER = "x-dead-letter-reason"

@@ -24,6 +24,7 @@ from kombu.exceptions import OperationalError
 from config.settings import Settings, SettingsError
 from worker import jsonutil
 from worker.errors import PublishError
+from worker.runtime import source_queue
 from worker.publisher import Outgoing, Publisher
 
 logger = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ def replay(
     """
     replayed = not_replayable = held = 0
     group: list[tuple[int, Outgoing]] = []
-    publisher = None if dry_run else publisher_class(settings.broker_url, declare=[Queue(settings.queue, durable=True)])
+    publisher = None if dry_run else publisher_class(settings.broker_url, declare=[source_queue(settings)])
 
     def flush(reader: _Reader) -> None:
         nonlocal replayed

@@ -89,6 +89,11 @@ class Ingest:
         self.counts["messages"] += 1
         self.acker.received(message.delivery_tag)
         ticket = Ticket(partial(self.acker.complete, message.delivery_tag))
+        deliveries = (message.headers or {}).get("x-delivery-count")
+        limit = self.settings.delivery_limit
+        if limit and isinstance(deliveries, int) and deliveries >= limit:
+            self._poison(message, ticket, deliveries)
+            return
         try:
             events = self._events_of(message)
         except MalformedBody as exc:
@@ -180,6 +185,22 @@ class Ingest:
         dead = deadletter.envelope(
             reason=deadletter.MALFORMED, error=error, raw=raw_text(message.body), details=details,
             failed_at=self.clock.now(),
+        )
+        self._hand_off([deadletter.message(self.settings.dead_letter_queue, dead)], [ticket.release])
+
+    def _poison(self, message: Message, ticket: Ticket, deliveries: int) -> None:
+        """A message that was delivered ``deliveries`` times and never handled: each time the
+        worker died with it in hand. Reading it again might kill the worker again: don't."""
+        self.counts["malformed"] += 1
+        error = (
+            f"This message was delivered {deliveries} times and the worker died each time before "
+            "handling it. It was set aside so that it cannot crash the worker again: look at the "
+            "worker's logs around failed_at, then replay its raw body once the cause is fixed."
+        )
+        logger.error("Dead-lettering a message delivered %d times (poison)", deliveries)
+        dead = deadletter.envelope(
+            reason=deadletter.POISON, error=error, raw=raw_text(message.body),
+            details={"deliveries": deliveries}, attempts=deliveries, failed_at=self.clock.now(),
         )
         self._hand_off([deadletter.message(self.settings.dead_letter_queue, dead)], [ticket.release])
 

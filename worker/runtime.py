@@ -23,10 +23,16 @@ from worker.publisher import Outgoing, Publisher
 from worker.retry import RetryPolicy
 
 
+def source_queue(settings: Settings) -> Queue:
+    """The ``activities`` queue, as every part of the project declares it (arguments must match)."""
+    arguments = {"x-queue-type": "quorum"} if settings.queue_type == "quorum" else None
+    return Queue(settings.queue, durable=True, queue_arguments=arguments)
+
+
 def queues(settings: Settings) -> list[Queue]:
     """Every queue the worker publishes to, durable, declared before first use."""
     return [
-        Queue(settings.queue, durable=True),
+        source_queue(settings),
         Queue(settings.dead_letter_queue, durable=True),
         Queue(settings.upload_queue, durable=True),
     ]
