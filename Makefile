@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX_PORT ?= 8080
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench soak clean
 
 install: $(VENV)/.installed
 
@@ -15,9 +15,20 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # Runs the Procfile. Without NETCORE_API_KEY and NETCORE_API_URL it starts the sandbox API
-# instead of talking to Netcore, and says so.
+# instead of talking to Netcore, and says so. Flower never runs without a password: without
+# FLOWER_BASIC_AUTH, this run makes one up (user admin) and prints it once.
 run: install
-	@if [ -z "$$NETCORE_API_KEY" ] && [ -z "$$NETCORE_API_URL" ]; then \
+	@if [ -z "$$FLOWER_BASIC_AUTH" ]; then \
+	  FLOWER_BASIC_AUTH="admin:$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(18))')"; \
+	  export FLOWER_BASIC_AUTH; \
+	  echo "################################################################"; \
+	  echo "# Flower: http://$${FLOWER_ADDRESS:-127.0.0.1}:$${FLOWER_PORT:-5555}"; \
+	  echo "#   user:     admin"; \
+	  echo "#   password: $${FLOWER_BASIC_AUTH#admin:}"; \
+	  echo "# (made up for this run; set FLOWER_BASIC_AUTH=user:password to choose)"; \
+	  echo "################################################################"; \
+	fi; \
+	if [ -z "$$NETCORE_API_KEY" ] && [ -z "$$NETCORE_API_URL" ]; then \
 	  echo "################################################################"; \
 	  echo "# NETCORE_API_KEY is not set: running against the local SANDBOX #"; \
 	  echo "# at http://127.0.0.1:$(SANDBOX_PORT). Nothing reaches Netcore.      #"; \
@@ -30,6 +41,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# 200,000 events, 5% API failures, a SIGKILL every 20 s; prints the ledger (minutes; not in CI)
+soak: install
+	$(BIN)/python -m tests.soak
 
 clean:
 	rm -rf $(VENV)

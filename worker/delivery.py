@@ -25,6 +25,7 @@ from worker import deadletter, jsonutil
 from worker.client import ApiClient
 from worker.clock import Clock
 from worker.errors import Permanent, Transient
+from worker.observability import report_failure
 from worker.publisher import Outgoing, PublishFn
 from worker.retry import RetryPolicy
 from worker.parsing import MalformedBody, parse_body
@@ -143,6 +144,7 @@ class Delivery:
                 dead.extend(
                     self._dead(exc.reason, str(exc), event, report.asset_id, attempt, details) for _, event in part
                 )
+                report_failure(exc.reason, exc.status, report.asset_id, len(part), str(exc))
             else:
                 report.statuses.append(200)
                 report.delivered += len(part)
@@ -163,6 +165,7 @@ class Delivery:
                 "events once the API is reachable again."
             )
             details = {"status": error.status if error else None, "response": error.body if error else ""}
+            report_failure(deadletter.RETRIES_EXHAUSTED, details["status"], asset_id, len(events), sentence)
             return [
                 self._dead(deadletter.RETRIES_EXHAUSTED, sentence, _read(item)[1], asset_id, attempts, details)
                 for item in events

@@ -359,8 +359,7 @@ def report_failure(reason: str, status: int | None, asset_id: str, count: int, m
     cause = LIKELY_CAUSES.get(reason, "see the dead letters' details")
     failure_logger.log(
         level,
-        "%d events for asset_id=%s dead-lettered as '%s' (HTTP status %s): %s. Last error: %s. "
-        "Replay them with `python -m worker dlq` once fixed",
+        "%d events for asset_id=%s dead-lettered as '%s' (HTTP status %s): %s. Details: %s",
         count, asset_id, reason, "none" if status is None else status, cause, message,
         extra={EXTRA_REASON: reason, EXTRA_STATUS: status, EXTRA_ASSET_ID: asset_id, EXTRA_COUNT: count},
     )

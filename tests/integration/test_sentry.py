@@ -23,7 +23,7 @@ import pytest
 import sentry_sdk
 
 from config.settings import Settings
-from tests.harness import WorkerProcess, event, publish_events
+from tests.harness import DeadLetters, QueueSet, WorkerProcess, event, publish_events
 from worker import deadletter
 from worker.observability import REDACTED, failure_fingerprint, report_failure, setup_sentry
 
@@ -288,8 +288,8 @@ def test_report_failure_log_levels(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_a_wrong_api_key_reaches_sentry_as_one_issue_naming_the_key(
     start_worker: Callable[..., WorkerProcess],
-    queues: Any,
-    dead_letters: Any,
+    queues: QueueSet,
+    dead_letters: DeadLetters,
     envelope_server: EnvelopeServer,
 ) -> None:
     start_worker(SENTRY_DSN=envelope_server.dsn, NETCORE_API_KEY=WRONG_API_KEY)
@@ -305,7 +305,11 @@ def test_a_wrong_api_key_reaches_sentry_as_one_issue_naming_the_key(
     def two_failures(events: list[dict[str, Any]]) -> bool:
         return len([e for e in events if e.get("tags", {}).get("reason") == deadletter.UNAUTHORIZED]) >= 2
 
-    assert envelope_server.wait_for(two_failures, DEADLINE), [message_of(e) for e in envelope_server.events()]
+    # The worker reports before it publishes the dead letters: by now the reports are on their way.
+    assert envelope_server.wait_for(two_failures, 30), (
+        f"no unauthorized failure reached Sentry (does delivery call report_failure?): "
+        f"{[message_of(e) for e in envelope_server.events()]}"
+    )
     failures = [e for e in envelope_server.events() if e.get("tags", {}).get("reason") == deadletter.UNAUTHORIZED]
     assert {e["tags"]["asset_id"] for e in failures} == {"asset-e2e-1", "asset-e2e-2"}
     assert {json.dumps(e["fingerprint"]) for e in failures} == {json.dumps(failure_fingerprint("unauthorized", 401))}
