@@ -1,10 +1,10 @@
-# make install | run | test | bench | lint
+# make install | run | test | lint | bench | soak
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX_PORT ?= 8080
 
-.PHONY: install run test bench soak clean
+.PHONY: install run test lint bench soak clean
 
 install: $(VENV)/.installed
 
@@ -39,8 +39,11 @@ run: install
 	  $(BIN)/honcho start worker flower; \
 	fi
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check worker config tests bench
 
 # 200,000 events, 5% API failures, a SIGKILL every 20 s; prints the ledger (minutes; not in CI)
 soak: install

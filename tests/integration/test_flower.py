@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 
 class FlowerProcess:
-    """``python -m worker.observability flower`` (the Procfile's command) on a free port.
+    """``python -m worker.flower`` (the Procfile's command) on a free port.
 
     A reader thread collects its output and wakes up :meth:`wait_for_log`: Flower says where it
     listens ("Visit me at ..."), which is how the test learns the port it was given.
@@ -46,7 +46,7 @@ class FlowerProcess:
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker.observability", "flower", "--port=0", "--address=127.0.0.1"],
+            [sys.executable, "-m", "worker.flower", "--port=0", "--address=127.0.0.1"],
             cwd=ROOT, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self._output = bytearray()
@@ -143,7 +143,7 @@ def test_flower_refuses_to_start_without_credentials(queues: QueueSet) -> None:
     for auth in (None, "", "admin", "admin:", ":secret"):
         extra = {} if auth is None else {"FLOWER_BASIC_AUTH": auth}
         result = subprocess.run(
-            [sys.executable, "-m", "worker.observability", "flower", "--port=0", "--address=127.0.0.1"],
+            [sys.executable, "-m", "worker.flower", "--port=0", "--address=127.0.0.1"],
             cwd=ROOT, env=flower_env(queues, **extra), capture_output=True, text=True, timeout=60,
         )
         assert result.returncode == 2, (auth, result.stdout, result.stderr)
