@@ -63,7 +63,13 @@ class Settings:
     max_retries: int = 8
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
+    #: Port of the Prometheus endpoint ``/metrics`` (worker.metrics), main process; 0: none.
+    metrics_port: int = 9808
+    #: Where that endpoint listens: loopback unless an operator opens it on purpose.
+    metrics_address: str = "127.0.0.1"
     sentry_dsn: str = field(default="", repr=False)
+    #: ``text`` (Celery's usual lines) or ``json`` (one JSON object per line, worker.logs).
+    log_format: str = "text"
 
     @property
     def upload_url(self) -> str:
@@ -117,7 +123,10 @@ class Settings:
             max_retries=get.number("UPLOAD_MAX_RETRIES", int, 8, low=0, high=100),
             retry_backoff=backoff,
             retry_backoff_max=get.number("UPLOAD_RETRY_BACKOFF_MAX", float, 300.0, low=0.0, high=3600.0),
+            metrics_port=get.number("METRICS_PORT", int, cls.metrics_port, low=0, high=65_535),
+            metrics_address=get.text("METRICS_ADDRESS", cls.metrics_address),
             sentry_dsn=get.text("SENTRY_DSN", ""),
+            log_format=get.choice("LOG_FORMAT", ("text", "json")),
         )
         if settings.prefetch < settings.batch_size:
             raise SettingsError(

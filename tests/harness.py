@@ -217,7 +217,8 @@ class WorkerProcess:
 
     def __init__(self, env: Mapping[str, str], log_path: Path, *, concurrency: int = 2) -> None:
         self.log_path = log_path
-        self.env = {**os.environ, "CELERY_BROKER_URL": BROKER_URL, "PYTHONUNBUFFERED": "1", **env}
+        self.env = {**os.environ, "CELERY_BROKER_URL": BROKER_URL, "PYTHONUNBUFFERED": "1",
+                    "METRICS_PORT": "0", **env}  # tests that scrape /metrics choose their own port
         self.concurrency = concurrency
         self.process: subprocess.Popen[bytes] | None = None
         self._output = bytearray()

@@ -9,6 +9,7 @@ unacknowledged dead letter back.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -25,7 +26,9 @@ import pytest
 from kombu import Connection
 
 from config.settings import Settings
-from worker import deadletter, dlq, jsonutil
+from tests.test_ingest import Rig
+from tests.test_ingest import event as ingest_event
+from worker import deadletter, dlq, dlq_select, jsonutil
 from worker.__main__ import main as worker_main
 from worker.publisher import Publisher
 
@@ -101,10 +104,10 @@ def event(asset_id: str) -> dict[str, Any]:
     }
 
 
-def dead(reason: str, asset_id: str = "asset-1", replays: int = 0) -> dict[str, Any]:
+def dead(reason: str, asset_id: str = "asset-1", replays: int = 0, failed_at: datetime = FAILED_AT) -> dict[str, Any]:
     """A dead letter of one event with a unique id."""
     return deadletter.envelope(
-        reason=reason, error=f"failed: {reason}", failed_at=FAILED_AT, event=event(asset_id),
+        reason=reason, error=f"failed: {reason}", failed_at=failed_at, event=event(asset_id),
         details={"status": 400}, asset_id=asset_id, attempts=1, replays=replays,
     )
 
@@ -311,7 +314,7 @@ def test_main_prints_counts_lists_and_replays(
 
 
 def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("count", "list", "show", "replay"):
+    for command in ("count", "list", "show", "replay", "purge"):
         with pytest.raises(SystemExit) as exit_:
             dlq.main([command, "--help"])
         assert exit_.value.code == 0
@@ -405,3 +408,336 @@ def test_a_killed_replay_loses_nothing(settings: Settings, env: dict[str, str], 
     assert put <= replayed | left, f"lost: {sorted(put - replayed - left)}"
     assert replayed <= {id_of(body) for body in chosen}
     assert {id_of(body) for body in others} <= left
+
+
+# --- selection by time, counts by reason x asset_id, the replay counter ------------------------
+
+#: Three moments, an hour apart, for dead letters selected by time.
+EARLY, MIDDLE, LATE = (datetime(2024, 5, 1, hour, 30, tzinfo=timezone.utc) for hour in (10, 11, 12))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-05-01T12:00:00Z", datetime(2024, 5, 1, 12, tzinfo=timezone.utc)),
+        ("2024-05-01T17:30:00+05:30", datetime(2024, 5, 1, 12, tzinfo=timezone.utc)),
+        ("2024-05-01T12:00:00.250Z", datetime(2024, 5, 1, 12, 0, 0, 250000, tzinfo=timezone.utc)),
+        ("2024-05-01", datetime(2024, 5, 1, tzinfo=timezone.utc)),
+    ],
+)
+def test_since_and_until_read_iso_8601(text: str, expected: datetime) -> None:
+    assert dlq_select.parse_when(text) == expected
+
+
+@pytest.mark.parametrize("text", ["2024-05-01T12:00:00", "yesterday", "2024-02-30T00:00:00Z", ""])
+def test_since_and_until_refuse_naive_or_impossible_times(text: str) -> None:
+    with pytest.raises(ValueError):
+        dlq_select.parse_when(text)
+
+
+def test_selection_by_failed_at_includes_since_and_excludes_until() -> None:
+    at = {when: dead("invalid", failed_at=when) for when in (EARLY, MIDDLE, LATE)}
+    undated = {**dead("invalid"), "failed_at": "not a time"}
+    window = dlq.Selection.of(since=MIDDLE, until=LATE)
+    assert [window.matches(at[w]) for w in (EARLY, MIDDLE, LATE)] == [False, True, False]
+    assert not window.matches(undated) and dlq.Selection().matches(undated)
+    assert dlq.Selection.of(since=MIDDLE).matches(at[LATE]) and not dlq.Selection.of(until=EARLY).matches(at[EARLY])
+    mixed = dlq.Selection.of(reasons=["invalid"], asset_ids=["asset-2"], since=EARLY)
+    assert not mixed.matches(at[LATE]) and mixed.matches(dead("invalid", "asset-2", failed_at=LATE))
+
+
+def test_count_by_reason_times_asset_id_with_replayed_and_a_time_range(settings: Settings) -> None:
+    fill(settings, [dead("invalid", "asset-1", failed_at=EARLY), dead("invalid", "asset-1", replays=1),
+                    dead("rejected", "asset-1", failed_at=LATE), dead("rejected", "asset-2", replays=3),
+                    dead("invalid", "asset-2", failed_at=LATE), unparseable()])
+
+    counts = dlq.count(settings)
+    window = dlq.count(settings, since=MIDDLE, until=LATE)
+
+    assert (counts.total, counts.replayed, counts.not_replayable) == (6, 2, 1)
+    assert counts.by_reason_and_asset_id == {("invalid", "asset-1"): 2, ("rejected", "asset-1"): 1,
+                                             ("rejected", "asset-2"): 1, ("invalid", "asset-2"): 1,
+                                             ("malformed", dlq.NO_ASSET): 1}
+    assert counts.as_dict()["by_reason_and_asset_id"]["invalid"] == {"asset-1": 2, "asset-2": 1}
+    table = counts.table()
+    assert "replayed before and dead again: 2" in table
+    cross = table.split("\n\n")[-1].splitlines()
+    assert cross[0].split() == ["asset_id", "invalid", "rejected", "malformed"]
+    assert cross[1].split() == ["asset-1", "2", "1", "."]
+    # FAILED_AT (12:00) is the only moment in [11:30, 12:30): the unparseable one has it too
+    assert (window.total, window.scanned, window.by_reason) == (3, 6, {"invalid": 1, "rejected": 1, "malformed": 1})
+    assert window.table().startswith("dead letters: 3 of 6 in the queue")
+    assert ready(settings, settings.dead_letter_queue) == 6
+
+
+def test_count_table_shows_the_top_asset_ids_only(settings: Settings) -> None:
+    fill(settings, [dead("invalid", f"asset-{n}") for n in range(5)] + [dead("invalid", "asset-0")])
+
+    table = dlq.count(settings).table(top=2)
+
+    assert "asset-0" in table and "(and 3 more asset_ids: --json lists them all)" in table
+    assert len(dlq.count(settings).as_dict()["by_asset_id"]) == 5
+
+
+def test_list_and_replay_by_time_range(settings: Settings) -> None:
+    early, middle, late = (dead("retries_exhausted", failed_at=when) for when in (EARLY, MIDDLE, LATE))
+    put = fill(settings, [late, early, middle])
+
+    assert dlq.read(settings, since=MIDDLE) == [late, middle]
+    assert dlq.read(settings, until=MIDDLE) == [early]
+    report = dlq.replay(settings, since=EARLY, until=LATE)
+
+    assert (report.replayed, report.left) == (2, 1)
+    replayed, left = ids(take(settings, settings.queue)), ids(take(settings, settings.dead_letter_queue))
+    assert replayed == [id_of(early), id_of(middle)] and left == [id_of(late)]
+    assert set(replayed) | set(left) == put
+
+
+def test_main_selects_by_time_and_refuses_bad_times(
+    settings: Settings, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    early, late = dead("invalid", failed_at=EARLY), dead("invalid", failed_at=LATE)
+    fill(settings, [early, late])
+
+    assert dlq.main(["list", "--since", "2024-05-01T17:00:00+05:30"]) == 0  # 11:30 UTC
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [late]
+    assert dlq.main(["count", "--json", "--until", "2024-05-01T11:00:00Z"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == 1
+    assert dlq.main(["count", "--since", "2024-05-02", "--until", "2024-05-01"]) == 2
+    assert "--since must be before --until" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        dlq.main(["list", "--since", "2024-05-01T12:00:00"])
+    assert exit_.value.code == 2 and "has no offset" in capsys.readouterr().err
+    for command in ("count", "list", "replay", "purge"):
+        with pytest.raises(SystemExit):
+            dlq.main([command, "--help"])
+        assert "--since" in (text := capsys.readouterr().out) and "--until" in text and "--asset-id" in text
+
+
+def test_the_ingest_consumer_copies_x_replays_into_its_dead_letters() -> None:
+    rig = Rig()
+    bad = ingest_event("", "replayed-twice")  # an empty asset_id: dead-lettered as invalid by the consumer
+    rig.send_event(bad, headers={dlq.REPLAYS_HEADER: 2})
+    rig.send_event(ingest_event("", "fresh"))
+    rig.send(b"{not json", headers={dlq.REPLAYS_HEADER: 1})
+    rig.send_event(ingest_event("", "odd-header"), headers={dlq.REPLAYS_HEADER: "many"})
+
+    assert [(d["reason"], d["replays"]) for d in rig.dead_letters()] == [
+        ("invalid", 2), ("invalid", 0), ("malformed", 1), ("invalid", 0)]
+
+
+def test_a_replayed_event_that_dies_again_in_the_consumer_is_counted_as_replayed(settings: Settings) -> None:
+    fill(settings, [dead("invalid", "asset-1")])
+    dlq.replay(settings)
+    [message] = take(settings, settings.queue)
+    rig = Rig()
+    unroutable = {**json.loads(message.body), "asset_id": ""}
+    rig.send_event(unroutable, headers=dict(message.headers))
+    fill(settings, rig.dead_letters())
+
+    assert dlq.count(settings).replayed == 1
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+def test_replay_shows_progress_every_n_dead_letters(settings: Settings) -> None:
+    fill(settings, [dead("rejected") for _ in range(5)])
+    stream = io.StringIO()
+
+    dlq.replay(settings, group_size=2, progress=dlq.Progress("replay", "replayed", every=2, stream=stream))
+
+    assert stream.getvalue().splitlines() == [
+        "replay: read 2 of 5 (40%), replayed 1", "replay: read 4 of 5 (80%), replayed 3",
+        "replay: read 5 of 5 (100%), replayed 5"]
+
+
+def test_progress_is_rewritten_in_place_on_a_terminal_and_silent_on_short_runs() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    progress = dlq.Progress("purge", "selected", every=10, stream=terminal)
+    for read in range(1, 21):
+        progress.update(read, 25, read // 2)
+    progress.update(25, 25, 12, final=True)
+    assert terminal.getvalue() == ("\rpurge: read 10 of 25 (40%), selected 5\033[K"
+                                   "\rpurge: read 20 of 25 (80%), selected 10\033[K"
+                                   "\rpurge: read 25 of 25 (100%), selected 12\033[K\n")
+    quiet = io.StringIO()
+    short = dlq.Progress("replay", "replayed", every=10, stream=quiet)
+    short.update(3, 3, 3)
+    short.update(3, 3, 3, final=True)
+    assert quiet.getvalue() == ""
+
+
+def test_main_shows_progress_only_when_asked_or_on_a_terminal(
+    settings: Settings, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    fill(settings, [dead("rejected") for _ in range(4)])
+
+    assert dlq.main(["replay", "--dry-run", "--progress-every", "2"]) == 0
+    assert "replay: read" not in capsys.readouterr().err  # stderr is not a terminal here
+    assert dlq.main(["replay", "--progress", "--progress-every", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "replay: read 2 of 4 (50%)" in captured.err and captured.out == "replayed 4, left 0, not replayable 0\n"
+
+
+# --- purge ------------------------------------------------------------------------------------
+
+
+def test_purge_removes_exactly_the_selected_after_confirmation(settings: Settings) -> None:
+    doomed = [dead("invalid", "asset-1") for _ in range(4)]
+    kept = [dead("invalid", "asset-2"), dead("rejected", "asset-1"), unparseable()]
+    order = [kept[0], doomed[0], doomed[1], kept[1], doomed[2], kept[2], doomed[3]]
+    put = fill(settings, order)
+    asked: list[int] = []
+
+    def confirm(how_many: int) -> bool:
+        asked.append(how_many)
+        assert ready(settings, settings.dead_letter_queue) == 0  # all held while the operator decides
+        return True
+
+    report = dlq.purge(settings, reasons=["invalid"], asset_ids=["asset-1"], confirm=confirm)
+
+    assert asked == [4] and report == dlq.PurgeReport(purged=4, selected=4, left=3)
+    assert str(report) == "purged 4, left 3"
+    left = ids(take(settings, settings.dead_letter_queue))
+    assert left == [id_of(body) for body in kept]  # the others, untouched and in order
+    assert set(left) | {id_of(body) for body in doomed} == put
+
+
+def test_purge_from_the_head_of_the_queue_and_with_a_limit(settings: Settings) -> None:
+    bodies = [dead("rejected") for _ in range(6)]
+    fill(settings, bodies)
+
+    first = dlq.purge(settings, limit=4, confirm=lambda n: True)
+
+    assert (first.purged, first.left) == (4, 2)
+    assert ids(take(settings, settings.dead_letter_queue)) == [id_of(body) for body in bodies[4:]]
+
+
+@pytest.mark.parametrize("answer", [False, KeyboardInterrupt])
+def test_purge_unconfirmed_or_interrupted_at_the_question_removes_nothing(
+    settings: Settings, answer: bool | type[BaseException]
+) -> None:
+    bodies = [dead("invalid"), dead("rejected"), unparseable()]
+    fill(settings, bodies)
+
+    def confirm(how_many: int) -> bool:
+        if answer is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return bool(answer)
+
+    if answer is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            dlq.purge(settings, reasons=["invalid"], confirm=confirm)
+    else:
+        report = dlq.purge(settings, reasons=["invalid"], confirm=confirm)
+        assert report == dlq.PurgeReport(purged=0, selected=1, left=3, confirmed=False)
+    assert dlq.read(settings) == bodies
+
+
+def test_purge_dry_run_and_nothing_selected_never_ask(settings: Settings) -> None:
+    bodies = [dead("invalid"), dead("rejected")]
+    fill(settings, bodies)
+
+    def never(how_many: int) -> bool:
+        raise AssertionError("asked")
+
+    dry = dlq.purge(settings, reasons=["invalid"], dry_run=True, confirm=never)
+    none = dlq.purge(settings, reasons=["unauthorized"], confirm=never)
+
+    assert str(dry) == "would purge 1, left 1" and (none.purged, none.left, none.confirmed) == (0, 2, True)
+    assert dlq.read(settings) == bodies
+
+
+def test_main_purge_asks_on_stdin(
+    settings: Settings, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    bodies = [dead("invalid", "asset-1"), dead("invalid", "asset-2"), dead("rejected", "asset-1"),
+              dead("invalid", "asset-3")]
+    fill(settings, bodies)
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("yes\n"))
+    assert dlq.main(["purge", "--reason", "invalid"]) == 1
+    captured = capsys.readouterr()
+    assert '3 dead letters would be removed for good.\ntype "purge 3" to confirm: ' in captured.err
+    assert captured.out == "not confirmed: purged 0 of 3, left 4\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no answer at all (stdin closed): no
+    assert dlq.main(["purge", "--reason", "invalid"]) == 1
+    assert dlq.main(["purge", "--reason", "invalid", "--dry-run"]) == 0
+
+    class CtrlC(io.StringIO):
+        def readline(self, size: int | None = -1) -> str:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("sys.stdin", CtrlC())
+    assert dlq.main(["purge", "--reason", "invalid"]) == 130
+    assert "interrupted: every dead letter not yet acknowledged stays" in capsys.readouterr().err
+    assert dlq.read(settings) == bodies
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("purge 2\n"))
+    assert dlq.main(["purge", "--reason", "invalid", "--asset-id", "asset-1", "--asset-id", "asset-2"]) == 0
+    assert capsys.readouterr().out == "purged 2, left 2\n"
+    assert dlq.main(["purge", "--yes", "--reason", "rejected"]) == 0
+    assert capsys.readouterr().out == "purged 1, left 1\n"
+    assert dlq.read(settings) == [bodies[3]]
+
+
+#: A purge that SIGKILLs its own process after N acknowledgements (or while asking, N = 0).
+CRASHING_PURGE = """
+import os, signal, sys
+import amqp
+from config.settings import Settings
+from worker import dlq
+
+after = int(sys.argv[1])
+acked = 0
+real_ack = amqp.Channel.basic_ack
+
+def basic_ack(self, *args, **kwargs):
+    global acked
+    real_ack(self, *args, **kwargs)
+    acked += 1
+    if acked == after:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def confirm(how_many):
+    if after == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+amqp.Channel.basic_ack = basic_ack
+dlq.purge(Settings.from_env(require_api=False), reasons=["invalid"], confirm=confirm)
+"""
+
+
+@pytest.mark.parametrize("after", [0, 1, 3])
+def test_a_killed_purge_removes_nothing_but_selected_dead_letters(
+    settings: Settings, env: dict[str, str], after: int
+) -> None:
+    doomed = [dead("invalid") for _ in range(6)]
+    kept = [dead("rejected") for _ in range(5)] + [unparseable()]
+    put = fill(settings, [body for pair in zip(kept, doomed) for body in pair])
+
+    child = subprocess.run(
+        [sys.executable, "-c", CRASHING_PURGE, str(after)],
+        cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, capture_output=True, timeout=60,
+    )
+
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()
+    kept_ids, doomed_ids = {id_of(body) for body in kept}, {id_of(body) for body in doomed}
+    expected = kept_ids if after else put  # killed while asking: every one comes back
+    left = take_until_accounted(settings, settings.dead_letter_queue, set(), expected)
+    assert kept_ids <= left, f"lost: {sorted(kept_ids - left)}"
+    assert left <= put and (after or left == put)
+    assert len(put - left) <= after  # at most the dead letters it acknowledged, all of them selected
+    assert put - left <= doomed_ids

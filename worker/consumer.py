@@ -18,6 +18,7 @@ from celery import bootsteps
 from kombu import Consumer, Exchange, Queue
 
 from config.settings import Settings
+from worker import metrics
 from worker.acks import Acker
 from worker.batching import Batch, Batcher
 from worker.clock import SystemClock
@@ -109,6 +110,7 @@ class IngestStep(bootsteps.ConsumerStep):
     def _tick(self) -> None:
         if self.ingest is not None:
             self.ingest.tick()
+            metrics.observe_batcher(self.ingest.batcher)
 
     def _wind_down(self, c: Any) -> None:
         """Flush on a warm shutdown; forget on a lost connection."""

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import deadletter, jsonutil
+from worker import deadletter, jsonutil, metrics
 from worker.client import ApiClient
 from worker.clock import Clock
 from worker.errors import Permanent, Transient
@@ -109,6 +109,7 @@ class Delivery:
                 reason = message.headers[deadletter.REASON_HEADER]
                 report.dead[reason] = report.dead.get(reason, 0) + 1
         self.publish(dead)
+        metrics.batch_done(report, dead, self.dead_letter_queue, first_attempt=attempts == 0)
         _log(report, attempts + 1, time.monotonic() - started)
         return report
 
@@ -119,6 +120,7 @@ class Delivery:
         failure = Transient(f"unexpected {type(error).__name__} in the worker")
         messages = self._retry_or_give_up(asset_id, list(events), attempts + 1, None, failure, report)
         self.publish(messages)
+        metrics.batch_done(report, messages, self.dead_letter_queue, first_attempt=False)
 
     def _upload(
         self, events: list[Item], report: Report, dead: list[Outgoing], attempt: int
@@ -129,7 +131,7 @@ class Delivery:
             part = pending.pop()
             report.requests += 1
             try:
-                self.client.post([text for text, _ in part])
+                metrics.timed_post(self.client, [text for text, _ in part])
             except Transient as exc:
                 report.statuses.append(exc.status)
                 retry = [item for chunk in pending for item in chunk] + part

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import orjson
 
 from config.settings import Settings
-from worker import deadletter, jsonutil
+from worker import deadletter, jsonutil, metrics
 from worker.acks import Acker
 from worker.batching import Batch, Batcher, Ticket
 from worker.clock import Clock
@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 #: The largest event forwarded, in bytes of JSON. The API documents no limit; an event this
 #: big is a producer bug (a blob in activity_params), and a batch of them would be huge.
 MAX_EVENT_BYTES = 512 * 1024
+
+#: Header of an event replayed from the dead-letter queue (worker.dlq): how many times it was
+#: replayed. Copied into the dead letters written here, so a loop shows; the upload task's
+#: dead letters cannot see it (a batch carries events without their messages' headers).
+REPLAYS_HEADER = "x-replays"
 
 
 class Message(Protocol):
@@ -105,15 +110,17 @@ class Ingest:
                             {"problem": "internal_error"})
             return
         self.counts["events"] += len(events)
+        replays = _replays_of(message)
         outgoing: list[Outgoing] = []
         ready: list[Batch] = []
         for asset_id, text, event, size in events:
             if asset_id is None:
-                outgoing.append(self._invalid(event))
+                outgoing.append(self._invalid(event, replays))
             elif size > MAX_EVENT_BYTES:
-                outgoing.append(self._too_large(event, asset_id, size))
+                outgoing.append(self._too_large(event, asset_id, size, replays))
             else:
                 ready += self.batcher.add(asset_id, text, size, ticket)
+        metrics.events_read(received=len(events), batched=len(events) - len(outgoing))
         if self.acker.outstanding > self.max_outstanding and self.batcher.buffered:
             # one batch per message over the limit keeps pace with what arrives
             ready.append(self.batcher.release_oldest())  # type: ignore[arg-type]
@@ -181,10 +188,11 @@ class Ingest:
 
     def _malformed(self, message: Message, ticket: Ticket, error: str, details: dict[str, Any]) -> None:
         self.counts["malformed"] += 1
+        metrics.unreadable(deadletter.MALFORMED)
         logger.warning("Dead-lettering an unreadable message: %s", error)
         dead = deadletter.envelope(
             reason=deadletter.MALFORMED, error=error, raw=raw_text(message.body), details=details,
-            failed_at=self.clock.now(),
+            failed_at=self.clock.now(), replays=_replays_of(message),
         )
         self._hand_off([deadletter.message(self.settings.dead_letter_queue, dead)], [ticket.release])
 
@@ -192,6 +200,7 @@ class Ingest:
         """A message that was delivered ``deliveries`` times and never handled: each time the
         worker died with it in hand. Reading it again might kill the worker again: don't."""
         self.counts["malformed"] += 1
+        metrics.unreadable(deadletter.POISON)
         error = (
             f"This message was delivered {deliveries} times and the worker died each time before "
             "handling it. It was set aside so that it cannot crash the worker again: look at the "
@@ -201,11 +210,13 @@ class Ingest:
         dead = deadletter.envelope(
             reason=deadletter.POISON, error=error, raw=raw_text(message.body),
             details={"deliveries": deliveries}, attempts=deliveries, failed_at=self.clock.now(),
+            replays=_replays_of(message),
         )
         self._hand_off([deadletter.message(self.settings.dead_letter_queue, dead)], [ticket.release])
 
-    def _invalid(self, event: Any) -> Outgoing:
+    def _invalid(self, event: Any, replays: int = 0) -> Outgoing:
         self.counts["invalid"] += 1
+        metrics.refused_in_ingest("unroutable")
         errors = validate_event(event) or {"asset_id": ["asset_id is missing or not a string."]}
         body = deadletter.envelope(
             reason=deadletter.INVALID,
@@ -213,11 +224,13 @@ class Ingest:
             event=event,
             details=errors,
             failed_at=self.clock.now(),
+            replays=replays,
         )
         return deadletter.message(self.settings.dead_letter_queue, body)
 
-    def _too_large(self, event: Any, asset_id: str, size: int) -> Outgoing:
+    def _too_large(self, event: Any, asset_id: str, size: int, replays: int = 0) -> Outgoing:
         self.counts["invalid"] += 1
+        metrics.refused_in_ingest("too_large")
         body = deadletter.envelope(
             reason=deadletter.INVALID,
             error=f"The event is {size} bytes of JSON, over the {MAX_EVENT_BYTES}-byte limit per event: "
@@ -226,6 +239,7 @@ class Ingest:
             details={"_schema": ["event too large"], "size": size, "max_bytes": MAX_EVENT_BYTES},
             asset_id=asset_id,
             failed_at=self.clock.now(),
+            replays=replays,
         )
         return deadletter.message(self.settings.dead_letter_queue, body)
 
@@ -261,3 +275,9 @@ def _plain_json(message: Message) -> bool:
     return (not content_type or content_type.split(";")[0].strip().lower() == JSON_CONTENT_TYPE) and (
         not encoding or encoding.lower() in ACCEPTED_ENCODINGS
     )
+
+
+def _replays_of(message: Message) -> int:
+    """The message's ``x-replays`` header: a count, or 0 when absent or not a count."""
+    value = (message.headers or {}).get(REPLAYS_HEADER, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

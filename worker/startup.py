@@ -10,10 +10,10 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_shutdown
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_process_shutdown
 
 from config.settings import Settings, load_or_exit
-from worker import observability
+from worker import logs, metrics, observability
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +36,19 @@ def connect_signals(app: Celery) -> None:
         setup_sentry(settings)
         logging.getLogger("amqp").setLevel(logging.WARNING)
         logger.info("Settings: %r (broker %s)", settings, settings.broker_url_redacted)
+        metrics.setup(settings)
+
+    @after_setup_logger.connect(weak=False)
+    @after_setup_task_logger.connect(weak=False)
+    def on_setup_logger(sender: Any = None, **kwargs: Any) -> None:
+        # LOG_FORMAT=json: one JSON object per line (worker.logs), in the main and pool processes
+        configured = kwargs.get("logger")
+        if isinstance(configured, logging.Logger) and load_or_exit(require_api=False).log_format == "json":
+            logs.install(configured)
 
     @worker_process_shutdown.connect(weak=False)
     def on_worker_process_shutdown(sender: Any = None, **kwargs: Any) -> None:
         # Pool processes end with os._exit: without this, the last errors they queued for
         # Sentry (often the ones explaining why the process ended) would be lost.
         observability.flush_sentry()
+        metrics.process_dead(kwargs.get("pid"))

@@ -50,6 +50,7 @@ def worker_env(queues: QueueSet, sandbox: Sandbox) -> dict[str, str]:
         "UPLOAD_MAX_RETRIES": "4",
         "UPLOAD_RETRY_BACKOFF": "0.2",
         "UPLOAD_RETRY_BACKOFF_MAX": "1",
+        "METRICS_PORT": "0",  # tests that scrape set their own port
     }
 
 

@@ -1,0 +1,336 @@
+"""The Prometheus metrics: counted once each, by the process that knows, and adding up.
+
+Events go through the real :class:`~worker.ingest.Ingest` and :class:`~worker.delivery.Delivery`
+with fakes around them (a broker that is a list, a scripted API, a ManualClock), in
+prometheus_client's multiprocess mode with a directory of the test's own, then in plain memory.
+Forked processes write their own files, as the pool's do, and the sums are read back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config.settings import Settings, SettingsError
+from worker import deadletter, jsonutil, metrics
+from worker.acks import Acker
+from worker.batching import Batcher, Ticket
+from worker.clock import ManualClock
+from worker.delivery import Delivery, Report
+from worker.errors import Permanent, PublishError, Transient
+from worker.ingest import Ingest
+from worker.publisher import Outgoing
+from worker.retry import RetryPolicy
+
+pytestmark = pytest.mark.timeout(60)
+
+#: The queues of these tests (the dead-letter one is the settings' default).
+UPLOAD = "upload"
+DLQ = Settings.dead_letter_queue
+#: Timestamps around the ManualClock's wall time (2026-01-01T00:00:00Z).
+FRESH, STALE = "2025-12-31T18:00:00Z", "2025-12-01T00:00:00Z"
+
+
+@pytest.fixture(autouse=True)
+def in_memory() -> Iterator[None]:
+    """Every test starts and ends with fresh in-memory metrics, whatever ran before."""
+    metrics.use_directory(None)
+    yield
+    metrics.use_directory(None)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    """Multiprocess mode, in a directory of this test's own."""
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    metrics.use_directory(str(directory))
+    return directory
+
+
+def value(name: str, **labels: str) -> float:
+    """One sample as a scrape would show it (0 when absent)."""
+    return metrics.registry().get_sample_value(metrics.PREFIX + name, labels) or 0.0
+
+
+def total(name: str, **labels: str) -> float:
+    """The sum of a labelled counter's samples matching ``labels``."""
+    found = 0.0
+    for family in metrics.registry().collect():
+        for sample in family.samples:
+            if sample.name == metrics.PREFIX + name and labels.items() <= sample.labels.items():
+                found += sample.value
+    return found
+
+
+def event(event_id: str, asset_id: Any = "asset-a", **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "activity_name": "Purchase", "asset_id": asset_id, "timestamp": FRESH, "identity": "c-1",
+        "activity_source": "web", "activity_params": {"event_id": event_id},
+    }
+    body.update(overrides)
+    return body
+
+
+class Message:
+    """What the ingest step reads of a kombu message."""
+
+    def __init__(self, body: bytes, tag: int, headers: dict[str, Any] | None = None) -> None:
+        self.body, self.delivery_tag, self.headers = body, tag, headers or {}
+        self.content_type, self.content_encoding = "application/json", "utf-8"
+
+
+class Api:
+    """The API: 400 for a request holding an event marked ``reject``; one 503 first if asked."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        self.fail_first = fail_first
+        self.requests: list[int] = []
+
+    def post(self, events: Sequence[Any]) -> None:
+        self.requests.append(len(events))
+        if self.fail_first:
+            self.fail_first = False
+            raise Transient("the API answered 503", status=503)
+        if any(jsonutil.loads(e)["activity_params"].get("reject") for e in events):
+            raise Permanent("the API rejected the event (400 Bad Request)", reason="rejected", status=400)
+
+
+def run_pipeline() -> tuple[Api, list[Outgoing]]:
+    """A mix of messages through ingest, then every upload (and retry) through delivery."""
+    settings = Settings.from_env({"ACTIVITY_BATCH_WAIT": "1"}, require_api=False)
+    clock = ManualClock()
+    published: list[Outgoing] = []
+    batcher = Batcher(max_events=1000, max_wait=1.0, max_bytes=4 << 20, max_buffered=10_000, clock=clock)
+    ingest = Ingest(
+        settings=settings, batcher=batcher, acker=Acker(lambda tag, multiple: None), publish=published.extend,
+        upload_message=lambda b: Outgoing(UPLOAD, jsonutil.dumps([b.asset_id, b.events, 0])),
+        clock=clock, max_outstanding=10_000,
+    )
+    good = [event(f"a{i}") for i in range(6)] + [event("s1", timestamp=STALE), event("s2", timestamp=STALE)]
+    good.append(event("r1", activity_params={"event_id": "r1", "reject": True}))
+    bodies: list[tuple[bytes, dict[str, Any]]] = [
+        (jsonutil.dumps(good), {}),
+        (jsonutil.dumps([event("b1", "asset-b"), event("bad-time", "asset-b", timestamp="yesterday")]), {}),
+        (jsonutil.dumps([event("no-asset", None), event("huge", activity_params={"x": "y" * 600_000})]), {}),
+        (b'{"activity_name": "Purchase", "asset_id": "asset-b", "asset_id": "asset-b"}', {}),  # pool: malformed
+        (b"{not json", {}),
+        (jsonutil.dumps(event("p1")), {"x-delivery-count": 10}),  # poison
+    ]
+    for tag, (body, headers) in enumerate(bodies, 1):
+        ingest.on_message(Message(body, tag, headers))
+    clock.advance(1.5)
+    ingest.tick()
+    metrics.observe_batcher(batcher)
+    api = Api(fail_first=True)
+    policy = RetryPolicy(max_retries=3, backoff=0.0, backoff_max=0.0)
+    delivery = Delivery(
+        client=api,  # type: ignore[arg-type]
+        policy=policy, publish=published.extend, dead_letter_queue=DLQ, clock=clock,
+        retry_message=lambda a, events, attempts, _: Outgoing(UPLOAD, jsonutil.dumps([a, events, attempts])),
+    )
+    done = 0
+    while any(m.queue == UPLOAD for m in published[done:]):
+        message = next(m for m in published[done:] if m.queue == UPLOAD)
+        done = published.index(message) + 1
+        delivery.deliver(*jsonutil.loads(message.body))
+    return api, published
+
+
+@pytest.mark.parametrize("mode", ["files", "memory"])
+def test_every_event_is_counted_once_and_the_sums_add_up(mode: str, request: pytest.FixtureRequest) -> None:
+    if mode == "files":
+        request.getfixturevalue("files")
+    api, published = run_pipeline()
+    dead = [json.loads(m.body)["reason"] for m in published if m.queue == DLQ]
+    assert sorted(dead) == ["invalid", "invalid", "invalid", "malformed", "malformed", "poison", "rejected"]
+
+    received, batched = value("events_received_total"), value("events_batched_total")
+    assert (received, batched) == (16, 12)  # 14 events read, an unreadable body, a poison message
+    assert received == batched + total("events_dead_lettered_total", stage="ingest")
+    assert batched == value("events_valid_total") + total("events_invalid_total", stage="delivery")
+    assert value("events_valid_total") == 10
+    assert value("events_delivered_total") == 9
+    assert value("events_delivered_total") + total("events_dead_lettered_total") == received
+    assert value("events_stale_total") == 2
+    assert value("events_invalid_total", stage="ingest", reason="unroutable") == 1
+    assert value("events_invalid_total", stage="ingest", reason="too_large") == 1
+    assert value("events_invalid_total", stage="ingest", reason="malformed") == 1
+    assert value("events_invalid_total", stage="delivery", reason="invalid") == 1
+    assert value("events_invalid_total", stage="delivery", reason="malformed") == 1
+    assert value("events_dead_lettered_total", stage="ingest", reason="poison") == 1
+    assert value("events_dead_lettered_total", stage="delivery", reason="rejected") == 1
+    assert value("events_dead_lettered_total", stage="delivery", reason="refused") == 0  # exists, at zero
+    assert value("retries_scheduled_total") == 1
+    assert value("uploads_total", status="503", outcome="transient") == 1
+    assert total("uploads_total") == len(api.requests) == value("upload_batch_size_count")
+    assert value("upload_batch_size_sum") == sum(api.requests)
+    assert value("upload_duration_seconds_count") == len(api.requests)
+    assert value("oldest_event_age_seconds") == 0 and value("events_buffered") == 0
+
+
+def test_uploads_are_counted_by_status_whatever_the_answer() -> None:
+    class Script:
+        def __init__(self, answers: list[BaseException | None]) -> None:
+            self.answers = answers
+
+        def post(self, events: Sequence[Any]) -> None:
+            answer = self.answers.pop(0)
+            if answer is not None:
+                raise answer
+
+    script = Script([None, Transient("timeout"), Transient("500", status=500),
+                     Permanent("400", reason="rejected", status=400), RuntimeError("a bug")])
+    metrics.timed_post(script, ["{}"] * 1000)
+    for size, error in ((3, Transient), (2, Transient), (1, Permanent), (1, RuntimeError)):
+        with pytest.raises(error):
+            metrics.timed_post(script, ["{}"] * size)
+    assert value("uploads_total", status="200", outcome="success") == 1
+    assert value("uploads_total", status="error", outcome="transient") == 1
+    assert value("uploads_total", status="500", outcome="transient") == 1
+    assert value("uploads_total", status="400", outcome="permanent") == 1
+    assert value("uploads_total", status="error", outcome="error") == 1
+    assert value("upload_batch_size_count") == 5 and value("upload_batch_size_sum") == 1007
+    assert value("upload_batch_size_bucket", le="1.0") == 2 and value("upload_batch_size_bucket", le="500.0") == 4
+
+
+def test_oldest_event_age_follows_the_oldest_open_batch() -> None:
+    clock = ManualClock()
+    batcher = Batcher(max_events=1000, max_wait=1.0, max_bytes=1 << 20, max_buffered=10_000, clock=clock)
+    ticket = Ticket(lambda: None)
+    metrics.observe_batcher(batcher)
+    assert value("oldest_event_age_seconds") == 0
+    batcher.add("asset-a", "{}", 2, ticket)
+    clock.advance(0.5)
+    batcher.add("asset-b", "{}", 2, ticket)
+    batcher.add("asset-b", "{}", 2, ticket)
+    clock.advance(0.25)
+    metrics.observe_batcher(batcher)
+    assert value("oldest_event_age_seconds") == pytest.approx(0.75)
+    assert value("events_buffered") == 3
+    clock.advance(0.3)
+    assert [b.asset_id for b in batcher.due()] == ["asset-a"]  # what the tick does first
+    metrics.observe_batcher(batcher)
+    assert value("oldest_event_age_seconds") == pytest.approx(0.55)
+    batcher.drain()
+    metrics.observe_batcher(batcher)
+    assert value("oldest_event_age_seconds") == 0 and value("events_buffered") == 0
+
+
+def _pool_process(delivered: int, sizes: list[int]) -> None:
+    """What a pool process counts for one batch, in its own files."""
+    class Ok:
+        def post(self, events: Sequence[Any]) -> None:
+            return None
+
+    for size in sizes:
+        metrics.timed_post(Ok(), ["{}"] * size)
+    dead = [deadletter.message(DLQ, {"reason": deadletter.REJECTED})]
+    metrics.batch_done(Report("asset-a", delivered + 1, delivered=delivered), dead, DLQ, first_attempt=True)
+
+
+def pids_of(paths: Iterator[Path]) -> set[str]:
+    """The pids in multiprocess file names (``counter_1234.db``)."""
+    return {path.stem.rsplit("_", 1)[1] for path in paths}
+
+
+def test_counts_from_forked_processes_add_up(files: Path) -> None:
+    clock = ManualClock()
+    batcher = Batcher(max_events=1000, max_wait=5.0, max_bytes=1 << 20, max_buffered=10_000, clock=clock)
+    batcher.add("asset-a", "{}", 2, Ticket(lambda: None))
+    clock.advance(1.5)
+    metrics.events_read(received=30, batched=29)
+    metrics.refused_in_ingest("unroutable")
+    metrics.observe_batcher(batcher)  # the metrics exist before the fork, as in a replaced pool process
+    fork = multiprocessing.get_context("fork")
+    children = [fork.Process(target=_pool_process, args=(n, sizes)) for n, sizes in ((20, [20, 1]), (7, [8]))]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(30)
+        assert child.exitcode == 0
+    assert value("events_received_total") == 30
+    assert value("events_delivered_total") == 27
+    assert value("events_valid_total") == 29
+    assert value("events_dead_lettered_total", stage="delivery", reason="rejected") == 2
+    assert value("events_delivered_total") + total("events_dead_lettered_total") == value("events_received_total")
+    assert value("upload_batch_size_count") == 3 and value("upload_batch_size_sum") == 29
+    # the main process's gauge, unmixed with the children's zeros, without a pid label
+    assert value("oldest_event_age_seconds") == pytest.approx(1.5)
+    pids = {str(child.pid) for child in children}
+    assert pids_of(files.glob("counter_*.db")) >= pids  # each process wrote files of its own
+    assert pids_of(files.glob("gauge_live*.db")) >= pids  # the children's zeros, which did not win
+    for child in children:
+        metrics.process_dead(child.pid)
+    assert not pids_of(files.glob("gauge_live*.db")) & pids
+    assert value("events_delivered_total") == 27  # counts of ended processes stay
+    assert value("oldest_event_age_seconds") == pytest.approx(1.5)
+
+
+def test_metrics_port_0_turns_the_endpoint_off() -> None:
+    assert metrics.setup(Settings.from_env({"METRICS_PORT": "0"}, require_api=False)) is None
+    assert metrics.MULTIPROC_ENV not in os.environ
+
+
+def test_a_port_in_use_is_reported_and_the_worker_runs_on(caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Settings.from_env({"METRICS_PORT": str(port)}, require_api=False)
+        with caplog.at_level(logging.ERROR, logger="worker.metrics"):
+            assert metrics.setup(settings) is None
+    assert "METRICS_PORT" in caplog.text and str(port) in caplog.text
+    assert metrics.MULTIPROC_ENV not in os.environ
+    metrics.events_read(received=1, batched=1)  # still counts, in memory
+    assert value("events_received_total") == 1
+
+
+def test_settings() -> None:
+    default = Settings.from_env({}, require_api=False)
+    assert (default.metrics_port, default.metrics_address) == (9808, "127.0.0.1")
+    chosen = Settings.from_env({"METRICS_PORT": "9100", "METRICS_ADDRESS": "0.0.0.0"}, require_api=False)
+    assert (chosen.metrics_port, chosen.metrics_address) == (9100, "0.0.0.0")
+    with pytest.raises(SettingsError, match="METRICS_PORT=70000"):
+        Settings.from_env({"METRICS_PORT": "70000"}, require_api=False)
+
+
+def test_batches_handed_back_count_nothing_but_their_requests() -> None:
+    """A delivery whose dead letters the broker refused is redone later: counted then, once."""
+    def refuse(messages: Sequence[Outgoing]) -> None:
+        raise PublishError("not confirmed")
+
+    delivery = Delivery(
+        client=Api(),  # type: ignore[arg-type]
+        policy=RetryPolicy(max_retries=1, backoff=0.0, backoff_max=0.0), publish=refuse,
+        retry_message=lambda *a: Outgoing(UPLOAD, b"[]"), dead_letter_queue=DLQ, clock=ManualClock(),
+    )
+    bad = event("r1", activity_params={"event_id": "r1", "reject": True})
+    with pytest.raises(PublishError):
+        delivery.deliver("asset-a", [jsonutil.dumps(e).decode() for e in (event("e1"), bad)])
+    assert total("uploads_total") == 3  # the requests did happen: 400, then 200 and 400
+    assert value("events_delivered_total") == 0 and value("events_valid_total") == 0
+    assert total("events_dead_lettered_total") == 0
+
+
+def test_directories_of_killed_workers_are_removed_at_start(tmp_path: Path) -> None:
+    ended = multiprocessing.get_context("fork").Process(target=int)
+    ended.start()
+    ended.join(30)
+    leftover = tmp_path / f"{metrics.DIRECTORY_PREFIX}{ended.pid}-abc"
+    alive = tmp_path / f"{metrics.DIRECTORY_PREFIX}{os.getpid()}-def"
+    unrelated = tmp_path / "netcore-activity-other-1"
+    for directory in (leftover, alive, unrelated):
+        directory.mkdir()
+        (directory / "counter_1.db").write_bytes(b"")
+    metrics._remove_leftovers(tmp_path)
+    assert not leftover.exists() and alive.exists() and unrelated.exists()
+
