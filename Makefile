@@ -42,6 +42,11 @@ run: install
 test: install lint
 	$(BIN)/python -m pytest
 
+# Throughput against a bare drain and a naive design measured in the same run (about 4 minutes;
+# BENCH_EVENTS=20000 for a quick look); results in bench-results/latest.json
+bench: install
+	$(BIN)/python -m bench
+
 lint: install
 	$(BIN)/ruff check worker config tests bench
 
