@@ -248,6 +248,7 @@ def test_counts_from_forked_processes_add_up(files: Path) -> None:
     batcher.add("asset-a", "{}", 2, Ticket(lambda: None))
     clock.advance(1.5)
     metrics.events_read(received=30, batched=29)
+    metrics.flush()
     metrics.refused_in_ingest("unroutable")
     metrics.observe_batcher(batcher)  # the metrics exist before the fork, as in a replaced pool process
     fork = multiprocessing.get_context("fork")
@@ -291,6 +292,7 @@ def test_a_port_in_use_is_reported_and_the_worker_runs_on(caplog: pytest.LogCapt
     assert "METRICS_PORT" in caplog.text and str(port) in caplog.text
     assert metrics.MULTIPROC_ENV not in os.environ
     metrics.events_read(received=1, batched=1)  # still counts, in memory
+    metrics.flush()
     assert value("events_received_total") == 1
 
 
