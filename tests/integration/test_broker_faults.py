@@ -55,5 +55,6 @@ def test_broker_fault_mid_run(start_worker, queues: QueueSet, sandbox: Sandbox, 
     counts = Counter(event_id_of(e) for e in sandbox.accepted())
     duplicates = sum(counts.values()) - len(counts)
     assert set(counts) == wanted
+    print(f"\n{fault.__name__}: {len(sent)} events delivered, {duplicates} duplicates")
     assert duplicates <= len(sent) // 4, f"{duplicates} duplicates: a storm"  # only what was in flight
     assert worker.process.poll() is None  # it reconnected by itself, no restart needed
