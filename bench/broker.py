@@ -27,6 +27,8 @@ import amqp
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
+from worker.publisher import Outgoing, Publisher
+
 #: The broker, as the worker finds it.
 BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")
 
@@ -107,57 +109,17 @@ def preload(queues: Sequence[str], bodies: Sequence[bytes]) -> float:
             channel.exchange_declare(exchange, "fanout", durable=False, auto_delete=False)
             for name in queues:
                 channel.queue_bind(name, exchange)
-        confirms = _Confirms()
-        channel.confirm_select()
-        channel.events["basic_ack"].add(confirms.on_ack)
-        channel.events["basic_nack"].add(confirms.on_nack)
-        channel.events["basic_return"].add(confirms.on_return)
+        publisher = Publisher(BROKER_URL, confirm_timeout=PRELOAD_CONFIRM_TIMEOUT)
         started = time.perf_counter()
         try:
             for first in range(0, len(bodies), PRELOAD_GROUP):
-                for body in bodies[first:first + PRELOAD_GROUP]:
-                    channel.basic_publish(
-                        amqp.Message(body, content_type="application/json", content_encoding="utf-8",
-                                     delivery_mode=2),
-                        exchange=exchange, routing_key=routing_key, mandatory=True,
-                    )
-                    confirms.sent()
-                while confirms.pending:
-                    connection.drain_events(timeout=PRELOAD_CONFIRM_TIMEOUT)
-                if confirms.refused:
-                    raise RuntimeError(f"the broker refused or could not route {confirms.refused} "
-                                       "preloaded messages")
+                publisher.publish([Outgoing(routing_key, body, exchange=exchange)
+                                   for body in bodies[first:first + PRELOAD_GROUP]])
             return time.perf_counter() - started
         finally:
+            publisher.close()
             if exchange:
                 channel.exchange_delete(exchange)
-
-
-class _Confirms:
-    """Publisher confirms of one channel: the delivery tags not confirmed yet."""
-
-    def __init__(self) -> None:
-        self.next_tag = 1
-        self.pending: set[int] = set()
-        self.refused = 0  #: nacked or returned (unroutable) messages
-
-    def sent(self) -> None:
-        self.pending.add(self.next_tag)
-        self.next_tag += 1
-
-    def on_ack(self, delivery_tag: int, multiple: bool) -> None:
-        if multiple:
-            self.pending = {tag for tag in self.pending if tag > delivery_tag}
-        else:
-            self.pending.discard(delivery_tag)
-
-    def on_nack(self, delivery_tag: int, multiple: bool) -> None:
-        before = len(self.pending)
-        self.on_ack(delivery_tag, multiple)
-        self.refused += before - len(self.pending)
-
-    def on_return(self, *args: object) -> None:
-        self.refused += 1
 
 
 def depth(queue: str) -> int | None:

@@ -57,7 +57,9 @@ class Settings:
     batch_size: int = API_MAX_BATCH
     batch_wait: float = 2.0
     batch_max_bytes: int = 4 * 1024 * 1024
-    prefetch: int = 10_000
+    #: Unacknowledged messages the broker may hand the consumer (RabbitMQ's maximum is 65535):
+    #: with many asset_ids, batches fill only as far as this window lets them.
+    prefetch: int = 30_000
     upload_timeout: float = 10.0
     upload_connect_timeout: float = 3.05
     max_retries: int = 8

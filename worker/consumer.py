@@ -76,6 +76,7 @@ class IngestStep(bootsteps.ConsumerStep):
             upload_message=make_upload,
             clock=clock,
             max_outstanding=max(1, settings.prefetch - settings.batch_size),
+            release_slack=settings.prefetch // 20,
         )
         task_exchange = Exchange(settings.task_queue, "direct", durable=True)
         sources = [

@@ -76,6 +76,7 @@ class Ingest:
         upload_message: UploadMessageFn,
         clock: Clock,
         max_outstanding: int,
+        release_slack: int = 0,
     ) -> None:
         self.settings = settings
         self.batcher = batcher
@@ -85,6 +86,9 @@ class Ingest:
         self.clock = clock
         #: Unacknowledged messages past which the oldest batch is released (backpressure).
         self.max_outstanding = max_outstanding
+        #: Events released beyond the excess when over the limit, so that the next messages do
+        #: not each release one small batch (one confirm round trip per message).
+        self.release_slack = release_slack
         #: Hand-offs the broker has not confirmed yet: messages, then what to do once it has.
         self._pending: list[tuple[list[Outgoing], list[Callable[[], None]]]] = []
         self.counts = {"messages": 0, "events": 0, "malformed": 0, "invalid": 0, "batches": 0}
@@ -121,9 +125,14 @@ class Ingest:
             else:
                 ready += self.batcher.add(asset_id, text, size, ticket)
         metrics.events_read(received=len(events), batched=len(events) - len(outgoing))
-        if self.acker.outstanding > self.max_outstanding and self.batcher.buffered:
-            # one batch per message over the limit keeps pace with what arrives
-            ready.append(self.batcher.release_oldest())  # type: ignore[arg-type]
+        excess = self.acker.outstanding - self.max_outstanding
+        if excess > 0:  # release the oldest batches: enough for the excess, and some slack
+            released = 0
+            while released < excess + self.release_slack and self.batcher.buffered:
+                batch = self.batcher.release_oldest()
+                assert batch is not None
+                ready.append(batch)
+                released += len(batch)
         outgoing += [self._upload(batch) for batch in ready]
         self._hand_off(outgoing, [b.handed_on for b in ready] + [ticket.release])
 

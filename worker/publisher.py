@@ -35,7 +35,8 @@ PUBLISH_ATTEMPTS = 3
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
-    """One message to publish to the default exchange, routed by queue name."""
+    """One message to publish: to the default exchange, routed by queue name, unless an
+    ``exchange`` is named (then ``queue`` is the routing key)."""
 
     queue: str
     body: bytes
@@ -43,6 +44,7 @@ class Outgoing:
     content_type: str = "application/json"
     properties: dict[str, Any] = field(default_factory=dict)
     content_encoding: str | None = "utf-8"
+    exchange: str = ""
 
 
 class _Confirms:
@@ -136,7 +138,7 @@ class Publisher:
                 properties["content_encoding"] = message.content_encoding
             channel.basic_publish(
                 amqp.Message(message.body, delivery_mode=2, application_headers=message.headers, **properties),
-                exchange="",
+                exchange=message.exchange,
                 routing_key=message.queue,
                 mandatory=True,
             )
