@@ -159,6 +159,7 @@ def use_directory(directory: str | None) -> None:
             os.environ[MULTIPROC_ENV] = directory
         values.ValueClass = values.get_value_class()
         _metrics, _registry, _directory = None, CollectorRegistry(), directory
+        _pending["received"] = _pending["batched"] = 0  # not yet written: they belonged to the old ones
 
 
 def registry() -> CollectorRegistry:
