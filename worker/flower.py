@@ -14,6 +14,11 @@ from collections.abc import Sequence
 #: several separated by commas.
 FLOWER_AUTH_VARIABLE = "FLOWER_BASIC_AUTH"
 
+#: Flower's setting for the columns of its task list, and ours: with ``args`` (a summary such
+#: as ``asset_id='x', 1000 events``, never events), which Flower leaves out by default.
+TASK_COLUMNS_VARIABLE = "FLOWER_TASKS_COLUMNS"
+TASK_COLUMNS = "name,uuid,state,args,received,runtime,worker"
+
 
 def check_flower_auth(value: str | None) -> str | None:
     """None if ``value`` is usable Flower basic auth, else the sentence saying why not."""
@@ -38,6 +43,8 @@ def run_flower(argv: Sequence[str]) -> int:
     if problem is not None:
         print(f"netcore-activity-worker: refusing to start Flower: {problem}", file=sys.stderr)
         return 2
+    # the task list shows each task's summary arguments (asset_id, event count) by default
+    os.environ.setdefault(TASK_COLUMNS_VARIABLE, TASK_COLUMNS)
     command = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", *argv]
     sys.stdout.flush()
     os.execv(sys.executable, command)
