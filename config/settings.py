@@ -24,6 +24,10 @@ REGIONS: dict[str, str] = {
 #: The API takes at most this many events in one request.
 API_MAX_BATCH = 1000
 
+#: The longest backoff (seconds) a setting may ask for: a retry waits in the worker as an
+#: unacknowledged message, and RabbitMQ's consumer_timeout (30 minutes) must stay far off.
+MAX_BACKOFF = 900.0
+
 #: The path of the upload endpoint, appended to the base URL.
 UPLOAD_PATH = "/v1/activity/upload"
 
@@ -103,7 +107,9 @@ class Settings:
                 "NETCORE_API_KEY is not set: the worker has no key to upload with "
                 "(for a local try-out, `make run` starts the sandbox API instead)"
             )
-        backoff = get.number("UPLOAD_RETRY_BACKOFF", float, 1.0, low=0.0, high=3600.0)
+        # A retry waits as an unacknowledged message (Celery's countdown): well under RabbitMQ's
+        # consumer_timeout (30 minutes by default), or the broker closes the channel.
+        backoff = get.number("UPLOAD_RETRY_BACKOFF", float, 1.0, low=0.0, high=MAX_BACKOFF)
         settings = cls(
             broker_url=get.text("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//"),
             api_key=api_key,
@@ -124,7 +130,7 @@ class Settings:
             upload_timeout=get.number("UPLOAD_TIMEOUT", float, 10.0, low=0.01, high=600.0),
             max_retries=get.number("UPLOAD_MAX_RETRIES", int, 8, low=0, high=100),
             retry_backoff=backoff,
-            retry_backoff_max=get.number("UPLOAD_RETRY_BACKOFF_MAX", float, 300.0, low=0.0, high=3600.0),
+            retry_backoff_max=get.number("UPLOAD_RETRY_BACKOFF_MAX", float, 300.0, low=0.0, high=MAX_BACKOFF),
             metrics_port=get.number("METRICS_PORT", int, cls.metrics_port, low=0, high=65_535),
             metrics_address=get.text("METRICS_ADDRESS", cls.metrics_address),
             sentry_dsn=get.text("SENTRY_DSN", ""),
