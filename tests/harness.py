@@ -14,11 +14,11 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from kombu import Connection, Consumer, Queue
@@ -50,6 +50,8 @@ def _test_broker_url() -> str:
 
 
 BROKER_URL = _test_broker_url() if "CELERY_BROKER_URL" not in os.environ else DEFAULT_BROKER_URL
+
+T = TypeVar("T")
 
 #: The project's root, where the worker process runs.
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,12 +210,70 @@ class DeadLetters:
             self._connection.release()
 
 
-class WorkerProcess:
-    """``celery -A worker.app worker`` in a process group of its own.
+class Output:
+    """A child process's output, gathered by a reader thread (copied to ``log_path`` if given).
 
-    A reader thread copies its output to ``log_path`` and wakes up whoever waits for a line
-    (:meth:`wait_for_log`): waiting is event-driven, with a deadline.
+    Every new line wakes up whoever waits in :meth:`wait_for`: waiting for a process to say
+    something is event-driven, with a deadline.
     """
+
+    def __init__(self, log_path: Path | None = None) -> None:
+        self.log_path = log_path
+        self._data = bytearray()
+        self._changed = threading.Condition()
+        self._reader: threading.Thread | None = None
+
+    def follow(self, process: subprocess.Popen[bytes]) -> None:
+        self._reader = threading.Thread(target=self._read, args=(process,), daemon=True)
+        self._reader.start()
+
+    def _read(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        log = open(self.log_path, "ab") if self.log_path else None
+        try:
+            for line in process.stdout:
+                if log:
+                    log.write(line)
+                    log.flush()
+                with self._changed:
+                    self._data += line
+                    self._changed.notify_all()
+        finally:
+            if log:
+                log.close()
+            with self._changed:
+                self._changed.notify_all()
+
+    def text(self) -> str:
+        with self._changed:
+            return self._data.decode(errors="replace")
+
+    @property
+    def mark(self) -> int:
+        """A position in the output, to wait for what comes after it."""
+        with self._changed:
+            return len(self._data)
+
+    def wait_for(self, found: Callable[[bytearray], T | None], timeout: float) -> T | None:
+        """Block until ``found(output)`` is truthy (returned), the process ends, or the deadline."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                result = found(self._data)
+                if result or (self._reader is not None and not self._reader.is_alive()):
+                    return result
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._changed.wait(remaining)
+
+    def join(self, timeout: float) -> None:
+        if self._reader is not None:
+            self._reader.join(timeout)
+
+
+class WorkerProcess:
+    """``celery -A worker.app worker`` in a process group of its own, its output followed."""
 
     def __init__(self, env: Mapping[str, str], log_path: Path, *, concurrency: int = 2) -> None:
         self.log_path = log_path
@@ -221,60 +281,35 @@ class WorkerProcess:
                     "METRICS_PORT": "0", **env}  # tests that scrape /metrics choose their own port
         self.concurrency = concurrency
         self.process: subprocess.Popen[bytes] | None = None
-        self._output = bytearray()
-        self._changed = threading.Condition()
-        self._reader: threading.Thread | None = None
+        self.output = Output(log_path)
 
     def start(self, timeout: float = 60.0) -> WorkerProcess:
         """Start the worker; return once it says it is ready (or fail with its log)."""
-        mark = len(self._output)
+        mark = self.output.mark
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel=INFO",
              f"--concurrency={self.concurrency}", "--without-gossip", "--without-mingle",
              f"--hostname=test-{uuid.uuid4().hex[:8]}@%h"],
             cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        self._reader = threading.Thread(target=self._read, args=(self.process,), daemon=True)
-        self._reader.start()
+        self.output.follow(self.process)
         if not self.wait_for_log(" ready.", timeout, start=mark):
             self.kill()
             raise AssertionError(f"the worker did not start; its log:\n{self.log()[-5000:]}")
         return self
 
-    def _read(self, process: subprocess.Popen[bytes]) -> None:
-        assert process.stdout is not None
-        with open(self.log_path, "ab") as log:
-            for line in process.stdout:
-                log.write(line)
-                log.flush()
-                with self._changed:
-                    self._output += line
-                    self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
     def log(self) -> str:
-        with self._changed:
-            return self._output.decode(errors="replace")
+        return self.output.text()
 
     @property
     def mark(self) -> int:
         """A position in the output, to wait for lines written after it."""
-        with self._changed:
-            return len(self._output)
+        return self.output.mark
 
     def wait_for_log(self, text: str, timeout: float, *, start: int = 0) -> bool:
         """Block until ``text`` appears in the output after ``start``, or the process ends."""
         needle = text.encode()
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while needle not in self._output[start:]:
-                remaining = deadline - time.monotonic()
-                reader_done = self._reader is not None and not self._reader.is_alive()
-                if remaining <= 0 or reader_done:
-                    return False
-                self._changed.wait(remaining)
-        return True
+        return bool(self.output.wait_for(lambda data: needle in data[start:], timeout))
 
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM to the main process (a deploy): warm shutdown; return the exit code."""
@@ -304,8 +339,7 @@ class WorkerProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        if self._reader is not None:
-            self._reader.join(10)
+        self.output.join(10)
         return code
 
 

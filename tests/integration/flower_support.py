@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TypeVar
 
-from tests.harness import BROKER_URL, ROOT, QueueSet, WorkerProcess
+from tests.harness import BROKER_URL, ROOT, Output, QueueSet, WorkerProcess
 
 #: Credentials the test's Flower is started with.
 USER = "ops"
@@ -45,36 +45,15 @@ class FlowerProcess:
             [sys.executable, "-m", "worker.flower", "--port=0", "--address=127.0.0.1"],
             cwd=ROOT, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        self._output = bytearray()
-        self._changed = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._changed:
-                self._output += line
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
+        self.output = Output()
+        self.output.follow(self.process)
 
     def log(self) -> str:
-        with self._changed:
-            return self._output.decode(errors="replace")
+        return self.output.text()
 
     def wait_for_log(self, pattern: str, timeout: float) -> re.Match[str] | None:
         """Block until ``pattern`` matches the output, the process ends, or the deadline."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                found = re.search(pattern, self._output.decode(errors="replace"))
-                if found or not self._reader.is_alive():
-                    return found
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._changed.wait(remaining)
+        return self.output.wait_for(lambda data: re.search(pattern, data.decode(errors="replace")), timeout)
 
     def stop(self) -> None:
         """SIGTERM (Flower exits cleanly on it), then SIGKILL to the group if it lingers."""
@@ -89,7 +68,7 @@ class FlowerProcess:
         except ProcessLookupError:
             pass
         self.process.wait(30)
-        self._reader.join(10)
+        self.output.join(10)
 
 
 def flower_env(queues: QueueSet, **extra: str) -> dict[str, str]:
