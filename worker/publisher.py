@@ -180,9 +180,5 @@ class Publisher:
         return channel
 
 
-def json_messages(queue: str, bodies: Iterable[bytes], **headers: Any) -> list[Outgoing]:
-    """Wrap JSON bodies for one queue."""
-    return [Outgoing(queue, body, dict(headers)) for body in bodies]
-
-
+#: What the pipeline steps are given to hand messages to the broker (``Publisher.publish``).
 PublishFn = Callable[[Sequence[Outgoing]], None]
