@@ -1,14 +1,12 @@
 """The Celery configuration, loaded by name: ``app.config_from_object("config.celeryconfig")``.
 
 Every value comes from :mod:`config.settings`; nothing here reads the environment itself.
-The reliability settings are the point of this file: messages are acknowledged late, a
-killed pool process puts its task back, failures are never acknowledged, and every
-publish waits for the broker's confirm.
+The reliability settings are the point of this file: messages are acknowledged late, failures
+are never acknowledged, every publish waits for the broker's confirm, and uploads run on a
+thread pool, so that many are in flight whatever the number of cores.
 """
 
 from __future__ import annotations
-
-from kombu import Queue
 
 from config.settings import load_or_exit
 
@@ -21,21 +19,34 @@ broker_connection_retry_on_startup = True
 #: Wait for RabbitMQ's confirm on every publish Celery makes (our own publisher groups them).
 broker_transport_options = {"confirm_publish": True}
 
-#: Upload tasks: acknowledged only after they finished, put back if their process dies,
-#: and never acknowledged on failure (the task turns every failure into a retry or a
-#: dead letter itself; an exception reaching Celery means "could not even do that").
+#: Uploads wait on the network, not on the CPU: threads, as many as uploads may be in flight
+#: (UPLOAD_CONCURRENCY). How many actually are is adapted to the API (worker.upload.flow sets
+#: the upload queue's prefetch), so a task never waits in the worker for a free thread.
+worker_pool = "threads"
+worker_concurrency = SETTINGS.upload_concurrency
+worker_prefetch_multiplier = 1
+
+#: Upload tasks: acknowledged only after they finished, and never acknowledged on failure
+#: (the task turns every failure into a retry or a dead letter itself; an exception reaching
+#: Celery means "could not even do that", and the rejected message is dead-lettered).
 task_acks_late = True
 task_reject_on_worker_lost = True
 task_acks_on_failure_or_timeout = False
-worker_cancel_long_running_tasks_on_connection_loss = True
-#: An upload task holds up to 1000 events: one at a time per pool process.
-worker_prefetch_multiplier = 1
+#: On a lost connection, running uploads finish; their messages come back anyway (not acked).
+worker_cancel_long_running_tasks_on_connection_loss = False
+
+
+def _task_queues() -> tuple[object, ...]:
+    from worker.broker.topology import Topology  # the topology needs kombu only
+
+    return (Topology.of(SETTINGS).upload_queue(),)
+
 
 task_default_queue = SETTINGS.upload_queue
-task_queues = (Queue(SETTINGS.upload_queue, durable=True),)
+task_queues = _task_queues()
 task_routes = {"activities.upload": {"queue": SETTINGS.upload_queue}}
 task_serializer = "json"
-#: JSON, and the upload tasks' own JSON type (worker.messages: the same bytes, read faster).
+#: JSON, and the upload tasks' own JSON type (worker.broker.messages: the same bytes, read faster).
 accept_content = ["json", "application/x-netcore-batch+json"]
 task_ignore_result = True
 result_backend = None

@@ -24,9 +24,16 @@ REGIONS: dict[str, str] = {
 #: The API takes at most this many events in one request.
 API_MAX_BATCH = 1000
 
-#: The longest backoff (seconds) a setting may ask for: a retry waits in the worker as an
-#: unacknowledged message, and RabbitMQ's consumer_timeout (30 minutes) must stay far off.
-MAX_BACKOFF = 900.0
+#: The longest backoff (seconds) a setting may ask for. A retry waits in a RabbitMQ delay
+#: queue, not in a worker, so this is about sense, not about RabbitMQ's consumer_timeout.
+MAX_BACKOFF = 3600.0
+
+#: The longest retry window a setting may ask for: Netcore stores events older than 24 hours
+#: but no longer triggers journeys with them, so holding events longer buys nothing.
+MAX_RETRY_WINDOW = 24 * 3600.0
+
+#: The most uploads one worker process may keep in flight (threads of its pool).
+MAX_UPLOAD_CONCURRENCY = 256
 
 #: The path of the upload endpoint, appended to the base URL.
 UPLOAD_PATH = "/v1/activity/upload"
@@ -69,6 +76,13 @@ class Settings:
     max_retries: int = 8
     retry_backoff: float = 1.0
     retry_backoff_max: float = 300.0
+    #: Seconds a failing batch may keep waiting for the API before it is dead-lettered as
+    #: ``retries_exhausted`` whatever its attempts (an outage longer than this).
+    retry_window: float = 6 * 3600.0
+    #: The most uploads in flight at once (threads); the worker adapts below it (AIMD).
+    upload_concurrency: int = 32
+    #: The longest interval between two probes of an API that is down (the circuit is open).
+    probe_interval_max: float = 60.0
     #: Port of the Prometheus endpoint ``/metrics`` (worker.metrics), main process; 0: none.
     metrics_port: int = 9808
     #: Where that endpoint listens: loopback unless an operator opens it on purpose.
@@ -107,8 +121,6 @@ class Settings:
                 "NETCORE_API_KEY is not set: the worker has no key to upload with "
                 "(for a local try-out, `make run` starts the sandbox API instead)"
             )
-        # A retry waits as an unacknowledged message (Celery's countdown): well under RabbitMQ's
-        # consumer_timeout (30 minutes by default), or the broker closes the channel.
         backoff = get.number("UPLOAD_RETRY_BACKOFF", float, 1.0, low=0.0, high=MAX_BACKOFF)
         settings = cls(
             broker_url=get.text("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//"),
@@ -131,6 +143,11 @@ class Settings:
             max_retries=get.number("UPLOAD_MAX_RETRIES", int, 8, low=0, high=100),
             retry_backoff=backoff,
             retry_backoff_max=get.number("UPLOAD_RETRY_BACKOFF_MAX", float, 300.0, low=0.0, high=MAX_BACKOFF),
+            retry_window=get.number("UPLOAD_RETRY_WINDOW", float, cls.retry_window, low=1.0, high=MAX_RETRY_WINDOW),
+            upload_concurrency=get.number("UPLOAD_CONCURRENCY", int, cls.upload_concurrency, low=1,
+                                          high=MAX_UPLOAD_CONCURRENCY),
+            probe_interval_max=get.number("UPLOAD_PROBE_INTERVAL_MAX", float, cls.probe_interval_max, low=0.1,
+                                          high=MAX_BACKOFF),
             metrics_port=get.number("METRICS_PORT", int, cls.metrics_port, low=0, high=65_535),
             metrics_address=get.text("METRICS_ADDRESS", cls.metrics_address),
             sentry_dsn=get.text("SENTRY_DSN", ""),

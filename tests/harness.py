@@ -25,6 +25,7 @@ from kombu import Connection, Consumer, Queue
 
 from config.settings import Settings
 from worker import jsonutil
+from worker.broker.topology import Topology
 from worker.publisher import Outgoing, Publisher
 
 #: The broker every integration test uses (the worker's own default).
@@ -112,16 +113,19 @@ class QueueSet:
         return Settings.from_env({"CELERY_BROKER_URL": BROKER_URL, **self.env}, require_api=False)
 
     def declare(self) -> None:
-        s = self.settings
+        """The dead-letter queue, so a test can collect dead letters before the worker starts."""
         with Connection(BROKER_URL) as connection:
-            channel = connection.default_channel
-            for name in (s.dead_letter_queue, s.upload_queue):
-                Queue(name, durable=True)(channel).declare()
+            Topology.of(self.settings).dead_letter_queue()(connection.default_channel).declare()
+
+    def names(self) -> list[str]:
+        """Every queue a worker with these settings may declare."""
+        topology = Topology.of(self.settings)
+        return [*self.env.values(), topology.unhandled, *(topology.delay_name(r) for r in topology.rungs)]
 
     def delete(self) -> None:
         with Connection(BROKER_URL) as connection:
             channel = connection.default_channel
-            for name in self.env.values():
+            for name in self.names():
                 try:
                     channel.queue_delete(name)
                 except Exception:

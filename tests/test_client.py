@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from worker import jsonutil
-from worker.client import BODY_EXCERPT, ApiClient, classify, parse_retry_after
+from worker.upload.client import BODY_EXCERPT, ApiClient, classify, parse_retry_after
 from worker.errors import Permanent, Transient, UploadError
 
 pytestmark = pytest.mark.timeout(30)

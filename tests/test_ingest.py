@@ -28,7 +28,7 @@ from worker.batching import Batch, Batcher
 from worker.clock import ManualClock
 from worker.errors import PublishError
 from worker.ingest import Ingest
-from worker.messages import INGEST_TASK
+from worker.broker.messages import INGEST_TASK
 from worker.publisher import Outgoing
 
 pytestmark = pytest.mark.timeout(60)
@@ -135,7 +135,7 @@ class Rig:
             batcher=self.batcher,
             acker=self.acker,
             publish=self._publish,
-            upload_message=self._upload_message,
+            upload_messages=self._upload_messages,
             clock=self.clock,
             max_outstanding=max_outstanding,
         )
@@ -169,8 +169,10 @@ class Rig:
                 self.seen |= ids_in(body["event"])
 
     @staticmethod
-    def _upload_message(batch: Batch) -> Outgoing:
-        return Outgoing(UPLOAD_QUEUE, dumps({"asset_id": batch.asset_id, "events": batch.events}))
+    def _upload_messages(batches: list[Batch]) -> list[Outgoing]:
+        return [Outgoing(UPLOAD_QUEUE, dumps({"asset_id": b.asset_id, "events": b.events,
+                                              **({"replays": b.replays} if b.replays else {})}))
+                for b in batches]
 
     # --- driving ----------------------------------------------------------------------------
 
@@ -831,3 +833,27 @@ def test_ledger_every_event_is_uploaded_or_dead_lettered_exactly_once(seed: int,
     assert rig.acker.outstanding == 0 and rig.batcher.buffered == 0
     assert rig.ingest.counts["malformed"] == len(malformed_bodies)
     assert rig.ingest.counts["invalid"] == len(invalid)
+
+
+# --- the replay counter travels with each event -----------------------------------------------------
+
+
+def test_each_events_replay_count_goes_into_its_batch() -> None:
+    """A replayed event shares a batch with fresh ones: its count travels beside it, so that
+    whichever stage dead-letters it next says how often it came back (issue: replays reset)."""
+    rig = Rig()
+    rig.send_event(event(event_id="fresh-1"))
+    rig.send_event(event(event_id="replayed"), headers={"x-replays": 2})
+    rig.send_event(event(event_id="fresh-2"))
+    rig.wait_and_tick()
+    (upload,) = rig.uploads()
+    ids = [json.loads(text)["activity_params"]["event_id"] for text in upload["events"]]
+    assert dict(zip(ids, upload["replays"])) == {"fresh-1": 0, "replayed": 2, "fresh-2": 0}
+
+
+def test_batches_without_replayed_events_carry_no_counts() -> None:
+    rig = Rig()
+    rig.send_event(event(event_id="fresh"))
+    rig.wait_and_tick()
+    (upload,) = rig.uploads()
+    assert "replays" not in upload

@@ -1,70 +1,63 @@
-"""The Prometheus metrics: counted once each, by the process that knows, and adding up.
+"""The Prometheus metrics: counted once each, by the part that knows, and adding up.
 
-Events go through the real :class:`~worker.ingest.Ingest` and :class:`~worker.delivery.Delivery`
-with fakes around them (a broker that is a list, a scripted API, a ManualClock), in
-prometheus_client's multiprocess mode with a directory of the test's own, then in plain memory.
-Forked processes write their own files, as the pool's do, and the sums are read back.
+Events go through the real :class:`~worker.ingest.Ingest` and
+:class:`~worker.upload.delivery.Delivery` with fakes around them (a broker that is a list, a
+scripted API, a ManualClock); the metrics are a fresh :class:`~worker.metrics.Metrics` per test,
+fed the way the worker feeds them (the consumer's functions, the delivery's listener).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
-import os
 import socket
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 
 from config.settings import Settings, SettingsError
-from worker import deadletter, jsonutil, metrics
+from worker import jsonutil, metrics
 from worker.acks import Acker
-from worker.batching import Batcher, Ticket
+from worker.batching import Batch, Batcher, Ticket
+from worker.broker.messages import Bundle, UploadBatch, read_bundle, upload_message
+from worker.broker.topology import Topology
 from worker.clock import ManualClock
-from worker.delivery import Delivery, Report
 from worker.errors import Permanent, PublishError, Transient
 from worker.ingest import Ingest
 from worker.publisher import Outgoing
-from worker.retry import RetryPolicy
+from worker.upload.circuit import Circuit, Permit
+from worker.upload.concurrency import AdaptiveConcurrency
+from worker.upload.delivery import Delivery
+from worker.upload.retry import RetryPolicy
 
 pytestmark = pytest.mark.timeout(60)
 
-#: The queues of these tests (the dead-letter one is the settings' default).
-UPLOAD = "upload"
-DLQ = Settings.dead_letter_queue
+SETTINGS = Settings.from_env({"ACTIVITY_BATCH_WAIT": "1"}, require_api=False)
+TOPOLOGY = Topology.of(SETTINGS)
+UPLOAD, DLQ = TOPOLOGY.upload, TOPOLOGY.dead_letter
 #: Timestamps around the ManualClock's wall time (2026-01-01T00:00:00Z).
 FRESH, STALE = "2025-12-31T18:00:00Z", "2025-12-01T00:00:00Z"
 
 
 @pytest.fixture(autouse=True)
-def in_memory() -> Iterator[None]:
-    """Every test starts and ends with fresh in-memory metrics, whatever ran before."""
-    metrics.use_directory(None)
-    yield
-    metrics.use_directory(None)
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> Path:
-    """Multiprocess mode, in a directory of this test's own."""
-    directory = tmp_path / "metrics"
-    directory.mkdir()
-    metrics.use_directory(str(directory))
-    return directory
+def fresh() -> Iterator[metrics.Metrics]:
+    """Every test counts from zero in metrics of its own."""
+    before = metrics.current
+    yield metrics.use(metrics.Metrics())
+    metrics.use(before)
 
 
 def value(name: str, **labels: str) -> float:
     """One sample as a scrape would show it (0 when absent)."""
-    return metrics.registry().get_sample_value(metrics.PREFIX + name, labels) or 0.0
+    return metrics.current.registry.get_sample_value(metrics.PREFIX + name, labels) or 0.0
 
 
 def total(name: str, **labels: str) -> float:
     """The sum of a labelled counter's samples matching ``labels``."""
     found = 0.0
-    for family in metrics.registry().collect():
+    for family in metrics.current.registry.collect():
         for sample in family.samples:
             if sample.name == metrics.PREFIX + name and labels.items() <= sample.labels.items():
                 found += sample.value
@@ -104,24 +97,36 @@ class Api:
             raise Permanent("the API rejected the event (400 Bad Request)", reason="rejected", status=400)
 
 
+def delivery(api: Any, clock: ManualClock, publish: Any) -> Delivery:
+    app = Celery("test-metrics", set_as_current=False)
+    return Delivery(
+        client=api, circuit=Circuit(clock=clock, probe_base=1.0, probe_max=8.0),
+        concurrency=AdaptiveConcurrency(ceiling=4, clock=clock),
+        policy=RetryPolicy(max_retries=3, backoff=0.0, backoff_max=0.0), topology=TOPOLOGY, publish=publish,
+        retry_message=lambda queue, bundle: upload_message(app, queue, bundle), clock=clock,
+        listener=metrics.MetricsListener(metrics.current),
+    )
+
+
 def run_pipeline() -> tuple[Api, list[Outgoing]]:
     """A mix of messages through ingest, then every upload (and retry) through delivery."""
-    settings = Settings.from_env({"ACTIVITY_BATCH_WAIT": "1"}, require_api=False)
     clock = ManualClock()
     published: list[Outgoing] = []
     batcher = Batcher(max_events=1000, max_wait=1.0, max_bytes=4 << 20, max_buffered=10_000, clock=clock)
-    ingest = Ingest(
-        settings=settings, batcher=batcher, acker=Acker(lambda tag, multiple: None), publish=published.extend,
-        upload_message=lambda b: Outgoing(UPLOAD, jsonutil.dumps([b.asset_id, b.events, 0])),
-        clock=clock, max_outstanding=10_000,
-    )
+
+    def uploads(batches: list[Batch]) -> list[Outgoing]:
+        app = Celery("test-metrics-ingest", set_as_current=False)
+        return [upload_message(app, UPLOAD, Bundle([UploadBatch(b.asset_id, b.events)])) for b in batches]
+
+    ingest = Ingest(settings=SETTINGS, batcher=batcher, acker=Acker(lambda tag, multiple: None),
+                    publish=published.extend, upload_messages=uploads, clock=clock, max_outstanding=10_000)
     good = [event(f"a{i}") for i in range(6)] + [event("s1", timestamp=STALE), event("s2", timestamp=STALE)]
     good.append(event("r1", activity_params={"event_id": "r1", "reject": True}))
     bodies: list[tuple[bytes, dict[str, Any]]] = [
         (jsonutil.dumps(good), {}),
         (jsonutil.dumps([event("b1", "asset-b"), event("bad-time", "asset-b", timestamp="yesterday")]), {}),
         (jsonutil.dumps([event("no-asset", None), event("huge", activity_params={"x": "y" * 600_000})]), {}),
-        (b'{"activity_name": "Purchase", "asset_id": "asset-b", "asset_id": "asset-b"}', {}),  # pool: malformed
+        (b'{"activity_name": "Purchase", "asset_id": "asset-b", "asset_id": "asset-b"}', {}),  # malformed later
         (b"{not json", {}),
         (jsonutil.dumps(event("p1")), {"x-delivery-count": 10}),  # poison
     ]
@@ -131,24 +136,16 @@ def run_pipeline() -> tuple[Api, list[Outgoing]]:
     ingest.tick()
     metrics.observe_batcher(batcher)
     api = Api(fail_first=True)
-    policy = RetryPolicy(max_retries=3, backoff=0.0, backoff_max=0.0)
-    delivery = Delivery(
-        client=api,  # type: ignore[arg-type]
-        policy=policy, publish=published.extend, dead_letter_queue=DLQ, clock=clock,
-        retry_message=lambda a, events, attempts, _: Outgoing(UPLOAD, jsonutil.dumps([a, events, attempts])),
-    )
+    uploader = delivery(api, clock, published.extend)
     done = 0
-    while any(m.queue == UPLOAD for m in published[done:]):
-        message = next(m for m in published[done:] if m.queue == UPLOAD)
+    while any(m.queue != DLQ for m in published[done:]):
+        message = next(m for m in published[done:] if m.queue != DLQ)
         done = published.index(message) + 1
-        delivery.deliver(*jsonutil.loads(message.body))
+        uploader.deliver(read_bundle(jsonutil.loads(message.body)[0]))
     return api, published
 
 
-@pytest.mark.parametrize("mode", ["files", "memory"])
-def test_every_event_is_counted_once_and_the_sums_add_up(mode: str, request: pytest.FixtureRequest) -> None:
-    if mode == "files":
-        request.getfixturevalue("files")
+def test_every_event_is_counted_once_and_the_sums_add_up() -> None:
     api, published = run_pipeline()
     dead = [json.loads(m.body)["reason"] for m in published if m.queue == DLQ]
     assert sorted(dead) == ["invalid", "invalid", "invalid", "malformed", "malformed", "poison", "rejected"]
@@ -177,7 +174,7 @@ def test_every_event_is_counted_once_and_the_sums_add_up(mode: str, request: pyt
     assert value("oldest_event_age_seconds") == 0 and value("events_buffered") == 0
 
 
-def test_uploads_are_counted_by_status_whatever_the_answer() -> None:
+def test_requests_are_counted_by_status_whatever_the_answer() -> None:
     class Script:
         def __init__(self, answers: list[BaseException | None]) -> None:
             self.answers = answers
@@ -187,12 +184,13 @@ def test_uploads_are_counted_by_status_whatever_the_answer() -> None:
             if answer is not None:
                 raise answer
 
-    script = Script([None, Transient("timeout"), Transient("500", status=500),
-                     Permanent("400", reason="rejected", status=400), RuntimeError("a bug")])
-    metrics.timed_post(script, ["{}"] * 1000)
-    for size, error in ((3, Transient), (2, Transient), (1, Permanent), (1, RuntimeError)):
-        with pytest.raises(error):
-            metrics.timed_post(script, ["{}"] * size)
+    clock = ManualClock()
+    answers: list[BaseException | None] = [None, Transient("timeout"), Transient("500", status=500),
+                                           Permanent("400", reason="rejected", status=400), RuntimeError("a bug")]
+    uploader = delivery(Script(answers), clock, lambda messages: None)
+    texts = [jsonutil.dumps(event(f"e{i}")).decode() for i in range(1000)]
+    for size in (1000, 3, 2, 1, 1):
+        uploader.deliver(Bundle([UploadBatch("asset-a", texts[:size])]))
     assert value("uploads_total", status="200", outcome="success") == 1
     assert value("uploads_total", status="error", outcome="transient") == 1
     assert value("uploads_total", status="500", outcome="transient") == 1
@@ -225,60 +223,32 @@ def test_oldest_event_age_follows_the_oldest_open_batch() -> None:
     assert value("oldest_event_age_seconds") == 0 and value("events_buffered") == 0
 
 
-def _pool_process(delivered: int, sizes: list[int]) -> None:
-    """What a pool process counts for one batch, in its own files."""
-    class Ok:
-        def post(self, events: Sequence[Any]) -> None:
-            return None
-
-    for size in sizes:
-        metrics.timed_post(Ok(), ["{}"] * size)
-    dead = [deadletter.message(DLQ, {"reason": deadletter.REJECTED})]
-    metrics.batch_done(Report("asset-a", delivered + 1, delivered=delivered), dead, DLQ, first_attempt=True)
-
-
-def pids_of(paths: Iterator[Path]) -> set[str]:
-    """The pids in multiprocess file names (``counter_1234.db``)."""
-    return {path.stem.rsplit("_", 1)[1] for path in paths}
-
-
-def test_counts_from_forked_processes_add_up(files: Path) -> None:
+def test_the_circuit_is_seen_in_the_metrics() -> None:
     clock = ManualClock()
-    batcher = Batcher(max_events=1000, max_wait=5.0, max_bytes=1 << 20, max_buffered=10_000, clock=clock)
-    batcher.add("asset-a", "{}", 2, Ticket(lambda: None))
-    clock.advance(1.5)
-    metrics.events_read(received=30, batched=29)
-    metrics.flush()
-    metrics.refused_in_ingest("unroutable")
-    metrics.observe_batcher(batcher)  # the metrics exist before the fork, as in a replaced pool process
-    fork = multiprocessing.get_context("fork")
-    children = [fork.Process(target=_pool_process, args=(n, sizes)) for n, sizes in ((20, [20, 1]), (7, [8]))]
-    for child in children:
-        child.start()
-    for child in children:
-        child.join(30)
-        assert child.exitcode == 0
-    assert value("events_received_total") == 30
-    assert value("events_delivered_total") == 27
-    assert value("events_valid_total") == 29
-    assert value("events_dead_lettered_total", stage="delivery", reason="rejected") == 2
-    assert value("events_delivered_total") + total("events_dead_lettered_total") == value("events_received_total")
-    assert value("upload_batch_size_count") == 3 and value("upload_batch_size_sum") == 29
-    # the main process's gauge, unmixed with the children's zeros, without a pid label
-    assert value("oldest_event_age_seconds") == pytest.approx(1.5)
-    pids = {str(child.pid) for child in children}
-    assert pids_of(files.glob("counter_*.db")) >= pids  # each process wrote files of its own
-    assert pids_of(files.glob("gauge_live*.db")) >= pids  # the children's zeros, which did not win
-    for child in children:
-        metrics.process_dead(child.pid)
-    assert not pids_of(files.glob("gauge_live*.db")) & pids
-    assert value("events_delivered_total") == 27  # counts of ended processes stay
-    assert value("oldest_event_age_seconds") == pytest.approx(1.5)
+    listener = metrics.MetricsListener(metrics.current)
+    circuit = Circuit(clock=clock, probe_base=1.0, probe_max=8.0, listeners=[listener])
+    metrics.watch(metrics.current.circuit_state, lambda: metrics.CIRCUIT_STATES[circuit.state.value])
+    assert value("circuit_state") == 0
+    for n in range(5):
+        circuit.failed(Permit(), batch=n, error="503")
+    assert value("circuit_state") == 3 and value("circuit_opened_total") == 1
+    clock.advance(1.0)
+    circuit.poll()
+    assert value("circuit_state") == 1
+    probe = circuit.permit()
+    assert probe is not None
+    circuit.failed(probe, batch="p", error="503")
+    clock.advance(2.0)
+    circuit.poll()
+    probe = circuit.permit()
+    assert probe is not None
+    circuit.succeeded(probe)
+    assert value("probes_total", result="failed") == 1 and value("probes_total", result="ok") == 1
+    assert value("circuit_state") == 0
 
 
 def test_metrics_port_0_turns_the_endpoint_off() -> None:
     assert metrics.setup(Settings.from_env({"METRICS_PORT": "0"}, require_api=False)) is None
-    assert metrics.MULTIPROC_ENV not in os.environ
 
 
 def test_a_port_in_use_is_reported_and_the_worker_runs_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -290,7 +260,6 @@ def test_a_port_in_use_is_reported_and_the_worker_runs_on(caplog: pytest.LogCapt
         with caplog.at_level(logging.ERROR, logger="worker.metrics"):
             assert metrics.setup(settings) is None
     assert "METRICS_PORT" in caplog.text and str(port) in caplog.text
-    assert metrics.MULTIPROC_ENV not in os.environ
     metrics.events_read(received=1, batched=1)  # still counts, in memory
     metrics.flush()
     assert value("events_received_total") == 1
@@ -305,34 +274,15 @@ def test_settings() -> None:
         Settings.from_env({"METRICS_PORT": "70000"}, require_api=False)
 
 
-def test_batches_handed_back_count_nothing_but_their_requests() -> None:
+def test_bundles_handed_back_count_nothing_but_their_requests() -> None:
     """A delivery whose dead letters the broker refused is redone later: counted then, once."""
     def refuse(messages: Sequence[Outgoing]) -> None:
-        raise PublishError("not confirmed")
+        raise PublishError("not confirmed", messages=messages)
 
-    delivery = Delivery(
-        client=Api(),  # type: ignore[arg-type]
-        policy=RetryPolicy(max_retries=1, backoff=0.0, backoff_max=0.0), publish=refuse,
-        retry_message=lambda *a: Outgoing(UPLOAD, b"[]"), dead_letter_queue=DLQ, clock=ManualClock(),
-    )
+    uploader = delivery(Api(), ManualClock(), refuse)
     bad = event("r1", activity_params={"event_id": "r1", "reject": True})
     with pytest.raises(PublishError):
-        delivery.deliver("asset-a", [jsonutil.dumps(e).decode() for e in (event("e1"), bad)])
+        uploader.deliver(Bundle([UploadBatch("asset-a", [jsonutil.dumps(e).decode() for e in (event("e1"), bad)])]))
     assert total("uploads_total") == 3  # the requests did happen: 400, then 200 and 400
     assert value("events_delivered_total") == 0 and value("events_valid_total") == 0
     assert total("events_dead_lettered_total") == 0
-
-
-def test_directories_of_killed_workers_are_removed_at_start(tmp_path: Path) -> None:
-    ended = multiprocessing.get_context("fork").Process(target=int)
-    ended.start()
-    ended.join(30)
-    leftover = tmp_path / f"{metrics.DIRECTORY_PREFIX}{ended.pid}-abc"
-    alive = tmp_path / f"{metrics.DIRECTORY_PREFIX}{os.getpid()}-def"
-    unrelated = tmp_path / "netcore-activity-other-1"
-    for directory in (leftover, alive, unrelated):
-        directory.mkdir()
-        (directory / "counter_1.db").write_bytes(b"")
-    metrics._remove_leftovers(tmp_path)
-    assert not leftover.exists() and alive.exists() and unrelated.exists()
-

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from worker.retry import RetryPolicy
+from worker.upload.retry import RetryPolicy
 
 pytestmark = pytest.mark.timeout(30)
 

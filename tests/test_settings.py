@@ -73,6 +73,9 @@ def test_valid_values_are_read() -> None:
         UPLOAD_MAX_RETRIES="0",
         UPLOAD_RETRY_BACKOFF="0",
         UPLOAD_RETRY_BACKOFF_MAX="0",
+        UPLOAD_RETRY_WINDOW="10800",
+        UPLOAD_CONCURRENCY="64",
+        UPLOAD_PROBE_INTERVAL_MAX="30",
         SENTRY_DSN="https://abc@sentry.example/1",
     )
     assert s.broker_url == "amqp://u:p@rabbit:5672/vh"
@@ -83,6 +86,7 @@ def test_valid_values_are_read() -> None:
     assert s.max_retries == 0
     assert s.retry_backoff == 0.0
     assert s.retry_backoff_max == 0.0
+    assert (s.retry_window, s.upload_concurrency, s.probe_interval_max) == (10800.0, 64, 30.0)
     assert s.sentry_dsn == "https://abc@sentry.example/1"
 
 
@@ -96,13 +100,17 @@ NUMERIC: dict[str, tuple[list[str], list[str]]] = {
     "ACTIVITY_PREFETCH": (["0", "65536", "-5"], ["1", "65535"]),
     "UPLOAD_TIMEOUT": (["0", "-1", "601", "nan", "inf"], ["0.01", "600"]),
     "UPLOAD_MAX_RETRIES": (["-1", "101", "1000"], ["0", "100"]),
-    "UPLOAD_RETRY_BACKOFF": (["-0.5", "901", "3600", "nan", "inf"], ["0", "900"]),
-    "UPLOAD_RETRY_BACKOFF_MAX": (["0.5", "-1", "901", "nan", "inf"], ["1", "900"]),
+    "UPLOAD_RETRY_BACKOFF": (["-0.5", "3601", "nan", "inf"], ["0", "3600"]),
+    "UPLOAD_RETRY_BACKOFF_MAX": (["0.5", "-1", "3601", "nan", "inf"], ["1", "3600"]),
+    "UPLOAD_RETRY_WINDOW": (["0", "0.5", "86401", "nan", "inf"], ["1", "86400"]),
+    "UPLOAD_CONCURRENCY": (["0", "-1", "257"], ["1", "256"]),
+    "UPLOAD_PROBE_INTERVAL_MAX": (["0", "0.05", "3601", "nan"], ["0.1", "3600"]),
 }
 
 NON_NUMERIC = ["abc", "ten", "1,5", "10s", "0x10", "--1"]
 INT_ONLY_BAD = ["1.5", "1e3", "nan"]
-INT_SETTINGS = {"ACTIVITY_BATCH_SIZE", "ACTIVITY_BATCH_MAX_BYTES", "ACTIVITY_PREFETCH", "UPLOAD_MAX_RETRIES"}
+INT_SETTINGS = {"ACTIVITY_BATCH_SIZE", "ACTIVITY_BATCH_MAX_BYTES", "ACTIVITY_PREFETCH", "UPLOAD_MAX_RETRIES",
+                "UPLOAD_CONCURRENCY"}
 
 
 def _cases() -> list[tuple[str, str]]:
@@ -126,7 +134,7 @@ def test_bad_number_names_the_setting_and_value(name: str, value: str) -> None:
 @pytest.mark.parametrize(("name", "value"), [(n, v) for n, (_, ok) in NUMERIC.items() for v in ok])
 def test_edge_values_are_accepted(name: str, value: str) -> None:
     extra = {
-        "UPLOAD_RETRY_BACKOFF": {"UPLOAD_RETRY_BACKOFF_MAX": "900"},
+        "UPLOAD_RETRY_BACKOFF": {"UPLOAD_RETRY_BACKOFF_MAX": "3600"},
         "ACTIVITY_PREFETCH": {"ACTIVITY_BATCH_SIZE": "1"},
     }.get(name, {})
     load(**{name: value, **extra})

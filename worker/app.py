@@ -1,7 +1,11 @@
 """The Celery app: configured by name from :mod:`config.celeryconfig`, nothing else.
 
-``celery -A worker.app worker`` runs the worker: Celery's own task consumer runs the upload
-tasks, and :class:`worker.consumer.IngestStep` adds the consumer of the ``activities`` queue.
+``celery -A worker.app worker`` runs the worker, one process:
+
+- its event loop runs the consumer of ``activities`` (:class:`worker.consumer.IngestStep`),
+  the upload flow that steers it (:class:`worker.upload.step.UploadFlowStep`), the salvage of
+  rejected messages (:class:`worker.salvage.SalvageStep`) and Celery's own task consumer;
+- its thread pool runs the ``activities.upload`` tasks, many uploads in flight at once.
 """
 
 from __future__ import annotations
@@ -9,9 +13,16 @@ from __future__ import annotations
 from celery import Celery
 
 from worker.consumer import IngestStep
+from worker.runtime import runtime_of
+from worker.salvage import SalvageStep
 from worker.startup import connect_signals
+from worker.upload.step import UploadFlowStep
+from worker.upload.task import register
 
-app = Celery("netcore_activity", include=["worker.tasks"])
+app = Celery("netcore_activity")
 app.config_from_object("config.celeryconfig")
+register(app, runtime_of)
 app.steps["consumer"].add(IngestStep)
+app.steps["consumer"].add(UploadFlowStep)
+app.steps["consumer"].add(SalvageStep)
 connect_signals(app)

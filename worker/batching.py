@@ -55,6 +55,8 @@ class Batch:
     events: list[Any] = field(default_factory=list)
     tickets: list[Ticket] = field(default_factory=list)
     nbytes: int = 2  # the brackets of the JSON array
+    #: Per event, how often it was replayed from the dead-letter queue (None: never, for all).
+    replays: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.events)
@@ -88,8 +90,8 @@ class Batcher:
         #: Events held in all open batches.
         self.buffered = 0
 
-    def add(self, asset_id: str, event: Any, nbytes: int, ticket: Ticket) -> list[Batch]:
-        """Add one event; return the batches this made ready (often none)."""
+    def add(self, asset_id: str, event: Any, nbytes: int, ticket: Ticket, replays: int = 0) -> list[Batch]:
+        """Add one event (replayed ``replays`` times before); return the batches this made ready."""
         ready: list[Batch] = []
         batch = self._open.get(asset_id)
         if batch is not None and batch.events and batch.nbytes + nbytes + 1 > self.max_bytes:
@@ -98,6 +100,10 @@ class Batcher:
         if batch is None:
             batch = self._open[asset_id] = Batch(asset_id, self.clock.monotonic())
         ticket.hold()
+        if replays or batch.replays is not None:
+            if batch.replays is None:
+                batch.replays = [0] * len(batch.events)
+            batch.replays.append(replays)
         batch.events.append(event)
         batch.tickets.append(ticket)
         batch.nbytes += nbytes + 1

@@ -3,8 +3,11 @@
 It consumes the ``activities`` queue (plain JSON) and Celery's default queue (where
 ``send_task("activities.ingest", ...)`` lands) on a channel of its own, whose prefetch lets
 the broker hand over enough unacknowledged messages to fill whole batches. A timer on the
-worker's event loop releases batches that waited ``ACTIVITY_BATCH_WAIT``.
+worker's event loop releases batches that waited ``ACTIVITY_BATCH_WAIT``, and follows the
+gate (:mod:`worker.gate`): while the upload side says so (the API is down, or upload tasks
+pile up), it stops taking messages; what it holds still leaves within ``ACTIVITY_BATCH_WAIT``.
 
+- Start: every queue of the worker is declared, so tools and monitors find them all at once.
 - Warm shutdown (SIGTERM): stop consuming, hand every open batch on, acknowledge, stop.
 - Connection lost: forget what is in memory; the broker redelivers those messages.
 """
@@ -15,18 +18,18 @@ import logging
 from typing import Any
 
 from celery import bootsteps
-from kombu import Consumer, Exchange, Queue
+from kombu import Consumer
 
-from config.settings import Settings
 from worker import metrics
 from worker.acks import Acker
 from worker.batching import Batch, Batcher
+from worker.broker.messages import UploadBatch, bundles, upload_message
+from worker.broker.topology import declare
 from worker.clock import SystemClock
 from worker.errors import PublishError
 from worker.ingest import Ingest
-from worker.messages import upload_message
-from worker.publisher import Publisher
-from worker.runtime import queues, source_queue
+from worker.publisher import Outgoing, Publisher
+from worker.runtime import runtime_of
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +48,20 @@ class IngestStep(bootsteps.ConsumerStep):
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
-        self.settings = Settings.from_env()
-        self.publisher = Publisher(self.settings.broker_url, declare=queues(self.settings))
+        self.runtime = runtime_of(c.app)
+        self.settings = self.runtime.settings
+        self.topology = self.runtime.topology
+        self.publisher = Publisher(self.settings.broker_url, declare=self.topology.publish_targets())
         self.ingest: Ingest | None = None
         self._timer: Any = None
+        self._consuming = False
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
-        settings = self.settings
+        settings, topology = self.settings, self.topology
         # Bodies stay the bytes the producer sent: py-amqp would otherwise decode them with
         # whatever content_encoding the message claims, and dead letters would lose the original.
         channel.auto_decode = False
+        declare(channel, topology.all_queues())
         app = self.consumer_app
         clock = SystemClock()
         batcher = Batcher(
@@ -65,27 +72,29 @@ class IngestStep(bootsteps.ConsumerStep):
             clock=clock,
         )
 
-        def make_upload(batch: Batch) -> Any:
-            return upload_message(app, settings.upload_queue, batch.asset_id, batch.events)
+        def upload_messages(batches: list[Batch]) -> list[Outgoing]:
+            loads = [UploadBatch(b.asset_id, b.events, replays=b.replays) for b in batches]
+            nbytes = {id(load): batch.nbytes for load, batch in zip(loads, batches)}
+            return [
+                upload_message(app, topology.upload, bundle)
+                for bundle in bundles(loads, max_events=settings.batch_size, max_bytes=settings.batch_max_bytes,
+                                      size=lambda load: nbytes[id(load)])
+            ]
 
         self.ingest = Ingest(
             settings=settings,
             batcher=batcher,
             acker=Acker(channel.basic_ack),
             publish=self.publisher.publish,
-            upload_message=make_upload,
+            upload_messages=upload_messages,
             clock=clock,
             max_outstanding=max(1, settings.prefetch - settings.batch_size),
             release_slack=settings.prefetch // 20,
         )
-        task_exchange = Exchange(settings.task_queue, "direct", durable=True)
-        sources = [
-            source_queue(settings),
-            Queue(settings.task_queue, task_exchange, routing_key=settings.task_queue, durable=True),
-        ]
+        self._consuming = True
         return [
-            Consumer(channel, queues=sources, on_message=self.ingest.on_message,
-                     prefetch_count=settings.prefetch, no_ack=False)
+            Consumer(channel, queues=[topology.source_queue(), topology.task_source_queue()],
+                     on_message=self.ingest.on_message, prefetch_count=settings.prefetch, no_ack=False)
         ]
 
     def start(self, c: Any) -> None:
@@ -110,8 +119,21 @@ class IngestStep(bootsteps.ConsumerStep):
 
     def _tick(self) -> None:
         if self.ingest is not None:
+            self._follow_gate()
             self.ingest.tick()
             metrics.observe_batcher(self.ingest.batcher)
+
+    def _follow_gate(self) -> None:
+        """Stop or resume taking messages as the gate says (a basic.cancel / basic.consume)."""
+        wanted = self.runtime.gate.is_open
+        if wanted == self._consuming:
+            return
+        for consumer in self.consumers or []:
+            if wanted:
+                consumer.consume()
+            else:
+                consumer.cancel()
+        self._consuming = wanted
 
     def _wind_down(self, c: Any) -> None:
         """Flush on a warm shutdown; forget on a lost connection."""

@@ -29,9 +29,12 @@ RETRIES_EXHAUSTED = "retries_exhausted"
 
 #: A message (on a quorum queue) that the worker died holding, ``ACTIVITY_DELIVERY_LIMIT`` times.
 POISON = "poison"
+#: An upload task the worker could not handle (a bug, a message from another version): RabbitMQ
+#: dead-lettered it and the salvage wrote its events here. Replay them once the cause is fixed.
+UNHANDLED = "unhandled"
 
 #: Every reason this worker writes.
-REASONS = (MALFORMED, INVALID, REJECTED, UNAUTHORIZED, REFUSED, RETRIES_EXHAUSTED, POISON)
+REASONS = (MALFORMED, INVALID, REJECTED, UNAUTHORIZED, REFUSED, RETRIES_EXHAUSTED, POISON, UNHANDLED)
 
 #: Header on each dead letter, so tools can filter without parsing bodies.
 REASON_HEADER = "x-dead-letter-reason"

@@ -18,7 +18,7 @@ from worker import jsonutil
 from worker.dlq_select import Counts, Envelope, Progress, Reader, Selection, replays_of
 from worker.ingest import REPLAYS_HEADER  # on replayed events; the consumer copies it into their dead letters
 from worker.publisher import Outgoing, Publisher
-from worker.runtime import source_queue
+from worker.broker.topology import Topology
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def replay(
     selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
     replayed = not_replayable = held = 0
     group: list[tuple[int, Outgoing]] = []
-    publisher = None if dry_run else publisher_class(settings.broker_url, declare=[source_queue(settings)])
+    publisher = None if dry_run else publisher_class(settings.broker_url, declare=[Topology.of(settings).source_queue()])
 
     def flush(reader: Reader) -> None:
         nonlocal replayed

@@ -8,13 +8,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class WorkerError(Exception):
     """Base of the worker's own errors."""
 
 
 class PublishError(WorkerError):
-    """The broker did not confirm (or could not route) messages we handed to it."""
+    """The broker did not confirm (or could not route) messages we handed to it.
+
+    ``messages`` are the messages of that hand-off (the caller may keep them to try again).
+    """
+
+    def __init__(self, message: str, *, messages: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.messages = list(messages)
 
 
 class UploadError(WorkerError):

@@ -29,7 +29,7 @@ from worker.acks import Acker
 from worker.batching import Batch, Batcher, Ticket
 from worker.clock import Clock
 from worker.errors import PublishError
-from worker.messages import INGEST_TASK
+from worker.broker.messages import INGEST_TASK
 from worker.parsing import ACCEPTED_ENCODINGS, JSON_CONTENT_TYPE, MAX_MESSAGE_BYTES, MalformedBody, parse_body, raw_text
 from worker.publisher import Outgoing, PublishFn
 from worker.validation import routing_key_of, validate_event
@@ -56,8 +56,8 @@ class Message(Protocol):
     delivery_tag: int
 
 
-#: batch -> the upload-task message that carries it.
-UploadMessageFn = Callable[[Batch], Outgoing]
+#: batches released together -> the upload-task messages that carry them (bundled).
+UploadMessagesFn = Callable[[list[Batch]], list[Outgoing]]
 
 #: (asset_id or None when it cannot be routed, the event's JSON text, the event, its size in bytes).
 Routed = tuple[str | None, str, Any, int]
@@ -73,7 +73,7 @@ class Ingest:
         batcher: Batcher,
         acker: Acker,
         publish: PublishFn,
-        upload_message: UploadMessageFn,
+        upload_messages: UploadMessagesFn,
         clock: Clock,
         max_outstanding: int,
         release_slack: int = 0,
@@ -82,7 +82,7 @@ class Ingest:
         self.batcher = batcher
         self.acker = acker
         self.publish = publish
-        self.upload_message = upload_message
+        self.upload_messages = upload_messages
         self.clock = clock
         #: Unacknowledged messages past which the oldest batch is released (backpressure).
         self.max_outstanding = max_outstanding
@@ -123,7 +123,7 @@ class Ingest:
             elif size > MAX_EVENT_BYTES:
                 outgoing.append(self._too_large(event, asset_id, size, replays))
             else:
-                ready += self.batcher.add(asset_id, text, size, ticket)
+                ready += self.batcher.add(asset_id, text, size, ticket, replays)
         metrics.events_read(received=len(events), batched=len(events) - len(outgoing))
         excess = self.acker.outstanding - self.max_outstanding
         if excess > 0:  # release the oldest batches: enough for the excess, and some slack
@@ -133,7 +133,7 @@ class Ingest:
                 assert batch is not None
                 ready.append(batch)
                 released += len(batch)
-        outgoing += [self._upload(batch) for batch in ready]
+        outgoing += self._uploads(ready)
         self._hand_off(outgoing, [b.handed_on for b in ready] + [ticket.release])
 
     def tick(self) -> None:
@@ -142,12 +142,12 @@ class Ingest:
         self.acker.ack_stragglers()
         due = self.batcher.due()
         if due:
-            self._hand_off([self._upload(b) for b in due], [b.handed_on for b in due])
+            self._hand_off(self._uploads(due), [b.handed_on for b in due])
 
     def flush_all(self) -> None:
         """Hand on every open batch (warm shutdown); raises PublishError if the broker won't."""
         batches = self.batcher.drain()
-        self._hand_off([self._upload(b) for b in batches], [b.handed_on for b in batches])
+        self._hand_off(self._uploads(batches), [b.handed_on for b in batches])
         if self._pending:
             raise PublishError(f"{len(self._pending)} hand-offs were not confirmed by the broker")
 
@@ -252,9 +252,11 @@ class Ingest:
         )
         return deadletter.message(self.settings.dead_letter_queue, body)
 
-    def _upload(self, batch: Batch) -> Outgoing:
-        self.counts["batches"] += 1
-        return self.upload_message(batch)
+    def _uploads(self, batches: list[Batch]) -> list[Outgoing]:
+        if not batches:
+            return []
+        self.counts["batches"] += len(batches)
+        return self.upload_messages(batches)
 
     def _hand_off(self, messages: list[Outgoing], then: list[Callable[[], None]]) -> None:
         if not messages and not self._pending:  # the common case: nothing to publish yet

@@ -158,3 +158,33 @@ def report_failure(reason: str, status: int | None, asset_id: str, count: int, m
         count, asset_id, reason, "none" if status is None else status, cause, message,
         extra={EXTRA_REASON: reason, EXTRA_STATUS: status, EXTRA_ASSET_ID: asset_id, EXTRA_COUNT: count},
     )
+
+
+class LogListener:
+    """The upload side's story in the logs (and so in Sentry): one line when the circuit opens,
+    one when it closes, and each batch given up on (see :func:`report_failure`)."""
+
+    def gave_up(self, *, reason: str, status: int | None, asset_id: str, events: int, error: str) -> None:
+        report_failure(reason, status, asset_id, events, error)
+
+    def circuit_opened(self, *, failures: int, batches: int, last_error: str, probe_in: float) -> None:
+        failure_logger.error(
+            "The API looks down: %d uploads in a row failed (last: %s). Circuit OPEN: uploads and the "
+            "consumer are paused, events wait in RabbitMQ; probing the API every %.1f s and more (up to "
+            "UPLOAD_PROBE_INTERVAL_MAX). Nothing is dead-lettered for it.",
+            failures, last_error, probe_in,
+            extra={EXTRA_REASON: "circuit_open", EXTRA_STATUS: None},
+        )
+
+    def circuit_paused(self, *, seconds: float) -> None:
+        failure_logger.warning("The API asked to slow down (429, Retry-After): every upload waits %.1f s", seconds)
+
+    def circuit_closed(self, *, open_for: float, probes: int) -> None:
+        failure_logger.warning(
+            "The API answers again: circuit CLOSED after %.1f s and %d probe(s); uploads and the consumer "
+            "resume, ramping up from one upload in flight.", open_for, probes,
+        )
+
+    def probe_done(self, *, ok: bool, next_in: float | None) -> None:
+        if not ok:
+            failure_logger.debug("Probe failed; next probe in %.1f s", next_in or 0.0)

@@ -103,18 +103,22 @@ class Publisher:
             try:
                 self._publish_once(messages)
                 return
-            except PublishError:
-                raise
+            except PublishError as exc:
+                raise PublishError(str(exc), messages=messages) from None
             except Exception as exc:  # connection and channel errors: start anew
                 self.close()
                 if attempt == PUBLISH_ATTEMPTS:
                     raise PublishError(
-                        f"could not publish {len(messages)} messages: {exc!r}"
+                        f"could not publish {len(messages)} messages: {exc!r}", messages=messages
                     ) from exc
                 logger.warning(
                     "Publishing %d messages failed (%r); reconnecting (attempt %d of %d)",
                     len(messages), exc, attempt + 1, PUBLISH_ATTEMPTS,
                 )
+
+    def declare_queues(self) -> None:
+        """Connect now and declare the queues (otherwise done before the first publish)."""
+        self._ensure_channel()
 
     def close(self) -> None:
         """Close the connection (it is opened again on the next publish)."""
@@ -182,3 +186,33 @@ class Publisher:
 
 #: What the pipeline steps are given to hand messages to the broker (``Publisher.publish``).
 PublishFn = Callable[[Sequence[Outgoing]], None]
+
+
+class PublisherPool:
+    """A few :class:`Publisher`\\ s shared by the upload threads, each used by one thread at a time.
+
+    A publisher per thread would mean a connection per thread (dozens); one shared behind a
+    lock would make every thread wait for every other's confirms.
+    """
+
+    def __init__(self, broker_url: str, *, size: int, declare: Iterable[Queue] = ()) -> None:
+        import queue
+
+        self._free: queue.SimpleQueue[Publisher] = queue.SimpleQueue()
+        self._all = [Publisher(broker_url, declare=declare) for _ in range(max(1, size))]
+        for publisher in self._all:
+            self._free.put(publisher)
+
+    def publish(self, messages: Sequence[Outgoing]) -> None:
+        """:meth:`Publisher.publish` on a free publisher (waits for one)."""
+        if not messages:
+            return
+        publisher = self._free.get()
+        try:
+            publisher.publish(messages)
+        finally:
+            self._free.put(publisher)
+
+    def close(self) -> None:
+        for publisher in self._all:
+            publisher.close()

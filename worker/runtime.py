@@ -1,92 +1,105 @@
-"""The objects each worker process builds once: settings, publisher, API client, delivery.
+"""What a worker process builds once: settings, queues, the circuit, uploads, publishers.
 
-Pool processes are forked from the main process; sockets must not be shared across a fork,
-so :func:`process_runtime` builds a fresh set per process id, on first use.
+The composition root: the only module that knows every part. The consumer steps and the
+upload task find the process's :class:`Runtime` with :func:`runtime_of`, given the app.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
 
 from config.settings import Settings
-from worker import jsonutil
-from worker.client import ApiClient
+from worker import jsonutil, metrics
+from worker.broker.messages import Bundle, upload_message
+from worker.broker.topology import Topology
 from worker.clock import Clock, SystemClock
-from worker.delivery import Delivery
-from worker.messages import upload_message
-from worker.publisher import Outgoing, Publisher
-from worker.retry import RetryPolicy
+from worker.gate import Gate
+from worker.observability import LogListener
+from worker.publisher import Outgoing, PublisherPool
+from worker.upload.circuit import Circuit
+from worker.upload.client import ApiClient
+from worker.upload.concurrency import AdaptiveConcurrency
+from worker.upload.delivery import Delivery
+from worker.upload.hooks import Fanout
+from worker.upload.retry import RetryPolicy
 
-
-def source_queue(settings: Settings) -> Queue:
-    """The ``activities`` queue, as every part of the project declares it (arguments must match)."""
-    arguments = {"x-queue-type": "quorum"} if settings.queue_type == "quorum" else None
-    return Queue(settings.queue, durable=True, queue_arguments=arguments)
-
-
-def queues(settings: Settings) -> list[Queue]:
-    """Every queue the worker publishes to, durable, declared before first use."""
-    return [
-        source_queue(settings),
-        Queue(settings.dead_letter_queue, durable=True),
-        Queue(settings.upload_queue, durable=True),
-    ]
+#: Publishers shared by the upload threads (each a connection of its own).
+PUBLISHERS = 4
 
 
 @dataclass
 class Runtime:
-    """What one process needs to deliver batches."""
+    """What one worker process needs to deliver bundles and to steer its consumers."""
 
     settings: Settings
-    publisher: Publisher
+    topology: Topology
+    gate: Gate
+    circuit: Circuit
+    concurrency: AdaptiveConcurrency
     delivery: Delivery
+    publishers: PublisherPool
+    metrics: metrics.Metrics
+    #: Outcomes the broker did not confirm, by task id: a redelivered task publishes them
+    #: instead of uploading its events again.
+    unpublished: dict[str, tuple[int, list[Outgoing]]] = field(default_factory=dict)
 
     def forward_to_ingest(self, event_or_list: Any) -> int:
         """Publish a Celery producer's events to the ``activities`` queue; return how many."""
-        self.publisher.publish([Outgoing(self.settings.queue, jsonutil.dumps(event_or_list))])
+        self.publishers.publish([Outgoing(self.settings.queue, jsonutil.dumps(event_or_list))])
         return len(event_or_list) if isinstance(event_or_list, list) else 1
 
 
-_runtime: tuple[int, Runtime] | None = None
-
-
-def build_runtime(app: Celery, settings: Settings, clock: Clock | None = None) -> Runtime:
-    """Wire a runtime from settings (tests call this with their own settings)."""
+def build_runtime(app: Celery, settings: Settings, *, clock: Clock | None = None,
+                  registry: metrics.Metrics | None = None) -> Runtime:
+    """Wire a runtime from settings (tests call this with their own settings and clock)."""
     clock = clock or SystemClock()
-    publisher = Publisher(settings.broker_url, declare=queues(settings))
-    client = ApiClient(
-        url=settings.upload_url,
-        api_key=settings.api_key,
-        timeout=settings.upload_timeout,
-        connect_timeout=settings.upload_connect_timeout,
-    )
-    policy = RetryPolicy(
-        max_retries=settings.max_retries, backoff=settings.retry_backoff, backoff_max=settings.retry_backoff_max
-    )
+    topology = Topology.of(settings)
+    counted = registry or metrics.current
+    hooks = Fanout([metrics.MetricsListener(counted), LogListener()])
+    circuit = Circuit(clock=clock, probe_base=max(settings.retry_backoff, 0.1), probe_max=settings.probe_interval_max,
+                      listeners=[hooks])
+    concurrency = AdaptiveConcurrency(ceiling=settings.upload_concurrency, clock=clock)
+    publishers = PublisherPool(settings.broker_url, size=min(PUBLISHERS, settings.upload_concurrency),
+                               declare=topology.publish_targets())
 
-    def retry_message(asset_id: str, events: list[Any], attempts: int, countdown: float) -> Outgoing:
-        return upload_message(app, settings.upload_queue, asset_id, events, attempts, countdown)
+    def retry_message(queue: str, bundle: Bundle) -> Outgoing:
+        return upload_message(app, queue, bundle)
 
     delivery = Delivery(
-        client=client,
-        policy=policy,
-        publish=publisher.publish,
+        client=ApiClient(url=settings.upload_url, api_key=settings.api_key, timeout=settings.upload_timeout,
+                         connect_timeout=settings.upload_connect_timeout),
+        circuit=circuit,
+        concurrency=concurrency,
+        policy=RetryPolicy(max_retries=settings.max_retries, backoff=settings.retry_backoff,
+                           backoff_max=settings.retry_backoff_max, window=settings.retry_window),
+        topology=topology,
+        publish=publishers.publish,
         retry_message=retry_message,
-        dead_letter_queue=settings.dead_letter_queue,
         clock=clock,
+        max_bundle_events=settings.batch_size,
+        max_bundle_bytes=settings.batch_max_bytes,
+        listener=hooks,
     )
-    return Runtime(settings, publisher, delivery)
+    metrics.watch(counted.in_flight, lambda: concurrency.in_flight)
+    metrics.watch(counted.limit, lambda: concurrency.limit)
+    metrics.watch(counted.circuit_state, lambda: metrics.CIRCUIT_STATES[circuit.state.value])
+    metrics.watch(counted.ingest_paused, lambda: 0.0 if gate_.is_open else 1.0)
+    gate_ = Gate()
+    return Runtime(settings, topology, gate_, circuit, concurrency, delivery, publishers, counted)
 
 
-def process_runtime(app: Celery) -> Runtime:
-    """This process's runtime, built on first use after a fork."""
-    global _runtime
-    pid = os.getpid()
-    if _runtime is None or _runtime[0] != pid:
-        _runtime = (pid, build_runtime(app, Settings.from_env()))
-    return _runtime[1]
+_lock = threading.Lock()
+_runtimes: dict[int, Runtime] = {}
+
+
+def runtime_of(app: Celery) -> Runtime:
+    """This process's runtime for ``app``, built on first use from the environment's settings."""
+    with _lock:
+        runtime = _runtimes.get(id(app))
+        if runtime is None:
+            runtime = _runtimes[id(app)] = build_runtime(app, Settings.from_env())
+        return runtime

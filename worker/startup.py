@@ -1,4 +1,4 @@
-"""What happens when a worker process starts: settings checked, logging tamed, Sentry set up.
+"""What happens when the worker starts: settings checked, queues declared, logging tamed, Sentry set up.
 
 Connected to Celery's signals by :func:`connect_signals`, so ``celery -A worker.app worker``
 refuses to start with a bad setting, naming it, before it consumes anything.
@@ -7,24 +7,42 @@ refuses to start with a bad setting, naming it, before it consumes anything.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
+import amqp
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_process_shutdown
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_shutdown
+from kombu import Connection
 
 from config.settings import Settings, load_or_exit
 from worker import logs, metrics, observability
+from worker.broker.topology import Topology
 
 logger = logging.getLogger(__name__)
 
 
-def setup_sentry(settings: Settings) -> None:
-    """Send errors to Sentry when ``SENTRY_DSN`` is set; never personal data or secrets.
-
-    The set-up, the scrubber and the failure fingerprints live in :mod:`worker.observability`,
-    where they can be read (and tested) together.
-    """
-    observability.setup_sentry(settings)
+def declare_queues(settings: Settings) -> None:
+    """Declare every queue of the worker now, so that tools and monitors find them from the
+    start; exit with one line when one exists with other arguments (made by another version,
+    or with another ACTIVITY_QUEUE_TYPE), which the broker refuses to change."""
+    topology = Topology.of(settings)
+    with Connection(settings.broker_url, connect_timeout=10, heartbeat=0) as connection:
+        connection.ensure_connection(max_retries=30, interval_start=1, interval_step=1, interval_max=5)
+        for queue in topology.all_queues():
+            channel = connection.channel()
+            try:
+                queue(channel).declare()
+            except amqp.exceptions.PreconditionFailed as exc:
+                print(f"netcore-activity-worker: queue {queue.name!r} already exists with other arguments "
+                      f"({exc.reply_text}). A queue's type and arguments are fixed when it is created: let it "
+                      "drain (with the worker that made it), delete it, and start again.", file=sys.stderr)
+                raise SystemExit(2) from None
+            finally:
+                try:
+                    channel.close()
+                except Exception:  # closed by the broker's refusal
+                    pass
 
 
 def connect_signals(app: Celery) -> None:
@@ -33,22 +51,22 @@ def connect_signals(app: Celery) -> None:
     @worker_init.connect(weak=False)
     def on_worker_init(sender: Any = None, **kwargs: Any) -> None:
         settings = load_or_exit()
-        setup_sentry(settings)
+        observability.setup_sentry(settings)
         logging.getLogger("amqp").setLevel(logging.WARNING)
+        logging.getLogger("urllib3").setLevel(logging.WARNING)
         logger.info("Settings: %r (broker %s)", settings, settings.broker_url_redacted)
+        declare_queues(settings)
         metrics.setup(settings)
 
     @after_setup_logger.connect(weak=False)
     @after_setup_task_logger.connect(weak=False)
     def on_setup_logger(sender: Any = None, **kwargs: Any) -> None:
-        # LOG_FORMAT=json: one JSON object per line (worker.logs), in the main and pool processes
+        # LOG_FORMAT=json: one JSON object per line (worker.logs)
         configured = kwargs.get("logger")
         if isinstance(configured, logging.Logger) and load_or_exit(require_api=False).log_format == "json":
             logs.install(configured)
 
-    @worker_process_shutdown.connect(weak=False)
-    def on_worker_process_shutdown(sender: Any = None, **kwargs: Any) -> None:
-        # Pool processes end with os._exit: without this, the last errors they queued for
-        # Sentry (often the ones explaining why the process ended) would be lost.
+    @worker_shutdown.connect(weak=False)
+    def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+        # the last errors queued for Sentry (often the ones explaining why the worker stops)
         observability.flush_sentry()
-        metrics.process_dead(kwargs.get("pid"))

@@ -11,7 +11,7 @@ from kombu import Connection, Consumer
 from config.settings import Settings
 from tests.harness import BROKER_URL, DeadLetters, QueueSet, event, event_id_of, publish_events
 from worker.parsing import raw_text
-from worker.runtime import source_queue
+from worker.broker.topology import Topology
 from worker import jsonutil
 from worker.sandbox import Sandbox
 
@@ -24,7 +24,7 @@ def die_holding_it(queues: QueueSet) -> int:
     seen: list[int] = []
     with Connection(BROKER_URL) as connection:
         settings = Settings.from_env({**queues.env, "ACTIVITY_QUEUE_TYPE": "quorum"}, require_api=False)
-        queue = source_queue(settings)
+        queue = Topology.of(settings).source_queue()
         consumer = Consumer(connection.channel(), [queue], prefetch_count=1,
                             on_message=lambda m: seen.append((m.headers or {}).get("x-delivery-count", 0)))
         consumer.consume()

@@ -17,6 +17,7 @@ it. Its rules (the contract's "Outcomes"):
 from __future__ import annotations
 
 import email.utils
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -51,7 +52,10 @@ class ApiClient:
     ) -> None:
         self.url = url
         self.timeout = (min(connect_timeout, timeout), timeout)
-        self.session = session or _session()
+        self._shared = session
+        #: One session (one keep-alive connection) per upload thread: requests' sessions are not
+        #: documented as thread-safe, and a connection each is what many requests in flight need.
+        self._local = threading.local()
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
 
     def post(self, events: Sequence[Any]) -> None:
@@ -77,7 +81,18 @@ class ApiClient:
             raise Transient(f"could not reach the API: {type(exc).__name__}") from None
         classify(response.status_code, response.text, response.headers.get("Retry-After"))
 
+    @property
+    def session(self) -> requests.Session:
+        """This thread's session (or the one given, in tests)."""
+        if self._shared is not None:
+            return self._shared
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = _session()
+        return session
+
     def close(self) -> None:
+        """Close this thread's session (other threads' close when their thread ends)."""
         self.session.close()
 
 
@@ -137,7 +152,7 @@ def _is_success(body: str) -> bool:
 
 def _session() -> requests.Session:
     session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=4, max_retries=0)
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session

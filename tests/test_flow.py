@@ -1,0 +1,234 @@
+"""The upload flow, the queue topology and the upload-task message, without a broker.
+
+The flow steers fakes of Celery's upload consumer and of the queue depths; the topology and the
+messages are pure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from config.settings import Settings
+from worker import jsonutil
+from worker.broker.messages import MAX_BATCHES_PER_BUNDLE, Bundle, UploadBatch, bundles, read_bundle, upload_message
+from worker.broker.topology import Topology, delay_ladder
+from worker.clock import ManualClock
+from worker.gate import Gate
+from worker.upload.circuit import FAILURES_TO_OPEN, Circuit, Permit, State
+from worker.upload.concurrency import AdaptiveConcurrency
+from worker.upload.flow import BACKLOG_MIN, UploadFlow
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.on = True
+        self.count = 32
+        self.calls: list[str] = []
+
+    def consuming(self) -> bool:
+        return self.on
+
+    def pause(self) -> None:
+        self.on = False
+        self.calls.append("pause")
+
+    def resume(self) -> None:
+        self.on = True
+        self.calls.append("resume")
+
+    def prefetch(self) -> int:
+        return self.count
+
+    def set_prefetch(self, count: int) -> None:
+        self.count = count
+
+
+class FakeDepths:
+    def __init__(self) -> None:
+        self.ready: int | None = 0
+        self.waiting: int | None = 0
+
+    def upload_ready(self) -> int | None:
+        return self.ready
+
+    def delayed(self) -> int | None:
+        return self.waiting
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.clock = ManualClock()
+        self.circuit = Circuit(clock=self.clock, probe_base=1.0, probe_max=8.0)
+        self.concurrency = AdaptiveConcurrency(ceiling=16, clock=self.clock)
+        self.gate = Gate()
+        self.consumer = FakeConsumer()
+        self.depths = FakeDepths()
+        self.flow = UploadFlow(circuit=self.circuit, concurrency=self.concurrency, gate=self.gate,
+                               consumer=self.consumer, depths=self.depths, clock=self.clock)
+
+    def outage(self) -> None:
+        for n in range(FAILURES_TO_OPEN):
+            self.circuit.failed(Permit(), batch=n, error="503")
+
+
+def test_the_adaptive_limit_becomes_the_upload_queue_prefetch() -> None:
+    rig = Rig()
+    rig.flow.tick()
+    assert rig.consumer.count == 1 and rig.gate.is_open
+    starts = [rig.concurrency.started() for _ in range(1)]
+    rig.clock.advance(0.1)
+    for started in starts:
+        rig.concurrency.finished(started, congested=False)
+    rig.flow.tick()
+    assert rig.consumer.count == 2
+
+
+def test_an_open_circuit_stops_uploads_and_the_consumer_then_a_probe_with_prefetch_one() -> None:
+    rig = Rig()
+    rig.depths.ready = 3
+    rig.outage()
+    rig.flow.tick()
+    assert rig.consumer.calls == ["pause"] and not rig.gate.is_open
+    rig.flow.tick()
+    assert rig.consumer.calls == ["pause"]  # nothing more while open
+    rig.clock.advance(1.0)
+    rig.flow.tick()  # half-open: one task, the probe
+    assert rig.consumer.calls == ["pause", "resume"] and rig.consumer.count == 1
+    assert not rig.gate.is_open  # there are tasks to probe with: events stay in RabbitMQ
+
+
+def test_half_open_with_nothing_to_probe_lets_the_consumer_make_a_task() -> None:
+    rig = Rig()
+    rig.outage()
+    rig.flow.tick()
+    rig.clock.advance(1.0)
+    rig.depths.ready = 0
+    rig.flow.tick()
+    assert rig.circuit.state is State.HALF_OPEN and rig.gate.is_open
+
+
+def test_closing_restarts_the_ramp_from_one() -> None:
+    rig = Rig()
+    for _ in range(4):
+        starts = [rig.concurrency.started() for _ in range(rig.concurrency.limit)]
+        rig.clock.advance(0.1)
+        for started in starts:
+            rig.concurrency.finished(started, congested=False)
+    assert rig.concurrency.limit == 16
+    rig.outage()
+    rig.flow.tick()
+    rig.clock.advance(1.0)
+    rig.flow.tick()
+    probe = rig.circuit.permit()
+    assert probe is not None
+    rig.circuit.succeeded(probe)
+    rig.flow.tick()
+    assert rig.concurrency.limit == 1 and rig.consumer.count == 1 and rig.gate.is_open
+
+
+def test_backpressure_pauses_the_consumer_with_hysteresis() -> None:
+    rig = Rig()
+    rig.depths.ready = BACKLOG_MIN
+    rig.flow.tick()
+    assert not rig.gate.is_open and "backpressure" in rig.gate.reason
+    rig.depths.ready = BACKLOG_MIN // 2 + 1
+    rig.flow.tick()
+    assert not rig.gate.is_open  # not yet: below half
+    rig.depths.ready = BACKLOG_MIN // 2
+    rig.flow.tick()
+    assert rig.gate.is_open
+
+
+def test_an_unreadable_depth_changes_nothing() -> None:
+    rig = Rig()
+    rig.depths.ready = BACKLOG_MIN
+    rig.flow.tick()
+    rig.depths.ready = None
+    rig.flow.tick()
+    assert not rig.gate.is_open
+
+
+# --- the topology ----------------------------------------------------------------------------------
+
+
+def topology(**env: str) -> Topology:
+    return Topology.of(Settings.from_env(env, require_api=False))
+
+
+def test_the_delay_ladder_covers_the_longest_wait() -> None:
+    assert delay_ladder(1.0) == (100, 200, 400, 800, 1600)
+    rungs = topology(UPLOAD_RETRY_BACKOFF_MAX="300").rungs
+    assert rungs[0] == 100 and rungs[-1] >= 300_000 and rungs[-2] < 300_000
+
+
+def test_a_wait_rounds_down_to_a_rung_or_up_when_it_is_a_floor() -> None:
+    t = topology(UPLOAD_RETRY_BACKOFF_MAX="10", UPLOAD_PROBE_INTERVAL_MAX="10")
+    assert t.rung_for(0.0) is None and t.rung_for(0.05) is None
+    assert t.rung_for(0.05, at_least=True) == 100
+    assert t.rung_for(1.0) == 800 and t.rung_for(1.0, at_least=True) == 1600
+    assert t.rung_for(3600, at_least=True) == t.rungs[-1]
+
+
+def test_every_queue_the_worker_declares_is_quorum_when_asked_and_dead_letters_at_least_once() -> None:
+    t = topology(ACTIVITY_QUEUE_TYPE="quorum")
+    own = [q for q in t.all_queues() if q.name != t.task_source]
+    assert all(q.queue_arguments and q.queue_arguments["x-queue-type"] == "quorum" for q in own)
+    for queue in [t.upload_queue(), *t.delay_queues()]:
+        assert queue.queue_arguments["x-dead-letter-strategy"] == "at-least-once"
+    assert t.upload_queue().queue_arguments["x-dead-letter-routing-key"] == t.unhandled
+    delay = t.delay_queue(400).queue_arguments
+    assert (delay["x-message-ttl"], delay["x-dead-letter-routing-key"]) == (400, t.upload)
+    assert t.task_source_queue().queue_arguments is None  # as Celery producers declare it
+
+
+def test_classic_queues_carry_no_quorum_arguments_and_activities_none_at_all() -> None:
+    t = topology()
+    assert t.source_queue().queue_arguments is None  # producers declare it bare: it must match
+    assert "x-queue-type" not in (t.upload_queue().queue_arguments or {})
+
+
+# --- the upload-task message ------------------------------------------------------------------------
+
+
+def test_bundles_group_small_batches_and_leave_full_ones_alone() -> None:
+    small = [UploadBatch(f"a{n}", ["{}"] * 10) for n in range(50)]
+    full = UploadBatch("big", ["{}"] * 1000)
+    grouped = list(bundles([small[0], full, *small[1:]], max_events=1000, max_bytes=1 << 30))
+    assert [len(b.batches) for b in grouped] == [1, 1, MAX_BATCHES_PER_BUNDLE, MAX_BATCHES_PER_BUNDLE, 9]
+    assert grouped[1].batches == [full]
+    assert sum(b.events for b in grouped) == 1500
+
+
+def test_bundles_respect_the_byte_limit() -> None:
+    batches = [UploadBatch(f"a{n}", ["x" * 99] * 10) for n in range(5)]
+    grouped = list(bundles(batches, max_events=1000, max_bytes=2000))
+    assert [len(b.batches) for b in grouped] == [2, 2, 1]
+
+
+def test_the_message_round_trips_and_shows_only_a_summary() -> None:
+    app = Celery("test-flow", set_as_current=False)
+    bundle = Bundle([UploadBatch("a", ['{"identity":"x@example.com"}'], 2, 1.5, [1], "id-a"),
+                     UploadBatch("b", ["{}", "{}"]), UploadBatch("c", ["{}"]), UploadBatch("d", ["{}"])])
+    message = upload_message(app, "up", bundle)
+    args, kwargs, _ = jsonutil.loads(message.body)
+    again = read_bundle(args)
+    assert [(b.asset_id, b.events, b.attempts, b.since, b.replays, b.id) for b in again.batches][0] == (
+        "a", ['{"identity":"x@example.com"}'], 2, 1.5, [1], "id-a")
+    assert message.headers["argsrepr"] == "4 batches, 5 events: 'a', 'b', 'c' (+1), attempt 3"
+    assert "example.com" not in jsonutil.dumps(message.headers).decode()
+
+
+def test_an_older_workers_message_is_read_as_one_batch() -> None:
+    bundle = read_bundle(["asset-1", ['{"a":1}'], 3])
+    assert [(b.asset_id, b.events, b.attempts) for b in bundle.batches] == [("asset-1", ['{"a":1}'], 3)]
+
+
+@pytest.mark.parametrize("args", [[], [1, 2, 3, 4], [[{"asset_id": 1, "events": []}]], [["not a batch"]]])
+def test_anything_else_is_refused_with_a_sentence(args: list[Any]) -> None:
+    with pytest.raises(ValueError, match="batch|argument"):
+        read_bundle(args)

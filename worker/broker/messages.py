@@ -1,0 +1,173 @@
+"""The ``activities.upload`` task message: a bundle of batches, built by hand, read by the task.
+
+A *batch* is up to 1000 events of one ``asset_id`` (one request to the API). A *bundle* is what
+one task message carries: one full batch, or several small ones of different asset_ids (a tick
+of a worker with 1000 asset_ids releases hundreds of 10-event batches at once; sent one per
+task, each would pay for a message, a confirm, a task and an acknowledgement). The task uploads
+a bundle's batches one after the other, one request in flight per task.
+
+Each batch carries what its retries need: ``attempts`` (failed attempts that counted),
+``since`` (unix time of its first failure: the retry window starts there) and ``replays``
+(per event, how often it was replayed from the dead-letter queue, so that its next dead letter
+says so). Events are the JSON texts they arrived as, forwarded to the API unchanged.
+
+The message is built here rather than with Celery's ``apply_async``, so that the consumer can
+publish many at once with grouped confirms. Flower shows ``argsrepr``: a summary, never events.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from kombu.serialization import register
+
+from worker import jsonutil
+from worker.publisher import Outgoing
+
+#: The task that uploads one bundle.
+UPLOAD_TASK = "activities.upload"
+
+#: The task Celery producers call; its messages are consumed by the ingest step.
+INGEST_TASK = "activities.ingest"
+
+#: The content type of upload-task bodies: JSON, read with orjson. Celery's main loop decodes
+#: every task body it receives; a 600 KB bundle through the standard json costs milliseconds.
+BATCH_CONTENT_TYPE = "application/x-netcore-batch+json"
+
+register("netcore-batch", jsonutil.dumps, jsonutil.loads, content_type=BATCH_CONTENT_TYPE, content_encoding="binary")
+
+#: The most batches one bundle carries: one task uploads them one after the other, so this
+#: bounds how long its message stays unacknowledged (a request each, plus bisection).
+MAX_BATCHES_PER_BUNDLE = 20
+
+#: Asset ids named in a bundle's summary (Flower, logs); more are counted.
+SUMMARY_ASSETS = 3
+
+
+@dataclass
+class UploadBatch:
+    """One batch as it travels in an upload task (see the module docstring)."""
+
+    asset_id: str
+    events: list[str]
+    attempts: int = 0
+    since: float | None = None
+    replays: list[int] | None = None
+    #: Names the batch across its retries (the circuit tells one failing batch from an outage).
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def replays_of(self, index: int) -> int:
+        return self.replays[index] if self.replays is not None and index < len(self.replays) else 0
+
+    def part(self, indexes: Iterable[int], *, attempts: int | None = None, since: float | None = None) -> UploadBatch:
+        """The events at ``indexes`` (with their replay counts), as a batch of their own."""
+        indexes = list(indexes)
+        replays = [self.replays_of(i) for i in indexes] if self.replays is not None else None
+        return UploadBatch(self.asset_id, [self.events[i] for i in indexes],
+                           self.attempts if attempts is None else attempts,
+                           self.since if since is None else since,
+                           replays if replays and any(replays) else None, self.id)
+
+    def to_wire(self) -> dict[str, Any]:
+        wire: dict[str, Any] = {"asset_id": self.asset_id, "events": self.events, "attempts": self.attempts,
+                                "id": self.id}
+        if self.since is not None:
+            wire["since"] = self.since
+        if self.replays is not None and any(self.replays):
+            wire["replays"] = self.replays
+        return wire
+
+
+@dataclass
+class Bundle:
+    """What one upload task carries."""
+
+    batches: list[UploadBatch] = field(default_factory=list)
+
+    @property
+    def events(self) -> int:
+        return sum(len(b) for b in self.batches)
+
+    def summary(self) -> str:
+        """``asset_id='a', 1000 events`` or ``3 batches, 51 events: 'a', 'b', 'c'``: never events."""
+        attempt = max((b.attempts for b in self.batches), default=0)
+        if len(self.batches) == 1:
+            text = f"asset_id={self.batches[0].asset_id!r}, {self.events} events"
+        else:
+            names = ", ".join(repr(b.asset_id) for b in self.batches[:SUMMARY_ASSETS])
+            more = len(self.batches) - SUMMARY_ASSETS
+            text = f"{len(self.batches)} batches, {self.events} events: {names}{f' (+{more})' if more > 0 else ''}"
+        return text + (f", attempt {attempt + 1}" if attempt else "")
+
+
+def read_bundle(args: Sequence[Any]) -> Bundle:
+    """The bundle of a task's arguments: ``[[batch, ...]]``, or an older worker's
+    ``[asset_id, events, attempts]`` (one batch), so a rolling deploy loses nothing.
+
+    Raises ValueError (with a sentence) when they are neither.
+    """
+    if len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], list):
+        attempts = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+        return Bundle([UploadBatch(args[0], list(args[1]), attempts)])
+    if len(args) != 1 or not isinstance(args[0], list):
+        raise ValueError("an upload task takes one argument, a list of batches")
+    batches = []
+    for wire in args[0]:
+        if not isinstance(wire, dict) or not isinstance(wire.get("asset_id"), str) or not isinstance(
+                wire.get("events"), list):
+            raise ValueError("a batch is an object with an asset_id (string) and events (list)")
+        replays = wire.get("replays")
+        batch = UploadBatch(
+            wire["asset_id"], wire["events"], int(wire.get("attempts") or 0),
+            float(wire["since"]) if isinstance(wire.get("since"), (int, float)) else None,
+            [int(r) for r in replays] if isinstance(replays, list) else None,
+        )
+        if isinstance(wire.get("id"), str):
+            batch.id = wire["id"]
+        batches.append(batch)
+    return Bundle(batches)
+
+
+def bundles(batches: Iterable[UploadBatch], *, max_events: int, max_bytes: int,
+            size: Any = None) -> Iterator[Bundle]:
+    """Group batches into bundles of at most ``max_events`` events, ``max_bytes`` bytes (as
+    measured by ``size(batch)``, else the events' lengths) and :data:`MAX_BATCHES_PER_BUNDLE`."""
+    current = Bundle()
+    events = nbytes = 0
+    for batch in batches:
+        batch_bytes = size(batch) if size is not None else sum(len(e) + 1 for e in batch.events)
+        if current.batches and (events + len(batch) > max_events or nbytes + batch_bytes > max_bytes
+                                or len(current.batches) >= MAX_BATCHES_PER_BUNDLE):
+            yield current
+            current, events, nbytes = Bundle(), 0, 0
+        current.batches.append(batch)
+        events += len(batch)
+        nbytes += batch_bytes
+    if current.batches:
+        yield current
+
+
+def upload_message(app: Celery, queue: str, bundle: Bundle) -> Outgoing:
+    """An ``activities.upload`` task message carrying ``bundle``, addressed to ``queue`` (the
+    upload queue, or a delay queue that hands it to the upload queue later)."""
+    task_id = str(uuid.uuid4())
+    task = app.amqp.as_task_v2(
+        task_id,
+        UPLOAD_TASK,
+        args=[[batch.to_wire() for batch in bundle.batches]],
+        kwargs={},
+        retries=max((b.attempts for b in bundle.batches), default=0),
+        argsrepr=bundle.summary(),
+        kwargsrepr="{}",
+    )
+    headers = {key: value for key, value in task.headers.items() if value is not None}
+    return Outgoing(
+        queue, jsonutil.dumps(task.body), headers, BATCH_CONTENT_TYPE, dict(task.properties), content_encoding="binary"
+    )

@@ -1,0 +1,148 @@
+"""Every queue the worker uses, declared in one place, with the arguments that make them safe.
+
+========================  ===============================================================
+``activities``            producers' events (plain JSON). Declared as producers declare it:
+                          no arguments but the queue type, or their own declarations fail.
+``celery``                ``send_task("activities.ingest", ...)`` messages, declared as a
+                          Celery producer declares it (classic, no arguments).
+``activities.upload``     one Celery task message per bundle of batches. Dead-letters what
+                          is rejected to ``activities.dead.unhandled``.
+``activities.upload.``    retries waiting in RabbitMQ, never in a worker: one queue per
+``delay.<ms>ms``          delay (``x-message-ttl``), dead-lettering back to the upload queue
+                          when the time is up.
+``activities.dead``       one envelope per event that can never be delivered (the contract).
+``activities.dead.``      messages RabbitMQ dead-lettered because a worker rejected them
+``unhandled``             (a bug, an unknown task): the worker writes each of their events to
+                          ``activities.dead`` as an envelope (:mod:`worker.upload.salvage`).
+========================  ===============================================================
+
+With ``ACTIVITY_QUEUE_TYPE=quorum`` every queue the worker alone declares is a quorum queue, and
+dead-lettering out of them is ``at-least-once`` (RabbitMQ 3.10+), so a retry waiting in a delay
+queue survives a node failure. ``celery`` stays as Celery producers declare it.
+
+Delays are a ladder of queues, 100 ms doubling up to the longest wait the settings allow; a
+delay is rounded down to a rung (or up, when a server's ``Retry-After`` asks for at least that
+long). Each retry is a new message published by the worker, so RabbitMQ's dead-letter cycle
+detection (which drops a message that comes back to a queue it expired from, without a
+rejection in between) never sees the same message twice.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kombu import Queue
+
+from config.settings import Settings
+
+#: The shortest rung of the delay ladder, in milliseconds; each rung doubles the one before.
+SHORTEST_DELAY_MS = 100
+
+#: Arguments every quorum queue the worker declares gets: replicated, and (where it
+#: dead-letters) at-least-once dead-lettering, which requires ``reject-publish`` overflow.
+QUORUM = {"x-queue-type": "quorum"}
+AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
+
+
+def delay_ladder(longest: float) -> tuple[int, ...]:
+    """Rungs in milliseconds, from :data:`SHORTEST_DELAY_MS` doubling until one reaches ``longest`` s."""
+    rungs = [SHORTEST_DELAY_MS]
+    while rungs[-1] < longest * 1000:
+        rungs.append(rungs[-1] * 2)
+    return tuple(rungs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Topology:
+    """Queue names and arguments, derived from the settings; see the module docstring."""
+
+    source: str
+    task_source: str
+    upload: str
+    dead_letter: str
+    unhandled: str
+    quorum: bool
+    #: Delay rungs, milliseconds, ascending.
+    rungs: tuple[int, ...]
+
+    @classmethod
+    def of(cls, settings: Settings) -> Topology:
+        longest = max(settings.retry_backoff_max, settings.probe_interval_max)
+        return cls(
+            source=settings.queue,
+            task_source=settings.task_queue,
+            upload=settings.upload_queue,
+            dead_letter=settings.dead_letter_queue,
+            unhandled=f"{settings.dead_letter_queue}.unhandled",
+            quorum=settings.queue_type == "quorum",
+            rungs=delay_ladder(longest),
+        )
+
+    # --- the queues ---------------------------------------------------------------------------
+
+    def source_queue(self) -> Queue:
+        """``activities``: exactly as producers declare it (the README's examples)."""
+        return Queue(self.source, durable=True, queue_arguments=dict(QUORUM) if self.quorum else None)
+
+    def task_source_queue(self) -> Queue:
+        """Celery's default queue, as a Celery producer configured with a broker URL declares it."""
+        return Queue(self.task_source, durable=True)
+
+    def upload_queue(self) -> Queue:
+        """The upload tasks' queue: what a worker rejects goes to :attr:`unhandled`."""
+        return Queue(self.upload, durable=True, queue_arguments=self._dead_lettering(self.unhandled))
+
+    def delay_queue(self, rung_ms: int) -> Queue:
+        """The queue where a retry waits ``rung_ms``, then goes back to the upload queue."""
+        arguments = {"x-message-ttl": rung_ms, **self._dead_lettering(self.upload)}
+        return Queue(self.delay_name(rung_ms), durable=True, queue_arguments=arguments)
+
+    def delay_name(self, rung_ms: int) -> str:
+        return f"{self.upload}.delay.{rung_ms}ms"
+
+    def dead_letter_queue(self) -> Queue:
+        return Queue(self.dead_letter, durable=True, queue_arguments=dict(QUORUM) if self.quorum else None)
+
+    def unhandled_queue(self) -> Queue:
+        return Queue(self.unhandled, durable=True, queue_arguments=dict(QUORUM) if self.quorum else None)
+
+    def delay_queues(self) -> list[Queue]:
+        return [self.delay_queue(rung) for rung in self.rungs]
+
+    def all_queues(self) -> list[Queue]:
+        """Every queue of the worker: declared at start-up, so tools and monitors find them all."""
+        return [self.source_queue(), self.task_source_queue(), self.upload_queue(), *self.delay_queues(),
+                self.dead_letter_queue(), self.unhandled_queue()]
+
+    def publish_targets(self) -> list[Queue]:
+        """The queues the worker publishes to (declared by each publisher before its first message)."""
+        return [self.source_queue(), self.upload_queue(), *self.delay_queues(), self.dead_letter_queue()]
+
+    # --- delays -------------------------------------------------------------------------------
+
+    def rung_for(self, seconds: float, *, at_least: bool = False) -> int | None:
+        """The rung (ms) a wait of ``seconds`` uses: the longest not above it, or with
+        ``at_least`` the shortest not below it (capped at the longest rung). None: no wait."""
+        wanted = seconds * 1000
+        if wanted <= 0 or (wanted < self.rungs[0] and not at_least):
+            return None
+        if at_least:
+            index = bisect.bisect_left(self.rungs, wanted)
+            return self.rungs[min(index, len(self.rungs) - 1)]
+        return self.rungs[bisect.bisect_right(self.rungs, wanted) - 1]
+
+    def _dead_lettering(self, target: str) -> dict[str, Any]:
+        arguments: dict[str, Any] = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": target}
+        if self.quorum:
+            arguments.update(QUORUM)
+            arguments.update(AT_LEAST_ONCE)
+        return arguments
+
+
+def declare(channel: Any, queues: Sequence[Queue]) -> None:
+    """Declare ``queues`` on ``channel`` (a kombu/py-amqp channel)."""
+    for queue in queues:
+        queue(channel).declare()

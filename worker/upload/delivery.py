@@ -1,0 +1,326 @@
+"""Delivering one bundle: validate -> upload each batch (bisecting rejections) -> dead letters, retries.
+
+This runs in the ``activities.upload`` task, on one of the pool's threads. For each batch:
+
+1. every event is parsed strictly and validated (marshmallow); what fails is dead-lettered
+   (``malformed``, ``invalid``) and its neighbours go on;
+2. the valid events are posted, one request at a time, each with the circuit's leave
+   (:mod:`worker.upload.circuit`) and counted in flight (:mod:`worker.upload.concurrency`);
+3. a 400 splits the batch in halves, again and again, until every rejected event stands
+   alone: with ``k`` rejected among ``n``, at most ``2·k·⌈log2 n⌉ + 1`` requests; it and only
+   it is dead-lettered (``rejected``); other permanent answers dead-letter the part that got
+   them (``unauthorized``, ``refused``);
+4. a transient failure ends the batch's attempt: what is left waits in a RabbitMQ delay queue
+   and comes back to the upload queue (:meth:`Delivery.retry_messages`); a request the circuit
+   refused waits the same way, without spending an attempt.
+
+An unexpected error (a bug) in one batch is retried like a transient failure, counted, so that
+it is neither acknowledged unhandled nor retried for ever; the other batches go on.
+:meth:`Delivery.deliver` returns once every dead letter and retry is confirmed by the broker:
+then, and only then, may the task's message be acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from worker import deadletter, jsonutil
+from worker.broker.messages import Bundle, UploadBatch, bundles
+from worker.broker.topology import Topology
+from worker.clock import Clock
+from worker.errors import Permanent, Transient
+from worker.parsing import MalformedBody, parse_body
+from worker.publisher import Outgoing, PublishFn
+from worker.upload.circuit import Circuit
+from worker.upload.concurrency import AdaptiveConcurrency
+from worker.upload.retry import RetryPolicy
+from worker.validation import is_stale, validate_event
+
+logger = logging.getLogger(__name__)
+
+#: (queue, bundle) -> the task message that carries ``bundle`` to ``queue``.
+RetryMessageFn = Callable[[str, Bundle], Outgoing]
+
+
+class Poster(Protocol):
+    """What delivery needs of :class:`~worker.upload.client.ApiClient`."""
+
+    def post(self, events: Sequence[Any]) -> None: ...
+
+
+class DeliveryListener(Protocol):
+    """Hooks for metrics, logs and Sentry, so that delivery imports none of them."""
+
+    def request_done(self, *, status: str, outcome: str, events: int, seconds: float) -> None: ...
+
+    def bundle_done(self, report: Report, *, first_attempt_events: int) -> None: ...
+
+    def gave_up(self, *, reason: str, status: int | None, asset_id: str, events: int, error: str) -> None: ...
+
+
+@dataclass
+class Report:
+    """What became of one bundle's events; they always add up to ``received``."""
+
+    batches: int
+    received: int
+    asset_ids: list[str] = field(default_factory=list)
+    delivered: int = 0
+    invalid: int = 0
+    stale: int = 0
+    dead: Counter[str] = field(default_factory=Counter)
+    #: Events put back with an attempt counted (a failure while the API otherwise worked).
+    retried: int = 0
+    #: Events put back without an attempt counted (the circuit refused them, a probe, a 429).
+    held: int = 0
+    requests: int = 0
+    statuses: list[int | None] = field(default_factory=list)
+    #: Retry messages published (for the metrics: batches put back).
+    retry_messages: int = 0
+
+
+@dataclass
+class _Retry:
+    """A batch (or what is left of it) to try again."""
+
+    batch: UploadBatch
+    counted: bool
+    error: str
+    status: int | None = None
+    body: str = ""
+    retry_after: float | None = None
+
+
+class Delivery:
+    """Delivers bundles through ``client``; hands dead letters and retries to ``publish``."""
+
+    def __init__(
+        self,
+        *,
+        client: Poster,
+        circuit: Circuit,
+        concurrency: AdaptiveConcurrency,
+        policy: RetryPolicy,
+        topology: Topology,
+        publish: PublishFn,
+        retry_message: RetryMessageFn,
+        clock: Clock,
+        max_bundle_events: int = 1000,
+        max_bundle_bytes: int = 4 * 1024 * 1024,
+        listener: DeliveryListener | None = None,
+    ) -> None:
+        self.client = client
+        self.circuit = circuit
+        self.concurrency = concurrency
+        self.policy = policy
+        self.topology = topology
+        self.publish = publish
+        self.retry_message = retry_message
+        self.clock = clock
+        self.max_bundle_events = max_bundle_events
+        self.max_bundle_bytes = max_bundle_bytes
+        self.listener = listener
+
+    def deliver(self, bundle: Bundle) -> Report:
+        """Deliver every batch of ``bundle``; publish its dead letters and retries; report."""
+        started = time.monotonic()
+        report = Report(len(bundle.batches), bundle.events, [b.asset_id for b in bundle.batches])
+        dead: list[Outgoing] = []
+        retries: list[_Retry] = []
+        first_attempt_events = 0
+        for batch in bundle.batches:
+            if batch.attempts == 0 and batch.since is None:
+                first_attempt_events += len(batch)
+            try:
+                self._deliver_batch(batch, report, dead, retries)
+            except Exception as exc:  # a bug: retried (counted) like a transient failure, never lost
+                logger.exception("asset_id=%s: unexpected %s delivering %d events", batch.asset_id,
+                                 type(exc).__name__, len(batch))
+                retries.append(_Retry(batch, True, f"unexpected {type(exc).__name__} in the worker"))
+        messages = dead + self.retry_messages(retries, report, dead)
+        for message in dead:
+            report.dead[message.headers.get(deadletter.REASON_HEADER, "unknown")] += 1
+        self.publish(messages)
+        if self.listener is not None:
+            self.listener.bundle_done(report, first_attempt_events=first_attempt_events)
+        _log(report, bundle, time.monotonic() - started)
+        return report
+
+    # --- one batch ----------------------------------------------------------------------------
+
+    def _deliver_batch(self, batch: UploadBatch, report: Report, dead: list[Outgoing], retries: list[_Retry]) -> None:
+        now = self.clock.now()
+        first_attempt = batch.attempts == 0 and batch.since is None  # stale events: counted once
+        valid: list[int] = []
+        for index, text in enumerate(batch.events):
+            event, problem = _read(text)
+            if problem is not None:
+                report.invalid += 1
+                dead.append(self._dead(deadletter.MALFORMED, problem.error, batch, index, problem.details, raw=text))
+                continue
+            errors = validate_event(event)
+            if errors:
+                report.invalid += 1
+                dead.append(self._dead(deadletter.INVALID, _invalid_sentence(errors), batch, index, errors,
+                                       event=event))
+                continue
+            valid.append(index)
+            if first_attempt and is_stale(event, now):
+                report.stale += 1
+        pending = [valid] if valid else []
+        while pending:
+            part = pending.pop()
+            with self.circuit.request() as permit:
+                if permit is None:  # the API is down: wait, without spending an attempt
+                    left = sorted(part + [i for chunk in pending for i in chunk])
+                    retries.append(_Retry(batch.part(left), False, "the API is down (the circuit is open)"))
+                    return
+                report.requests += 1
+                began = self.concurrency.started()
+                try:
+                    self.client.post([batch.events[i] for i in part])
+                except Transient as exc:
+                    self._request_done(began, exc.status, "transient", len(part), congested=True)
+                    rate_limited = exc.status == 429
+                    self.circuit.failed(permit, batch=batch.id, error=str(exc),
+                                        retry_after=exc.retry_after if rate_limited else None)
+                    left = sorted(part + [i for chunk in pending for i in chunk])
+                    retries.append(_Retry(batch.part(left), self.circuit.counts(permit, rate_limited=rate_limited),
+                                          str(exc), exc.status, exc.body, exc.retry_after))
+                    report.statuses.append(exc.status)
+                    return
+                except Permanent as exc:
+                    self._request_done(began, exc.status, "permanent", len(part), congested=False)
+                    self.circuit.succeeded(permit)  # the API answered: it is up
+                    report.statuses.append(exc.status)
+                    if exc.status in (400, 413) and len(part) > 1:
+                        half = len(part) // 2
+                        pending += [part[half:], part[:half]]
+                        continue
+                    details = {"status": exc.status, "response": exc.body}
+                    dead.extend(self._dead(exc.reason, str(exc), batch, i, details, attempts=batch.attempts + 1)
+                                for i in part)
+                    if self.listener is not None:
+                        self.listener.gave_up(reason=exc.reason, status=exc.status, asset_id=batch.asset_id,
+                                              events=len(part), error=str(exc))
+                except BaseException:
+                    self._request_done(began, None, "error", len(part), congested=False)
+                    raise
+                else:
+                    self._request_done(began, 200, "success", len(part), congested=False)
+                    self.circuit.succeeded(permit)
+                    report.statuses.append(200)
+                    report.delivered += len(part)
+
+    def _request_done(self, began: float, status: int | None, outcome: str, events: int, *, congested: bool) -> None:
+        self.concurrency.finished(began, congested=congested)
+        if self.listener is not None:
+            self.listener.request_done(status="error" if status is None else str(status), outcome=outcome,
+                                       events=events, seconds=self.clock.monotonic() - began)
+
+    # --- retries ------------------------------------------------------------------------------
+
+    def retry_messages(self, retries: Sequence[_Retry], report: Report, dead: list[Outgoing]) -> list[Outgoing]:
+        """Each batch to retry, to the delay queue of its wait; or, when its attempts or its
+        window are spent, to ``dead`` as ``retries_exhausted``."""
+        now = self.clock.now().timestamp()
+        waiting: dict[str, list[UploadBatch]] = {}
+        for retry in retries:
+            batch = retry.batch
+            attempts = batch.attempts + (1 if retry.counted else 0)
+            since = batch.since if batch.since is not None else now
+            gave_up = self._give_up_sentence(retry, attempts, since, now)
+            if gave_up is not None:
+                details = {"status": retry.status, "response": retry.body}
+                dead.extend(self._dead(deadletter.RETRIES_EXHAUSTED, gave_up, batch, i, details, attempts=attempts)
+                            for i in range(len(batch)))
+                if self.listener is not None:
+                    self.listener.gave_up(reason=deadletter.RETRIES_EXHAUSTED, status=retry.status,
+                                          asset_id=batch.asset_id, events=len(batch), error=gave_up)
+                continue
+            if retry.counted:
+                delay = self.policy.delay(attempts, retry.retry_after)
+                report.retried += len(batch)
+                logger.warning("Upload of %d events for asset_id=%s failed (%s); retry %d of %d in %.1f s",
+                               len(batch), batch.asset_id, retry.error, attempts, self.policy.max_retries, delay)
+            else:
+                delay = max(self.circuit.wait_left(), retry.retry_after or 0.0, self.policy.backoff)
+                report.held += len(batch)
+            rung = self.topology.rung_for(delay, at_least=retry.retry_after is not None or not retry.counted)
+            queue = self.topology.upload if rung is None else self.topology.delay_name(rung)
+            waiting.setdefault(queue, []).append(batch.part(range(len(batch)), attempts=attempts, since=since))
+        messages = [
+            self.retry_message(queue, bundle)
+            for queue, batches in waiting.items()
+            for bundle in bundles(batches, max_events=self.max_bundle_events, max_bytes=self.max_bundle_bytes)
+        ]
+        report.retry_messages += len(messages)
+        return messages
+
+    def _give_up_sentence(self, retry: _Retry, attempts: int, since: float, now: float) -> str | None:
+        if retry.counted and self.policy.exhausted(attempts):
+            return (f"Gave up after {attempts} failed attempts while the API accepted other uploads; the last "
+                    f"failure: {retry.error}. Replay these events once the cause is fixed.")
+        if self.policy.expired(since, now):
+            hours = self.policy.window / 3600
+            return (f"Gave up after waiting {hours:g} hours (UPLOAD_RETRY_WINDOW) for the API; the last failure: "
+                    f"{retry.error}. Replay these events once the API accepts them.")
+        return None
+
+    # --- dead letters -------------------------------------------------------------------------
+
+    def _dead(
+        self, reason: str, error: str, batch: UploadBatch, index: int, details: dict[str, Any], *,
+        event: Any = None, raw: str | None = None, attempts: int | None = None,
+    ) -> Outgoing:
+        if event is None and raw is None:
+            event, problem = _read(batch.events[index])
+            if problem is not None:  # kept whole as text: the strict parser refused it
+                raw = batch.events[index]
+        body = deadletter.envelope(
+            reason=reason, error=error, event=event, raw=raw, details=details, asset_id=batch.asset_id,
+            attempts=batch.attempts if attempts is None else attempts, failed_at=self.clock.now(),
+            replays=batch.replays_of(index),
+        )
+        return deadletter.message(self.topology.dead_letter, body)
+
+
+def _read(item: Any) -> tuple[Any, MalformedBody | None]:
+    """(event, problem) of one item of a batch: strict parsing of an event's text (duplicate
+    keys, huge numbers... that the consumer's fast parser lets through)."""
+    if not isinstance(item, str):
+        return jsonutil.loads(jsonutil.dumps(item)), None
+    try:
+        values = parse_body(item)
+    except MalformedBody as exc:
+        return None, exc
+    if len(values) != 1:
+        return None, MalformedBody("Expected one event here, found an array.", {"problem": "not_object"})
+    return values[0], None
+
+
+def _invalid_sentence(errors: dict[str, list[str]]) -> str:
+    fields = ", ".join(sorted(errors))
+    first = next(iter(errors.values()))[0]
+    return f"The event breaks the API's rules ({fields}): {first}"
+
+
+def _log(report: Report, bundle: Bundle, duration: float) -> None:
+    attempt = max((b.attempts for b in bundle.batches), default=0) + 1
+    what = (f"batch asset_id={report.asset_ids[0]}" if len(report.asset_ids) == 1
+            else f"bundle batches={len(report.asset_ids)}")
+    logger.info(
+        "%s events=%d delivered=%d dead=%s retried=%d held=%d requests=%d statuses=%s attempt=%d duration=%.3fs",
+        what, report.received, report.delivered, dict(report.dead) or "{}", report.retried, report.held,
+        report.requests, ",".join(str(s) for s in report.statuses) or "-", attempt, duration,
+    )
+    if report.stale:
+        logger.warning(
+            "%d events are older than 24 hours: Netcore stores them but they will not trigger a journey",
+            report.stale,
+        )

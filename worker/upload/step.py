@@ -1,0 +1,65 @@
+"""The upload flow as a consumer bootstep: plugs :class:`~worker.upload.flow.UploadFlow` into the
+worker's event loop, after Celery's own task consumer exists.
+
+It also makes Celery's consumer reject (not acknowledge) a task message it cannot decode, so
+that RabbitMQ dead-letters it to the salvage instead of deleting it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+
+from worker.clock import SystemClock
+from worker.runtime import runtime_of
+from worker.upload.flow import TICK, BrokerDepths, CeleryUploadConsumer, UploadFlow
+
+logger = logging.getLogger(__name__)
+
+
+class UploadFlowStep(bootsteps.StartStopStep):
+    """See the module docstring."""
+
+    name = "netcore.UploadFlow"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self._timer: Any = None
+        self._depths: BrokerDepths | None = None
+
+    def start(self, c: Any) -> None:
+        runtime = runtime_of(c.app)
+        self._depths = BrokerDepths(runtime.settings.broker_url, runtime.topology)
+        flow = UploadFlow(
+            circuit=runtime.circuit, concurrency=runtime.concurrency, gate=runtime.gate,
+            consumer=CeleryUploadConsumer(c, runtime.topology.upload), depths=self._depths, clock=SystemClock(),
+            metrics=runtime.metrics,
+        )
+        c.on_decode_error = _reject_undecodable
+        flow.tick()
+        self._timer = c.timer.call_repeatedly(TICK, flow.tick)
+
+    def stop(self, c: Any) -> None:
+        self._stop()
+
+    def shutdown(self, c: Any) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._depths is not None:
+            self._depths.close()
+            self._depths = None
+
+
+def _reject_undecodable(message: Any, exc: Exception) -> None:
+    """Celery acknowledges (deletes) a task message it cannot decode; reject it instead, so that
+    the upload queue's dead-letter route keeps it."""
+    logger.error("An upload task message could not be decoded (%s: %s); rejecting it to %s's dead-letter route",
+                 type(exc).__name__, exc, message.delivery_info.get("routing_key"))
+    message.reject()
