@@ -29,7 +29,7 @@ from worker.observability import report_failure
 from worker.publisher import Outgoing, PublishFn
 from worker.retry import RetryPolicy
 from worker.parsing import MalformedBody, parse_body
-from worker.validation import is_stale, validate_event
+from worker.validation import NaiveTimestamps, is_stale, validate_event
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class Delivery:
         retry_message: RetryMessageFn,
         dead_letter_queue: str,
         clock: Clock,
+        naive_timestamps: NaiveTimestamps = "forward",
     ) -> None:
         self.client = client
         self.policy = policy
@@ -74,6 +75,8 @@ class Delivery:
         self.retry_message = retry_message
         self.dead_letter_queue = dead_letter_queue
         self.clock = clock
+        #: ACTIVITY_NAIVE_TIMESTAMPS: forward zone-less timestamps, or dead-letter them as invalid.
+        self.naive_timestamps: NaiveTimestamps = naive_timestamps
 
     def deliver(self, asset_id: str, events: Sequence[Any], attempts: int = 0) -> Report:
         """Deliver one batch that has already been tried ``attempts`` times.
@@ -92,7 +95,7 @@ class Delivery:
                 report.invalid += 1
                 dead.append(self._malformed(problem, text, asset_id))
                 continue
-            errors = validate_event(event)
+            errors = validate_event(event, naive_timestamps=self.naive_timestamps)
             if errors:
                 report.invalid += 1
                 dead.append(self._dead(deadletter.INVALID, _invalid_sentence(errors), event, asset_id, 0, errors))

@@ -79,6 +79,7 @@ def build_runtime(app: Celery, settings: Settings, clock: Clock | None = None) -
         retry_message=retry_message,
         dead_letter_queue=settings.dead_letter_queue,
         clock=clock,
+        naive_timestamps=settings.naive_timestamps,  # type: ignore[arg-type]  # checked by settings
     )
     return Runtime(settings, publisher, delivery)
 
