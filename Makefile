@@ -30,8 +30,8 @@ run: install
 	fi; \
 	if [ -z "$$NETCORE_API_KEY" ] && [ -z "$$NETCORE_API_URL" ]; then \
 	  echo "################################################################"; \
-	  echo "# NETCORE_API_KEY is not set: running against the local SANDBOX #"; \
-	  echo "# at http://127.0.0.1:$(SANDBOX_PORT). Nothing reaches Netcore.      #"; \
+	  printf '# %-60s #\n' "NETCORE_API_KEY not set: running against the local SANDBOX"; \
+	  printf '# %-60s #\n' "at http://127.0.0.1:$(SANDBOX_PORT). Nothing reaches Netcore."; \
 	  echo "################################################################"; \
 	  NETCORE_API_URL=http://127.0.0.1:$(SANDBOX_PORT) NETCORE_API_KEY=sandbox-key SANDBOX_API_KEY=sandbox-key \
 	    SANDBOX_PORT=$(SANDBOX_PORT) $(BIN)/honcho start; \

@@ -90,6 +90,10 @@ class Settings:
     sentry_dsn: str = field(default="", repr=False)
     #: ``text`` (Celery's usual lines) or ``json`` (one JSON object per line, worker.logs).
     log_format: str = "text"
+    #: A timestamp without a zone (``2020-04-28T16:47:37``, as in the API's own samples):
+    #: ``forward`` it as it is (the API accepts it; the worker counts it), or ``reject`` the
+    #: event as invalid (dead-lettered, for teams that want every instant explicit).
+    naive_timestamps: str = "forward"
 
     @property
     def upload_url(self) -> str:
@@ -152,6 +156,7 @@ class Settings:
             metrics_address=get.text("METRICS_ADDRESS", cls.metrics_address),
             sentry_dsn=get.text("SENTRY_DSN", ""),
             log_format=get.choice("LOG_FORMAT", ("text", "json")),
+            naive_timestamps=get.choice("ACTIVITY_NAIVE_TIMESTAMPS", ("forward", "reject")),
         )
         if settings.prefetch < settings.batch_size:
             raise SettingsError(

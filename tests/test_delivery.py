@@ -19,7 +19,7 @@ import pytest
 from celery import Celery
 
 from config.settings import Settings
-from worker import deadletter, jsonutil
+from worker import jsonutil
 from worker.broker.messages import UPLOAD_TASK, Bundle, UploadBatch, read_bundle, upload_message
 from worker.broker.topology import Topology
 from worker.clock import ManualClock
@@ -591,3 +591,25 @@ def test_the_retry_message_is_a_task_with_a_summary_for_flower() -> None:
     assert message.headers["task"] == UPLOAD_TASK
     assert message.headers["argsrepr"] == "asset_id='asset-1', 3 events, attempt 4"
     assert "sku-" not in message.headers["argsrepr"]  # Flower shows a summary only
+
+
+# --- zone-less timestamps (the vendor's own samples) -------------------------------------------------
+
+
+def test_zone_less_timestamps_are_forwarded_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    h = harness()
+    events = [event(0, timestamp="2025-12-31T16:47:37"), event(1), event(2, timestamp="2025-12-31T16:47:37.5")]
+    with caplog.at_level(logging.WARNING, logger="worker.upload.delivery"):
+        report = h.deliver(events)
+    assert report.delivered == 3 and report.naive == 2
+    assert h.client.posts == [events]  # forwarded as they are
+    assert "2 events have a timestamp without a zone" in caplog.text
+
+
+def test_zone_less_timestamps_are_refused_when_the_setting_says_so() -> None:
+    h = harness()
+    h.delivery.naive_timestamps = "reject"
+    report = h.deliver([event(0, timestamp="2025-12-31T16:47:37"), event(1)])
+    assert report.delivered == 1 and report.dead == {"invalid": 1}
+    (body,) = h.dead_letters
+    assert "timestamp" in body["details"] and "ACTIVITY_NAIVE_TIMESTAMPS" in body["error"] + str(body["details"])

@@ -35,6 +35,7 @@ def test_defaults() -> None:
     assert s.retry_backoff == 1.0
     assert s.retry_backoff_max == 300.0
     assert s.sentry_dsn == ""
+    assert s.naive_timestamps == "forward"
     assert s.upload_url == "https://api2.netcoresmartech.com/v1/activity/upload"
     assert isinstance(s.batch_size, int)
     assert isinstance(s.max_retries, int)
@@ -164,6 +165,28 @@ def test_backoff_max_below_backoff_is_refused() -> None:
         load(UPLOAD_RETRY_BACKOFF="10", UPLOAD_RETRY_BACKOFF_MAX="5")
     s = load(UPLOAD_RETRY_BACKOFF="10", UPLOAD_RETRY_BACKOFF_MAX="10")
     assert s.retry_backoff == s.retry_backoff_max == 10.0
+
+
+# --- timestamps without a zone ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "expected"), [("forward", "forward"), ("reject", "reject"), (" Reject ", "reject")])
+def test_naive_timestamps_choice(value: str, expected: str) -> None:
+    assert load(ACTIVITY_NAIVE_TIMESTAMPS=value).naive_timestamps == expected
+
+
+@pytest.mark.parametrize("value", ["strict", "true", "drop", "forward,reject"])
+def test_a_bad_naive_timestamps_choice_names_the_setting(value: str) -> None:
+    with pytest.raises(SettingsError, match=rf"^ACTIVITY_NAIVE_TIMESTAMPS={value}: must be one of forward, reject$"):
+        load(ACTIVITY_NAIVE_TIMESTAMPS=value)
+
+
+def test_naive_timestamps_choices_are_the_ones_validation_knows() -> None:
+    from worker.validation import NAIVE_TIMESTAMP_CHOICES, NAIVE_TIMESTAMPS_SETTING
+
+    assert Settings.naive_timestamps == NAIVE_TIMESTAMP_CHOICES[0]
+    for choice in NAIVE_TIMESTAMP_CHOICES:
+        assert load(**{NAIVE_TIMESTAMPS_SETTING: choice}).naive_timestamps == choice
 
 
 # --- region, URL, key -------------------------------------------------------------------------

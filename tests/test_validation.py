@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 from worker.validation import (
+    NAIVE_TIMESTAMP_CHOICES,
     STALE_AFTER,
     ActivitySchema,
     event_time,
+    has_naive_timestamp,
     is_stale,
     routing_key_of,
     validate_event,
@@ -88,16 +90,18 @@ BAD: list[Any] = [
     ("asset-number", event(asset_id=12345), "asset_id", "not a JSON number"),
     ("ts-missing", event(timestamp=_DROP), "timestamp", "timestamp is missing"),
     ("ts-null", event(timestamp=None), "timestamp", "timestamp is missing (or null)"),
-    ("ts-naive-vendor-sample", event(timestamp="2020-04-28T16:47:37"), "timestamp", TZ),
-    ("ts-naive-fraction", event(timestamp="2021-12-29T12:06:28.123"), "timestamp", "no time zone"),
     ("ts-impossible-date", event(timestamp="2021-02-30T12:06:28Z"), "timestamp", "not a real date"),
     ("ts-hour-24", event(timestamp="2021-12-29T24:00:00Z"), "timestamp", "not a real date"),
     ("ts-leap-second", event(timestamp="2016-12-31T23:59:60Z"), "timestamp", "not a real date"),
     ("ts-year-0", event(timestamp="0000-01-01T00:00:00Z"), "timestamp", "not a real date"),
+    ("ts-naive-impossible-date", event(timestamp="2021-02-30T12:06:28"), "timestamp", "not a real date"),
+    ("ts-naive-hour-24", event(timestamp="2021-12-29T24:00:00"), "timestamp", "not a real date"),
     ("ts-date-only", event(timestamp="2021-12-29"), "timestamp", ISO),
     ("ts-basic-format", event(timestamp="20211229T120628Z"), "timestamp", ISO),
     ("ts-space", event(timestamp="2021-12-29 12:06:28Z"), "timestamp", ISO),
     ("ts-no-seconds", event(timestamp="2021-12-29T12:06Z"), "timestamp", "with seconds"),
+    ("ts-naive-no-seconds", event(timestamp="2021-12-29T12:06"), "timestamp", "with seconds"),
+    ("ts-naive-space", event(timestamp="2021-12-29 12:06:28"), "timestamp", ISO),
     ("ts-lower-z", event(timestamp="2021-12-29t12:06:28z"), "timestamp", ISO),
     ("ts-offset-no-colon", event(timestamp="2021-12-29T06:12:28+0530"), "timestamp", ISO),
     ("ts-offset-hours-only", event(timestamp="2021-12-29T06:12:28+05"), "timestamp", ISO),
@@ -146,9 +150,10 @@ BAD: list[Any] = [
 ]
 
 
+@pytest.mark.parametrize("naive_timestamps", NAIVE_TIMESTAMP_CHOICES)
 @pytest.mark.parametrize(("bad", "field", "fragment"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_events_name_the_field_and_say_why(bad: Any, field: str, fragment: str) -> None:
-    errors = validate_event(bad)
+def test_bad_events_name_the_field_and_say_why(bad: Any, field: str, fragment: str, naive_timestamps: str) -> None:
+    errors = validate_event(bad, naive_timestamps=naive_timestamps)  # type: ignore[arg-type]
     assert field in errors, errors
     assert any(fragment in message for message in errors[field]), errors[field]
     text = json.dumps(errors)
@@ -194,6 +199,9 @@ VALID: list[Any] = [
     ("fraction-us-offset", event(timestamp="2021-12-29T12:06:28.123456+05:30")),
     ("fraction-ns", event(timestamp="2021-12-29T12:06:28.123456789Z")),
     ("leap-day", event(timestamp="2024-02-29T00:00:00Z")),
+    ("naive-vendor-sample", event(timestamp="2020-04-28T16:47:37")),
+    ("naive-fraction", event(timestamp="2021-12-29T12:06:28.123")),
+    ("naive-leap-day", event(timestamp="2024-02-29T23:59:59")),
     ("integer-identity", event(identity=1234567890)),
     ("zero-identity", event(identity=0)),
     ("max-unsigned-64-identity", event(identity=2**64 - 1)),
@@ -234,20 +242,84 @@ def vendor_bulk_as_json() -> list[dict[str, Any]]:
     return json.loads(text)
 
 
-def test_vendor_bulk_sample_events_are_invalid_as_published() -> None:
+def test_vendor_bulk_sample_events_as_published() -> None:
+    """The vendor's own Purchase sample has no zone and is valid; the other two forgot asset_id."""
     purchase, checkout, add_to_cart = vendor_bulk_as_json()
-    assert set(validate_event(purchase)) == {"timestamp"}  # "2020-04-28T16:47:37": no zone
-    assert TZ in validate_event(purchase)["timestamp"][0]
+    assert purchase["timestamp"] == "2020-04-28T16:47:37"
+    assert validate_event(purchase) == {}
     assert set(validate_event(checkout)) == {"asset_id"}  # the sample forgot it
     assert set(validate_event(add_to_cart)) == {"asset_id"}
 
 
 def test_vendor_bulk_sample_events_are_valid_once_completed() -> None:
     events = vendor_bulk_as_json()
-    events[0]["timestamp"] += "Z"
     for one in events[1:]:
         one["asset_id"] = events[0]["asset_id"]
     assert [validate_event(one) for one in events] == [{}, {}, {}]
+
+
+# --- timestamps without a zone ----------------------------------------------------------------
+
+#: (id, timestamp, has no zone): the vendor's samples first, then the edges of the shape.
+ZONES: list[tuple[str, str, bool]] = [
+    ("vendor-bulk-purchase", "2020-04-28T16:47:37", True),
+    ("vendor-bulk-checkout", "2020-04-28T16:40:37Z", False),
+    ("vendor-bulk-add-to-cart", "2020-04-25T10:20:37Z", False),
+    ("vendor-doc-utc", "2021-12-29T12:06:28Z", False),
+    ("vendor-doc-ist", "2021-12-29T06:12:28+05:30", False),
+    ("naive-fraction", "2021-12-29T12:06:28.123456", True),
+    ("naive-nanoseconds", "2021-12-29T12:06:28.123456789", True),
+    ("zero-offset", "2021-12-29T12:06:28+00:00", False),
+    ("negative-offset-fraction", "2021-12-29T12:06:28.5-08:00", False),
+]
+
+
+@pytest.mark.parametrize(("timestamp", "naive"), [z[1:] for z in ZONES], ids=[z[0] for z in ZONES])
+def test_zone_less_timestamps_are_forwarded_by_default_and_rejected_on_request(timestamp: str, naive: bool) -> None:
+    one = event(timestamp=timestamp)
+    assert has_naive_timestamp(one) is naive
+    assert validate_event(one) == {}
+    assert validate_event(one, naive_timestamps="forward") == {}
+    strict = validate_event(one, naive_timestamps="reject")
+    if not naive:
+        assert strict == {}
+        return
+    assert set(strict) == {"timestamp"}
+    [message] = strict["timestamp"]
+    assert TZ in message  # how to fix the event...
+    assert "ACTIVITY_NAIVE_TIMESTAMPS=forward" in message  # ...or the worker
+    assert message.endswith(".")
+
+
+def test_a_zone_less_timestamp_is_one_problem_among_others_only_when_rejected() -> None:
+    broken = event(timestamp="2020-04-28T16:47:37", activity_source="WEB")
+    assert set(validate_event(broken)) == {"activity_source"}
+    assert set(validate_event(broken, naive_timestamps="reject")) == {"timestamp", "activity_source"}
+
+
+def test_an_unknown_choice_for_zone_less_timestamps_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match=r"naive_timestamps='strict': must be one of forward, reject"):
+        validate_event(GOOD, naive_timestamps="strict")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("value", "naive"), [
+    (event(timestamp="2020-04-28T16:47:37"), True),
+    ({"timestamp": "2020-04-28T16:47:37"}, True),  # looks at the timestamp only
+    (None, False), ([GOOD], False), ("2020-04-28T16:47:37", False),
+    (event(timestamp=_DROP), False), (event(timestamp=None), False), (event(timestamp=1588092457), False),
+    (event(timestamp="2020-04-28"), False), (event(timestamp="2020-04-28 16:47:37"), False),
+    (event(timestamp="2020-04-28T16:47:37\n"), False),
+], ids=["vendor", "bare", "none", "array", "string", "missing", "null", "epoch", "date-only", "space", "newline"])
+def test_has_naive_timestamp_is_true_only_for_a_zone_less_date_time(value: Any, naive: bool) -> None:
+    assert has_naive_timestamp(value) is naive
+
+
+def test_has_naive_timestamp_is_cheap() -> None:
+    """The upload stage calls it on every event: no marshmallow, no datetime."""
+    naive = event(timestamp="2020-04-28T16:47:37")
+    assert has_naive_timestamp(naive)
+    best = min(timeit.repeat(lambda: has_naive_timestamp(naive), number=2000, repeat=5)) / 2000
+    assert best < 0.00005, f"{best * 1e6:.1f} us per event"
 
 
 NOW = datetime(2021, 12, 30, 12, 0, 0, tzinfo=timezone.utc)
@@ -262,6 +334,10 @@ NOW = datetime(2021, 12, 30, 12, 0, 0, tzinfo=timezone.utc)
         ("2021-12-29T17:29:59+05:30", True),
         ("2021-12-31T00:00:00Z", False),  # in the future
         ("2020-04-28T16:40:37Z", True),
+        # no zone: read as UTC
+        ("2021-12-29T12:00:00", False),
+        ("2021-12-29T11:59:59.999", True),
+        ("2020-04-28T16:47:37", True),  # the vendor's sample
     ],
 )
 def test_is_stale_with_an_injected_now(timestamp: str, stale: bool) -> None:
@@ -271,6 +347,12 @@ def test_is_stale_with_an_injected_now(timestamp: str, stale: bool) -> None:
 def test_event_time_is_aware() -> None:
     when = event_time(event(timestamp="2021-12-29T06:12:28.5+05:30"))
     assert when == datetime(2021, 12, 29, 0, 42, 28, 500000, tzinfo=timezone.utc)
+
+
+def test_event_time_reads_a_zone_less_timestamp_as_utc() -> None:
+    when = event_time(event(timestamp="2020-04-28T16:47:37"))
+    assert when.utcoffset() == timedelta(0)
+    assert when == datetime(2020, 4, 28, 16, 47, 37, tzinfo=timezone.utc)
 
 
 @pytest.mark.parametrize(

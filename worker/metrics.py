@@ -75,6 +75,7 @@ class Metrics:
         self.valid = counter("events_valid", "Events valid on their batch's first attempt.")
         self.invalid = counter("events_invalid", "Events refused before any upload.", ("stage", "reason"))
         self.stale = counter("events_stale", "Valid events older than 24 hours: stored, no journey.")
+        self.naive = counter("events_naive_timestamp", "Valid events whose timestamp has no zone (forwarded).")
         self.delivered = counter("events_delivered", "Events the API accepted.")
         self.dead = counter("events_dead_lettered", "Dead letters written.", ("stage", "reason"))
         self.retries = counter("retries_scheduled", "Retry messages published (batches put back in RabbitMQ).")
@@ -156,6 +157,7 @@ class MetricsListener:
         m = self.m
         m.delivered.inc(report.delivered)
         m.stale.inc(report.stale)
+        m.naive.inc(report.naive)
         invalid = report.dead.get(deadletter.INVALID, 0) + report.dead.get(deadletter.MALFORMED, 0)
         m.valid.inc(max(0, first_attempt_events - invalid))
         for reason, count in report.dead.items():

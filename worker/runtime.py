@@ -82,6 +82,7 @@ def build_runtime(app: Celery, settings: Settings, *, clock: Clock | None = None
         clock=clock,
         max_bundle_events=settings.batch_size,
         max_bundle_bytes=settings.batch_max_bytes,
+        naive_timestamps="reject" if settings.naive_timestamps == "reject" else "forward",
         listener=hooks,
     )
     metrics.watch(counted.in_flight, lambda: concurrency.in_flight)

@@ -49,7 +49,7 @@ def test_bad_input_is_dead_lettered_with_its_reason(
     publish_events(queues.settings.queue, [
         event("bad-source", activity_source="WEB"),
         event("no-asset", asset_id=""),
-        [event("good-1"), event("naive-ts", timestamp="2020-04-28T16:47:37")],
+        [event("good-1"), event("impossible-ts", timestamp="2021-02-30T16:47:37Z")],
     ])
     start_worker()
     assert dead_letters.wait_for(6, timeout=30)
@@ -57,9 +57,52 @@ def test_bad_input_is_dead_lettered_with_its_reason(
     reasons = Counter(e["reason"] for e in dead_letters.envelopes)
     assert reasons == {"malformed": 3, "invalid": 3}
     by_id = {event_id_of(e["event"]): e for e in dead_letters.envelopes if e["event"]}
-    assert set(by_id) == {"bad-source", "no-asset", "naive-ts"}
+    assert set(by_id) == {"bad-source", "no-asset", "impossible-ts"}
     assert "activity_source" in by_id["bad-source"]["details"]
-    assert by_id["naive-ts"]["event"]["timestamp"] == "2020-04-28T16:47:37"  # kept whole
+    assert by_id["impossible-ts"]["event"]["timestamp"] == "2021-02-30T16:47:37Z"  # kept whole
     raws = sorted(e.get("raw") for e in dead_letters.envelopes if e["reason"] == "malformed")
     assert "{not json" in raws
     assert delivered_ids(sandbox) == ["good-1"]
+
+
+#: The timestamp of the API documentation's own samples: no zone.
+VENDOR_NAIVE = "2020-04-28T16:47:37"
+
+
+def test_the_vendors_zone_less_timestamp_is_delivered_as_is(
+    start_worker, queues: QueueSet, sandbox: Sandbox, dead_letters: DeadLetters
+) -> None:
+    sent = ["zoned-1", "naive-1", "naive-2", "zoned-2"]
+    publish_events(queues.settings.queue, [
+        [event("zoned-1"), event("naive-1", timestamp=VENDOR_NAIVE)],
+        event("naive-2", timestamp="2021-12-29T12:06:28.5"),
+        event("zoned-2", timestamp="2021-12-29T06:12:28+05:30"),
+    ])
+    start_worker()
+    assert sandbox.wait_until(lambda s: s.accepted_count() >= len(sent), timeout=30)
+    assert sorted(delivered_ids(sandbox)) == sorted(sent)
+    dead_letters.settle(quiet=0.5)
+    assert dead_letters.envelopes == []
+    by_id = {event_id_of(e): e for e in sandbox.accepted()}
+    assert by_id["naive-1"]["timestamp"] == VENDOR_NAIVE  # forwarded as it is
+    assert by_id["naive-2"]["timestamp"] == "2021-12-29T12:06:28.5"
+
+
+def test_zone_less_timestamps_are_dead_lettered_when_the_setting_says_reject(
+    start_worker, queues: QueueSet, sandbox: Sandbox, dead_letters: DeadLetters
+) -> None:
+    publish_events(queues.settings.queue, [
+        [event("zoned-1"), event("naive-1", timestamp=VENDOR_NAIVE)],
+        event("zoned-2", timestamp="2021-12-29T06:12:28+05:30"),
+    ])
+    start_worker(ACTIVITY_NAIVE_TIMESTAMPS="reject")
+    assert dead_letters.wait_for(1, timeout=30)
+    assert sandbox.wait_until(lambda s: s.accepted_count() >= 2, timeout=30)
+    dead_letters.settle(quiet=0.5)
+    [envelope] = dead_letters.envelopes
+    assert envelope["reason"] == "invalid"
+    assert envelope["event"] == event("naive-1", timestamp=VENDOR_NAIVE)  # kept whole, to replay
+    assert "ACTIVITY_NAIVE_TIMESTAMPS" in envelope["error"] and "add Z (UTC) or an offset" in envelope["error"]
+    delivered = sorted(delivered_ids(sandbox))
+    assert delivered == ["zoned-1", "zoned-2"]
+    assert sorted(delivered + [event_id_of(envelope["event"])]) == ["naive-1", "zoned-1", "zoned-2"]

@@ -84,7 +84,6 @@ EVENTS: dict[str, tuple[Any, str]] = {
     "asset_id-number": (ev("asset_id-number", asset_id=12), "asset_id"),
     "timestamp-missing": (ev("timestamp-missing", timestamp=None), "timestamp"),
     "timestamp-null": ({**ev("timestamp-null"), "timestamp": None}, "timestamp"),
-    "timestamp-naive": (ev("timestamp-naive", timestamp="2020-04-28T16:47:37"), "timestamp"),
     "timestamp-impossible": (ev("timestamp-impossible", timestamp="2021-02-30T10:00:00Z"), "timestamp"),
     "timestamp-epoch": (ev("timestamp-epoch", timestamp=1640779588), "timestamp"),
     "timestamp-date-only": (ev("timestamp-date-only", timestamp="2021-12-29"), "timestamp"),
@@ -134,14 +133,16 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
                 publish_raw(queues.settings.queue, [body.body], content_type=body.content_type,
                             headers={}, encoding=body.encoding)
             publish_events(queues.settings.queue, [e for e, _ in EVENTS.values()])
-            # neighbours: a valid event beside a non-object item; unknown fields; then a last control
-            publish_events(queues.settings.queue, [[event("neighbour"), 5], ev("unknown-fields", shop="x")])
+            # neighbours: a valid event beside a non-object item; unknown fields; the vendor's own
+            # zone-less timestamp (valid: forwarded as is); then a last control
+            publish_events(queues.settings.queue, [[event("neighbour"), 5], ev("unknown-fields", shop="x"),
+                                                   ev("timestamp-naive", timestamp="2020-04-28T16:47:37")])
             publish_events(queues.settings.queue, [event("last")])
             env = {**queues.env, "NETCORE_API_KEY": API_KEY, "NETCORE_API_URL": sandbox.url, "ACTIVITY_BATCH_WAIT": "0.3"}
             worker = WorkerProcess(env, tmp_path_factory.mktemp("hostile") / "worker.log").start()
             try:
                 expected_dead = len(BODIES) + len(EVENTS) + 1  # + the non-object item
-                assert sandbox.wait_until(lambda s: s.accepted_count() >= 3, timeout=120), worker.log()[-3000:]
+                assert sandbox.wait_until(lambda s: s.accepted_count() >= 4, timeout=120), worker.log()[-3000:]
                 assert dead.wait_for(expected_dead, timeout=120), f"{len(dead.envelopes)} dead letters"
                 dead.settle(quiet=1.0)
                 yield Run(dead.envelopes, sandbox.accepted(), worker.process.poll() is None,
@@ -180,7 +181,9 @@ def test_bad_event_is_dead_lettered_with_its_field(run: Run, case: str) -> None:
 
 
 def test_valid_neighbours_and_unknown_fields_are_delivered(run: Run) -> None:
-    assert sorted(event_id_of(e) for e in run.delivered) == ["last", "neighbour", "unknown-fields"]
+    assert sorted(event_id_of(e) for e in run.delivered) == ["last", "neighbour", "timestamp-naive", "unknown-fields"]
+    [naive] = [e for e in run.delivered if event_id_of(e) == "timestamp-naive"]
+    assert naive["timestamp"] == "2020-04-28T16:47:37"  # forwarded as it is
     assert any(e["event"] == 5 and e["reason"] == "invalid" for e in run.dead)
 
 

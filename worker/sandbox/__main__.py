@@ -43,7 +43,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="seconds every upload waits before it is answered")
     parser.add_argument("--fault", action="append", default=[], metavar="JSON",
                         help='an extra fault rule, e.g. \'{"status": 429, "retry_after": 2, '
-                             '"count": 3}\' (repeatable)')
+                             '"count": 3}\'; "asset_id": "..." limits it to one tenant\'s uploads '
+                             '(repeatable)')
     parser.add_argument("--seed", type=int, default=None, help="seed of the random faults")
     parser.add_argument("--quiet", action="store_true", help="do not log every request")
     return parser.parse_args(argv)

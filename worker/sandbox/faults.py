@@ -8,29 +8,35 @@ A rule is a small dict, for example::
     {"latency": 1.5, "count": 2}                    # the next 2 uploads answer 1.5 s late
     {"drop": True, "count": 1}                      # close the connection, answer nothing
     {"status": 200, "body": "<html/>", "content_type": "text/html"}  # odd 200, nothing stored
+    {"status": 503, "asset_id": "tenant-b"}         # only uploads of tenant-b's events fail
 
 ``count`` omitted means "until cleared". Rules apply only to upload requests that passed
 authentication (a wrong key is always a 401, so auth tests never depend on faults).
 
-Rules are checked in order. A rule *fires* when it has count left and, if it has a ``rate``,
-when the seeded random draw says so; a fired rule uses up one of its count. A latency-only rule
-adds its delay and lets the next rules be checked; the first fired rule with an outcome
-(``status`` or ``drop``) decides the answer and ends the search. Nothing is stored for a
-request a fault answered.
+``asset_id`` (a non-empty string) narrows a rule to upload requests with at least one event
+carrying that ``asset_id``: the API failing for one tenant while the others go through. Other
+requests, and bodies with no readable events, pass it by as if it were not there: it neither
+fires, nor draws its ``rate``, nor uses its ``count``.
+
+Rules are checked in order. A rule *fires* when it applies to the request (its ``asset_id``),
+has count left and, if it has a ``rate``, when the seeded random draw says so; a fired rule
+uses up one of its count. A latency-only rule adds its delay and lets the next rules be
+checked; the first fired rule with an outcome (``status`` or ``drop``) decides the answer and
+ends the search. Nothing is stored for a request a fault answered.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 #: The keys a rule may hold.
 RULE_KEYS = frozenset({"status", "count", "rate", "retry_after", "latency", "drop", "body",
-                       "content_type"})
+                       "content_type", "asset_id"})
 
 #: Messages the vendor documents for some statuses; others use the standard HTTP phrase.
 VENDOR_MESSAGES: dict[int, str] = {408: "Request Time Out", 500: "Internal Server Error"}
@@ -53,6 +59,7 @@ class FaultRule:
     drop: bool = False
     body: bytes | None = None
     content_type: str = "application/json"
+    asset_id: str | None = None  #: only requests with an event of this asset_id; None = all
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> FaultRule:
@@ -69,6 +76,7 @@ class FaultRule:
         rule.retry_after = _retry_after(spec.get("retry_after"))
         rule.body = None if spec.get("body") is None else _text("body", spec["body"]).encode()
         rule.content_type = _text("content_type", spec.get("content_type", rule.content_type))
+        rule.asset_id = _asset_id(spec.get("asset_id"))
         rule._check_coherent()
         return rule
 
@@ -77,8 +85,13 @@ class FaultRule:
         """True when the rule chooses the answer (a status or a drop), not just a delay."""
         return self.status is not None or self.drop
 
+    def applies_to(self, asset_ids: Collection[str]) -> bool:
+        """Whether a request whose events carry ``asset_ids`` is one this rule is about."""
+        return self.asset_id is None or self.asset_id in asset_ids
+
     def fires(self, rng: random.Random) -> bool:
-        """Whether the rule applies to this request; uses up one of its count if it does."""
+        """Whether the rule fires for a request it applies to (its ``rate``); uses up one of
+        its count if it does."""
         if self.rate is not None and rng.random() >= self.rate:
             return False
         if self.count is not None:
@@ -148,11 +161,12 @@ class FaultPlan:
         """The active rules, each as given plus ``remaining`` uses (null = until cleared)."""
         return [{**rule.spec, "remaining": rule.count} for rule in self._rules]
 
-    def decide(self) -> Decision:
-        """Check the rules in order for one request, using up the counts of those that fire."""
+    def decide(self, asset_ids: Collection[str] = ()) -> Decision:
+        """Check the rules in order for one request whose events carry ``asset_ids``, using up
+        the counts of those that fire."""
         latency, delay_rule = 0.0, None
         for rule in list(self._rules):
-            if not rule.fires(self._random):
+            if not rule.applies_to(asset_ids) or not rule.fires(self._random):
                 continue
             if rule.spent:
                 self._rules.remove(rule)
@@ -205,6 +219,14 @@ def _retry_after(value: Any) -> str | None:
         return value
     seconds = _non_negative("retry_after", value)
     return str(int(seconds)) if seconds.is_integer() else str(seconds)
+
+
+def _asset_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise FaultError(f"'asset_id' must be a non-empty string, not {value!r}")
+    return value
 
 
 def _text(name: str, value: Any) -> str:

@@ -6,8 +6,11 @@ An upload request goes through, in this order (each step can end it):
 -> 4. ``Content-Type`` (400) -> 5. body and events (400) -> 6. store, 200.
 
 Authentication comes before faults so a wrong key is always a plain 401, whatever faults are
-set. Every upload request is recorded *before* it is answered, so once a client has its answer
-the record is there to inspect. Paths under ``/_sandbox/`` go to :mod:`worker.sandbox.control`.
+set. The body is parsed once, right after authentication and outside the store's lock: the
+faults need its asset ids (a rule may target one), and steps 4 to 6 and the request record
+reuse the same events; a body that cannot be parsed fails only at step 5. Every upload
+request is recorded *before* it is answered, so once a client has its answer the record is
+there to inspect. Paths under ``/_sandbox/`` go to :mod:`worker.sandbox.control`.
 
 It speaks HTTP/1.1 with keep-alive and always sends ``Content-Length``, so a worker reusing a
 connection pool can push tens of thousands of events per second through it.
@@ -82,7 +85,8 @@ class Handler(BaseHTTPRequestHandler):
         if path == UPLOAD_PATH:
             self._upload(body)
         elif path.startswith(CONTROL_PREFIX):
-            status, payload = handle_control(self.server.sandbox.store, self.command, path, body)
+            store = self.server.sandbox.store
+            status, payload = handle_control(store, self.command, self.path, body)
             self._send(status, dumps(payload))
         else:
             self._send(404, dumps(NOT_FOUND))
@@ -115,7 +119,9 @@ class Handler(BaseHTTPRequestHandler):
         elif self.headers.get("Authorization") != f"Bearer {sandbox.api_key}":
             self._refuse(401, UNAUTHORIZED)
         else:
-            decision = sandbox.store.decide_fault()
+            events, problem = _read_events(body)
+            assets = tuple(asset_ids(events))
+            decision = sandbox.store.decide_fault(assets)
             if decision.latency:
                 sandbox.store.arrived(+1)  # a test can wait for "an upload is in progress"
                 try:
@@ -123,26 +129,25 @@ class Handler(BaseHTTPRequestHandler):
                 finally:
                     sandbox.store.arrived(-1)
             if decision.answer is None:
-                self._accept(body, decision.applied)
+                self._accept(body, events, assets, problem, decision.applied)
             elif decision.answer.drop:
-                self._drop(body, decision.applied)
+                self._drop(events, assets, decision.applied)
             else:
-                self._fault(body, decision.applied, *decision.answer.response())
+                self._fault(events, assets, decision.applied, *decision.answer.response())
 
-    def _accept(self, body: bytes, fault: dict[str, Any] | None) -> None:
+    def _accept(self, body: bytes, events: list[Any], assets: tuple[str, ...],
+                problem: BadRequest | None, fault: dict[str, Any] | None) -> None:
         """Steps 4 to 6: the rules of the API itself."""
-        events: list[Any] = []
         try:
             if self.headers.get_content_type() != "application/json":
                 raise BadRequest("Bad Request | Content-Type must be application/json")
-            events = parse_body(body)
+            if problem is not None:
+                raise problem
             verdict = judge(events, body)
         except BadRequest as error:
-            events = events or _events_or_nothing(body)
             payload = {"status": "fail", "message": str(error)}
-            return self._finish(400, dumps(payload), events, fault, str(error))
-        record = RequestRecord(200, len(events), tuple(asset_ids(events[:1])), fault,
-                               at=self.arrived)
+            return self._finish(400, dumps(payload), events, assets, fault, str(error))
+        record = RequestRecord(200, len(events), assets, fault, at=self.arrived)
         dropped = [events[index] for index in verdict.dropped]
         self.server.sandbox.store.record(
             record, body=body, stored=verdict.stored, total=len(events), dropped=dropped
@@ -150,17 +155,15 @@ class Handler(BaseHTTPRequestHandler):
         self._log(record)
         self._send(200, SUCCESS)
 
-    def _fault(self, body: bytes, fault: dict[str, Any] | None, status: int,
-               headers: dict[str, str], answer: bytes) -> None:
+    def _fault(self, events: list[Any], assets: tuple[str, ...], fault: dict[str, Any] | None,
+               status: int, headers: dict[str, str], answer: bytes) -> None:
         content_type = headers.pop("Content-Type")
-        events = _events_or_nothing(body)
-        self._finish(status, answer, events, fault, "fault", headers, content_type)
+        self._finish(status, answer, events, assets, fault, "fault", headers, content_type)
 
-    def _drop(self, body: bytes, fault: dict[str, Any] | None) -> None:
+    def _drop(self, events: list[Any], assets: tuple[str, ...],
+              fault: dict[str, Any] | None) -> None:
         """Close the connection without a word, like a crashed proxy."""
-        events = _events_or_nothing(body)
-        record = RequestRecord(None, len(events), tuple(asset_ids(events)), fault,
-                               at=self.arrived, message="drop")
+        record = RequestRecord(None, len(events), assets, fault, at=self.arrived, message="drop")
         self.server.sandbox.store.record(record)
         self._log(record)
         self.close_connection = True
@@ -168,14 +171,14 @@ class Handler(BaseHTTPRequestHandler):
     def _refuse(self, status: int, payload: dict[str, str], headers: dict[str, str] | None = None
                 ) -> None:
         """Steps 1 and 2: answered without looking at the body."""
-        self._finish(status, dumps(payload), [], None, payload["message"], headers)
+        self._finish(status, dumps(payload), [], (), None, payload["message"], headers)
 
-    def _finish(self, status: int, answer: bytes, events: list[Any], fault: dict[str, Any] | None,
-                message: str, headers: dict[str, str] | None = None,
+    def _finish(self, status: int, answer: bytes, events: list[Any], assets: tuple[str, ...],
+                fault: dict[str, Any] | None, message: str, headers: dict[str, str] | None = None,
                 content_type: str = "application/json") -> None:
         """Record a request that stored nothing, then answer it."""
-        record = RequestRecord(status, len(events), tuple(asset_ids(events)), fault,
-                               at=self.arrived, message=message)
+        record = RequestRecord(status, len(events), assets, fault, at=self.arrived,
+                               message=message)
         self.server.sandbox.store.record(record)
         self._log(record)
         self._send(status, answer, headers, content_type)
@@ -202,9 +205,10 @@ class Handler(BaseHTTPRequestHandler):
                      f" fault={record.fault}" if record.fault else "")
 
 
-def _events_or_nothing(body: bytes) -> list[Any]:
-    """The body's events for a request record, or [] when the body is not a valid list."""
+def _read_events(body: bytes) -> tuple[list[Any], BadRequest | None]:
+    """The body's events, or no events and why: the problem is answered only if no fault
+    answers first (a fault does not care what the body holds)."""
     try:
-        return parse_body(body)
-    except BadRequest:
-        return []
+        return parse_body(body), None
+    except BadRequest as problem:
+        return [], problem

@@ -33,10 +33,11 @@ MAX_EVENTS = 1000
 #: The only values ``activity_source`` may take.
 ACTIVITY_SOURCES = frozenset({"web", "app"})
 
-#: The documented date-time shape: seconds required, fraction optional, ``Z`` or ``±hh:mm``.
+#: The documented date-time shape: seconds required, fraction optional, then ``Z``, ``±hh:mm``
+#: or nothing: the vendor's own samples send ``2020-04-28T16:47:37`` and the API takes it.
 #: Whether the date exists (no 2021-02-30, no hour 24) is left to ``datetime.fromisoformat``.
 TIMESTAMP_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)",
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)?",
     re.ASCII,
 )
 
@@ -126,7 +127,7 @@ def check_event(event: Any, index: int) -> None:
 
 
 def is_timestamp(value: Any) -> bool:
-    """True for an ISO-8601 date-time with a zone (``Z`` or an offset) that exists."""
+    """True for an ISO-8601 date-time that exists, with a zone (``Z`` or an offset) or none."""
     if not isinstance(value, str) or TIMESTAMP_RE.fullmatch(value) is None:
         return False
     try:

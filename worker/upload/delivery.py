@@ -39,7 +39,7 @@ from worker.publisher import Outgoing, PublishFn
 from worker.upload.circuit import Circuit
 from worker.upload.concurrency import AdaptiveConcurrency
 from worker.upload.retry import RetryPolicy
-from worker.validation import is_stale, validate_event
+from worker.validation import NaiveTimestamps, has_naive_timestamp, is_stale, validate_event
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class Report:
     delivered: int = 0
     invalid: int = 0
     stale: int = 0
+    #: Valid events whose timestamp has no zone (forwarded as the vendor's samples send them).
+    naive: int = 0
     dead: Counter[str] = field(default_factory=Counter)
     #: Events put back with an attempt counted (a failure while the API otherwise worked).
     retried: int = 0
@@ -112,6 +114,7 @@ class Delivery:
         clock: Clock,
         max_bundle_events: int = 1000,
         max_bundle_bytes: int = 4 * 1024 * 1024,
+        naive_timestamps: NaiveTimestamps = "forward",
         listener: DeliveryListener | None = None,
     ) -> None:
         self.client = client
@@ -124,6 +127,8 @@ class Delivery:
         self.clock = clock
         self.max_bundle_events = max_bundle_events
         self.max_bundle_bytes = max_bundle_bytes
+        #: ACTIVITY_NAIVE_TIMESTAMPS: forward zone-less timestamps (counted), or dead-letter them.
+        self.naive_timestamps: NaiveTimestamps = naive_timestamps
         self.listener = listener
 
     def deliver(self, bundle: Bundle) -> Report:
@@ -163,7 +168,7 @@ class Delivery:
                 report.invalid += 1
                 dead.append(self._dead(deadletter.MALFORMED, problem.error, batch, index, problem.details, raw=text))
                 continue
-            errors = validate_event(event)
+            errors = validate_event(event, naive_timestamps=self.naive_timestamps)
             if errors:
                 report.invalid += 1
                 dead.append(self._dead(deadletter.INVALID, _invalid_sentence(errors), batch, index, errors,
@@ -172,6 +177,8 @@ class Delivery:
             valid.append(index)
             if first_attempt and is_stale(event, now):
                 report.stale += 1
+            if first_attempt and has_naive_timestamp(event):
+                report.naive += 1
         pending = [valid] if valid else []
         while pending:
             part = pending.pop()
@@ -323,4 +330,10 @@ def _log(report: Report, bundle: Bundle, duration: float) -> None:
         logger.warning(
             "%d events are older than 24 hours: Netcore stores them but they will not trigger a journey",
             report.stale,
+        )
+    if report.naive:
+        logger.warning(
+            "%d events have a timestamp without a zone (as in Netcore's samples): forwarded as they are, read "
+            "as UTC here; producers should add Z or an offset (ACTIVITY_NAIVE_TIMESTAMPS=reject refuses them)",
+            report.naive,
         )
