@@ -279,11 +279,12 @@ class Output:
 class WorkerProcess:
     """``celery -A worker.app worker`` in a process group of its own, its output followed."""
 
-    def __init__(self, env: Mapping[str, str], log_path: Path, *, concurrency: int = 2) -> None:
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, concurrency: int | None = None) -> None:
         self.log_path = log_path
         self.env = {**os.environ, "CELERY_BROKER_URL": BROKER_URL, "PYTHONUNBUFFERED": "1",
                     "METRICS_PORT": "0", **env}  # tests that scrape /metrics choose their own port
-        self.concurrency = concurrency
+        if concurrency is not None:  # uploads in flight at most (the pool's threads)
+            self.env["UPLOAD_CONCURRENCY"] = str(concurrency)
         self.process: subprocess.Popen[bytes] | None = None
         self.output = Output(log_path)
 
@@ -292,7 +293,7 @@ class WorkerProcess:
         mark = self.output.mark
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--loglevel=INFO",
-             f"--concurrency={self.concurrency}", "--without-gossip", "--without-mingle",
+             "--without-gossip", "--without-mingle",
              f"--hostname=test-{uuid.uuid4().hex[:8]}@%h"],
             cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )

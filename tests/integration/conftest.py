@@ -66,7 +66,7 @@ def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
     """Start workers (``start_worker(**extra_env)``); every one is killed at teardown."""
     started: list[WorkerProcess] = []
 
-    def start(concurrency: int = 2, **extra: Any) -> WorkerProcess:
+    def start(concurrency: int | None = None, **extra: Any) -> WorkerProcess:
         env = {**worker_env, **{k: str(v) for k, v in extra.items()}}
         worker = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log", concurrency=concurrency)
         started.append(worker)

@@ -39,7 +39,11 @@ class UploadFlowStep(bootsteps.StartStopStep):
             metrics=runtime.metrics,
         )
         c.on_decode_error = _reject_undecodable
-        flow.tick()
+        # Celery starts with a prefetch of UPLOAD_CONCURRENCY: take no more than the adaptive
+        # limit from the first message on (the consumer has not started consuming yet)
+        c.qos.set(max(1, runtime.concurrency.limit))
+        # the first tick comes from the timer, inside the event loop: only then has Celery given
+        # its task consumer a callback and started it (consuming earlier would lose messages)
         self._timer = c.timer.call_repeatedly(TICK, flow.tick)
 
     def stop(self, c: Any) -> None:
