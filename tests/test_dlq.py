@@ -120,10 +120,12 @@ def unparseable() -> dict[str, Any]:
 
 
 def id_of(body: dict[str, Any]) -> str:
-    """The unique id of an event, of an envelope, or of a raw-only envelope."""
+    """The unique id of an event, of an envelope, of a raw-only envelope, or of an item that is not an object."""
     if "activity_params" in body:
         return str(body["activity_params"]["event_id"])
-    return id_of(body["event"]) if body.get("event") is not None else str(body["raw"])
+    if isinstance(body.get("event"), dict):
+        return id_of(body["event"])
+    return str(body["details"]["item_id"]) if "item_id" in body.get("details", {}) else str(body["raw"])
 
 
 def fill(settings: Settings, envelopes: list[dict[str, Any]]) -> set[str]:
@@ -321,17 +323,37 @@ def test_every_subcommand_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert "--json" in capsys.readouterr().out or command != "count"
 
 
-def test_a_missing_dead_letter_queue_is_an_error_not_created(
+#: Each subcommand on a broker without the dead-letter queue, and what it prints on stdout.
+NOTHING_YET = {
+    ("count",): "dead letters: 0 (not replayable: 0)\n",
+    ("list",): "",
+    ("show", "--reason", "invalid"): "",
+    ("replay",): "replayed 0, left 0, not replayable 0\n",
+    ("replay", "--dry-run", "--reason", "poison"): "would replay 0, left 0, not replayable 0\n",
+    ("purge",): "purged 0, left 0\n",
+    ("purge", "--dry-run"): "would purge 0, left 0\n",
+}
+
+
+def test_without_a_dead_letter_queue_every_subcommand_says_there_are_none_yet_and_creates_nothing(
     settings: Settings, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    other = Settings.from_env({**env, "ACTIVITY_DEAD_LETTER_QUEUE": f"{settings.dead_letter_queue}.missing"},
-                              require_api=False)
-    with pytest.raises(dlq.DeadLetterError, match="no queue"):
-        dlq.count(other)
-    assert dlq.main(["replay"], settings=other) == 1
-    assert "no queue" in capsys.readouterr().err
-    with pytest.raises(dlq.DeadLetterError):  # still not there: nothing created it
+    missing = f"{settings.dead_letter_queue}.typo"
+    other = Settings.from_env({**env, "ACTIVITY_DEAD_LETTER_QUEUE": missing}, require_api=False)
+
+    for argv, expected in NOTHING_YET.items():
+        assert dlq.main(list(argv), settings=other) == 0, argv
+        captured = capsys.readouterr()
+        assert captured.out == expected, argv
+        assert captured.err.startswith(f"no dead letters yet: there is no queue {missing!r} on "), argv
+        assert "The worker creates it when it starts" in captured.err and "ACTIVITY_DEAD_LETTER_QUEUE" in captured.err
+        assert ":guest@" not in captured.err
+    assert dlq.main(["count", "--json"], settings=other) == 0
+    zero = json.loads(capsys.readouterr().out)
+    assert zero == dlq.Counts().as_dict() and zero["total"] == 0 and zero["by_reason"] == {}
+    with pytest.raises(dlq.NoDeadLetterQueue):  # still not there: nothing created it
         dlq.read(other)
+    assert dlq.read(settings) == []  # the real one is untouched
 
 
 class Crash(Exception):
@@ -408,6 +430,124 @@ def test_a_killed_replay_loses_nothing(settings: Settings, env: dict[str, str], 
     assert put <= replayed | left, f"lost: {sorted(put - replayed - left)}"
     assert replayed <= {id_of(body) for body in chosen}
     assert {id_of(body) for body in others} <= left
+
+
+# --- what replay can publish: objects, and poison bodies byte for byte -------------------------
+
+
+def dead_item(item: Any, reason: str = "invalid") -> dict[str, Any]:
+    """A dead letter of an array item that is not an object (dead-lettered ``invalid``), with a ledger id."""
+    return deadletter.envelope(reason=reason, error="The event cannot be routed", failed_at=FAILED_AT, event=item,
+                               details={"_schema": ["Invalid input type."], "item_id": uuid.uuid4().hex})
+
+
+def poison(tag: str, *, replays: int = 0, **parts: int) -> tuple[bytes, list[dict[str, Any]]]:
+    """A poison message's body, carrying ``tag`` (not UTF-8, with a real backslash), and its dead letters
+    (in parts of ``part_bytes``, when given)."""
+    body = b'{"asset_id": "asset-1", "id": "' + tag.encode() + b'", "note": "caf\xe9 caf\\xe9"}'
+    return body, deadletter.body_envelopes(reason=deadletter.POISON, error="delivered 10 times", failed_at=FAILED_AT,
+                                           raw=body, details={"deliveries": 10}, attempts=10, replays=replays, **parts)
+
+
+def test_only_objects_can_be_replayed_and_dry_run_and_count_agree(settings: Settings) -> None:
+    objects = [dead("invalid"), dead("invalid")]
+    others = [dead_item(7), dead_item("a string"), dead_item([1, 2]), dead_item(None), dead_item(True)]
+    put = [others[0], objects[0], others[1], others[2], objects[1], others[3], others[4]]
+    ledger = fill(settings, put)
+
+    counted = dlq.count(settings)
+    dry = dlq.replay(settings, dry_run=True)
+    report = dlq.replay(settings)
+
+    assert counted.not_replayable == dry.not_replayable == report.not_replayable == len(others)
+    assert dry.replayed == report.replayed == len(objects) and report.left == len(others)
+    replayed = take(settings, settings.queue)
+    assert [json.loads(m.body) for m in replayed] == [body["event"] for body in objects]  # never a bare 7
+    left = [json.loads(m.body) for m in take(settings, settings.dead_letter_queue)]
+    assert left == others  # kept, untouched, in order
+    assert {id_of(json.loads(m.body)) for m in replayed} | {id_of(e) for e in left} == ledger
+    assert len(replayed) + len(left) == len(put)
+
+
+def test_poison_bodies_are_replayed_byte_for_byte_whole_or_in_parts(settings: Settings) -> None:
+    small, small_dead = poison("small", replays=2)
+    large, large_dead = poison("large", part_bytes=16)
+    assert len(small_dead) == 1 and len(large_dead) > 3
+    malformed = unparseable()
+    fill(settings, [small_dead[0], malformed, *large_dead, dead("rejected")])
+
+    dry = dlq.replay(settings, reasons=["poison"], dry_run=True)
+    report = dlq.replay(settings, reasons=["poison"])
+
+    assert dry == dlq.ReplayReport(replayed=2, left=2, not_replayable=0, dry_run=True)
+    assert report == dlq.ReplayReport(replayed=2, left=2, not_replayable=0)
+    replayed = take(settings, settings.queue)
+    assert [m.body for m in replayed] == [small, large]  # the bytes they were, parts joined
+    assert [m.headers[dlq.REPLAYS_HEADER] for m in replayed] == [3, 1]
+    assert {m.properties["delivery_mode"] for m in replayed} == {2}
+    left = [json.loads(m.body) for m in take(settings, settings.dead_letter_queue)]
+    assert [e["reason"] for e in left] == ["malformed", "rejected"]  # every part acknowledged, nothing else
+
+
+def test_a_malformed_body_is_never_replayed(settings: Settings) -> None:
+    body, _ = poison("x")
+    parts = deadletter.body_envelopes(reason=deadletter.MALFORMED, error="not JSON", failed_at=FAILED_AT,
+                                      raw=body, part_bytes=16)
+    fill(settings, [*parts, unparseable()])
+
+    assert dlq.count(settings).not_replayable == 2
+    assert dlq.replay(settings) == dlq.ReplayReport(replayed=0, left=2, not_replayable=2)
+    assert ready(settings, settings.queue) == 0 and ready(settings, settings.dead_letter_queue) == len(parts) + 1
+
+
+def test_an_error_between_confirm_and_acks_leaves_every_part_of_a_replayed_poison_body(settings: Settings) -> None:
+    body, parts = poison("crash", part_bytes=16)
+    fill(settings, parts)
+
+    with pytest.raises(Crash):
+        dlq.replay(settings, publisher_class=CrashAfterFirstGroup)
+
+    assert [m.body for m in take(settings, settings.queue)] == [body]
+    left = [json.loads(m.body) for m in take(settings, settings.dead_letter_queue)]
+    assert deadletter.join(left) == body  # replayed and still dead-lettered: nothing lost
+
+
+# --- bodies in parts: one dead letter to every command ----------------------------------------
+
+
+def test_a_body_in_parts_is_one_dead_letter_to_count_list_and_purge(settings: Settings) -> None:
+    body, parts = poison("parts", part_bytes=16)
+    first, second = dead("invalid", "asset-2"), dead("rejected")
+    # a publisher's first try got two parts out before its connection broke; its retry sent them
+    # all again, while another worker's dead letters came in between
+    fill(settings, [*parts[:2], first, *parts[:3], second, *parts[3:]])
+
+    counts = dlq.count(settings)
+    listed = dlq.read(settings)
+
+    assert (counts.total, counts.scanned, counts.not_replayable, counts.incomplete) == (3, 3, 0, 0)
+    assert counts.by_reason == {"poison": 1, "invalid": 1, "rejected": 1}
+    assert listed == [first, second, *parts]  # every part shown once, in order, once all are read
+    assert deadletter.join(listed[2:]) == body
+    assert dlq.read(settings, reasons=["poison"], limit=1) == parts  # a limit takes a body whole
+    report = dlq.purge(settings, reasons=["poison"], confirm=lambda n: n == 1)
+    assert report == dlq.PurgeReport(purged=1, selected=1, left=2)
+    assert ids(take(settings, settings.dead_letter_queue)) == [id_of(first), id_of(second)]  # duplicates too
+
+
+def test_a_body_missing_a_part_is_counted_once_left_alone_and_not_replayed(settings: Settings) -> None:
+    _, parts = poison("incomplete", part_bytes=16)
+    kept = dead("rejected")
+    fill(settings, [*parts[:2], *parts[3:], kept])
+
+    counts = dlq.count(settings)
+    report = dlq.replay(settings)
+
+    assert (counts.total, counts.incomplete, counts.not_replayable) == (2, 1, 1)
+    assert "bodies in parts with a part missing: 1" in counts.table()
+    assert report == dlq.ReplayReport(replayed=1, left=1, not_replayable=1)
+    assert ids(take(settings, settings.queue)) == [id_of(kept)]
+    assert [json.loads(m.body) for m in take(settings, settings.dead_letter_queue)] == parts[:2] + parts[3:]
 
 
 # --- selection by time, counts by reason x asset_id, the replay counter ------------------------

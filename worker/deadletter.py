@@ -1,17 +1,38 @@
 """Dead letters: one message per event that can never be delivered, with the reason why.
 
-The dead-letter queue is data, to be replayed: each envelope keeps the original event whole
-(``raw`` keeps the original body when it could not be parsed). Its shape is fixed by the
-contract: ``reason``, ``error``, ``event``, ``raw``, ``details``, ``asset_id``, ``attempts``,
-``failed_at``. Replaying is :mod:`worker.dlq`'s job.
+The dead-letter queue is data, to be replayed or fixed by hand, so each envelope keeps what
+failed whole: the original event, or, for a message body that holds no events (``malformed``,
+``poison``), the body itself, byte for byte:
+
+- ``raw``: the body as text. When its bytes are UTF-8 (the usual case), this *is* the body.
+- ``raw_base64``: present only when the bytes are not UTF-8 (Latin-1, a binary blob, a lone
+  surrogate): the exact bytes, in base64. ``raw`` then only shows them readably (each bad byte
+  as ``\\xff``), which a body really holding a backslash could also look like.
+
+RabbitMQ refuses messages over its ``max_message_size`` (128 MiB by default), and the worker
+takes any body the broker accepted: its envelope, with JSON escapes, can be larger still. So a
+body over :data:`PART_BYTES` is written as several dead letters, each a whole envelope (same
+reason, error, details, ``failed_at``) with one slice of the body and a ``part`` object:
+``{"id": shared by the parts, "number": 1 to count, "count": how many, "size": bytes of the
+whole body}``. :func:`join` puts the slices back together.
+
+The other fields, ``reason``, ``error``, ``event``, ``details``, ``asset_id``, ``attempts`` and
+``failed_at``, are fixed by the contract; ``replays`` counts the event's replays before it died.
+Reading and replaying dead letters is :mod:`worker.dlq`'s job.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from worker import jsonutil
+from worker.parsing import raw_text
 from worker.publisher import Outgoing
 
 #: The body could not be read: not JSON, not UTF-8, not an object or array of objects.
@@ -39,6 +60,26 @@ REASONS = (MALFORMED, INVALID, REJECTED, UNAUTHORIZED, REFUSED, RETRIES_EXHAUSTE
 #: Header on each dead letter, so tools can filter without parsing bodies.
 REASON_HEADER = "x-dead-letter-reason"
 
+#: Most bytes of a body that one dead letter holds; a larger body is written in parts. An
+#: envelope is at most about 6.5 times its slice (JSON escapes of control characters; base64
+#: beside the readable ``raw``), so about 53 MiB: far under RabbitMQ's default
+#: max_message_size (128 MiB). Every body under the worker's own parsing limit (10 MiB) is at
+#: most two parts; most bodies are one whole envelope.
+PART_BYTES: int = 8 * 1024 * 1024
+
+Envelope = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Part:
+    """Where one dead letter's slice belongs in the body it was cut from."""
+
+    id: str
+    number: int
+    count: int
+    #: Bytes of the whole body.
+    size: int
+
 
 def envelope(
     *,
@@ -46,14 +87,16 @@ def envelope(
     error: str,
     failed_at: datetime,
     event: Any = None,
-    raw: str | None = None,
+    raw: bytes | str | None = None,
     details: dict[str, Any] | None = None,
     asset_id: str | None = None,
     attempts: int = 0,
     replays: int = 0,
-) -> dict[str, Any]:
-    """The dead-letter body for one event (or one unparseable body, with ``raw``)."""
-    body: dict[str, Any] = {
+) -> Envelope:
+    """The dead letter of one event, or of a body known to be small (``raw``: an event's
+    text), kept whole in one envelope. A message's whole body goes to :func:`body_envelopes`,
+    which splits what one message could not hold."""
+    body: Envelope = {
         "reason": reason,
         "error": error,
         "event": event,
@@ -64,10 +107,134 @@ def envelope(
         "replays": replays,
     }
     if raw is not None:
-        body["raw"] = raw
+        body.update(raw_fields(raw))
     return body
 
 
-def message(queue: str, body: dict[str, Any]) -> Outgoing:
+def body_envelopes(
+    *,
+    reason: str,
+    error: str,
+    failed_at: datetime,
+    raw: bytes | str,
+    details: dict[str, Any] | None = None,
+    asset_id: str | None = None,
+    attempts: int = 0,
+    replays: int = 0,
+    part_bytes: int = PART_BYTES,
+) -> list[Envelope]:
+    """The dead letters of a message body that holds no events we can send (``malformed``,
+    ``poison``): one envelope keeping it whole, or, when it is over ``part_bytes``, one per
+    slice, each with its ``part`` (see the module). Publish them together, as one group.
+
+    A ``str`` body is kept as its UTF-8 bytes (a lone surrogate as its ``surrogatepass``
+    bytes, so in ``raw_base64``).
+    """
+    common = envelope(reason=reason, error=error, failed_at=failed_at, details=details, asset_id=asset_id,
+                      attempts=attempts, replays=replays)
+    data = memoryview(_bytes_of(raw))
+    if len(data) <= part_bytes:
+        return [{**common, **raw_fields(data)}]
+    bounds = list(_slices(data, part_bytes))
+    part_id = uuid.uuid4().hex
+    return [
+        {**common, **raw_fields(data[start:end]),
+         "part": {"id": part_id, "number": number, "count": len(bounds), "size": len(data)}}
+        for number, (start, end) in enumerate(bounds, 1)
+    ]
+
+
+def message(queue: str, body: Envelope) -> Outgoing:
     """Wrap an envelope as a persistent message for the dead-letter queue."""
     return Outgoing(queue, jsonutil.dumps(body), {REASON_HEADER: body["reason"]})
+
+
+def messages(queue: str, bodies: Iterable[Envelope]) -> list[Outgoing]:
+    """The messages of several envelopes (the parts of one body), in order."""
+    return [message(queue, body) for body in bodies]
+
+
+def part_of(body: Envelope) -> Part | None:
+    """The ``part`` of a dead letter, or None for a whole one (or a ``part`` that makes no sense)."""
+    value = body.get("part")
+    if not isinstance(value, dict):
+        return None
+    part_id, number, count, size = (value.get(key) for key in ("id", "number", "count", "size"))
+    if not (isinstance(part_id, str) and part_id and all(_count(n) for n in (number, count, size))):
+        return None
+    if not 1 <= number <= count:
+        return None
+    return Part(part_id, number, count, size)
+
+
+def raw_body(body: Envelope) -> bytes | None:
+    """The bytes an envelope keeps (for a part, its slice), exactly; None if it keeps none.
+
+    ``raw_base64`` when present, else ``raw`` as UTF-8. Dead letters written before
+    ``raw_base64`` existed showed bytes that are not UTF-8 as ``\\xff`` in ``raw``; for them
+    this gives that text, not the original bytes.
+    """
+    encoded = body.get("raw_base64")
+    if isinstance(encoded, str):
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            return None
+    text = body.get("raw")
+    return text.encode("utf-8") if isinstance(text, str) else None
+
+
+def join(parts: Iterable[Envelope]) -> bytes:
+    """The whole body kept by the parts of one dead letter, in any order (a part read twice
+    counts once). Raises ValueError when one is missing, or they are not parts of one body."""
+    slices: dict[int, bytes] = {}
+    bodies: set[tuple[str, int, int]] = set()
+    for body in parts:
+        part = part_of(body)
+        piece = raw_body(body)
+        if part is None or piece is None:
+            raise ValueError("a dead letter without a valid part or raw body")
+        bodies.add((part.id, part.count, part.size))
+        slices.setdefault(part.number, piece)
+    if len(bodies) != 1:
+        raise ValueError(f"parts of {len(bodies)} bodies, not one")
+    ((part_id, count, size),) = bodies
+    missing = [number for number in range(1, count + 1) if number not in slices]
+    if missing:
+        raise ValueError(f"body {part_id}: parts {missing} of {count} are missing")
+    whole = b"".join(slices[number] for number in range(1, count + 1))
+    if len(whole) != size:
+        raise ValueError(f"body {part_id}: its parts hold {len(whole)} bytes, not {size}")
+    return whole
+
+
+def raw_fields(raw: bytes | str | memoryview) -> Envelope:
+    """The fields that keep a body exactly: ``raw``, and ``raw_base64`` when it is not UTF-8."""
+    data = _bytes_of(raw) if isinstance(raw, str) else raw
+    try:
+        return {"raw": str(data, "utf-8")}
+    except UnicodeDecodeError:
+        return {"raw": raw_text(bytes(data)), "raw_base64": base64.b64encode(data).decode("ascii")}
+
+
+def _bytes_of(raw: bytes | str) -> bytes:
+    return raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+
+
+def _slices(data: memoryview, part_bytes: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each slice: at most ``part_bytes`` long, and never cutting a UTF-8
+    character in two (so that each slice of a UTF-8 body is readable text on its own)."""
+    start = 0
+    while start < len(data):
+        end = min(start + part_bytes, len(data))
+        if end < len(data):
+            # a UTF-8 character is at most 4 bytes: its continuation bytes are 10xxxxxx
+            lead = next((cut for cut in range(end, max(start, end - 4), -1) if data[cut] & 0xC0 != 0x80), end)
+            end = lead
+        yield start, end
+        start = end
+
+
+def _count(value: Any) -> bool:
+    """Is ``value`` a whole number (not a bool), 0 or more?"""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -8,6 +8,14 @@ interrupted at any moment, a run loses nothing, and at worst leaves an event bot
 still dead-lettered. Purging acknowledges only the selected dead letters, and only once the
 operator confirmed how many: every other one goes back untouched.
 
+Replay publishes what can become events again: an event that is a JSON object, alone, as a
+producer sends it, and a ``poison`` message's body, byte for byte. A ``malformed`` body (and
+an array item such as ``7``) stays, to be fixed by hand. A large body is kept in several dead
+letters (parts, :mod:`worker.deadletter`): every command takes them as one.
+
+Before the worker first ran there is no dead-letter queue: every command then says so, does
+nothing (it never creates the queue, so a typo in its name shows), and exits 0.
+
 Replayed events carry the header ``x-replays``; the ingest consumer copies it into any dead
 letter it writes for them (``malformed``, ``invalid``, ``poison``), so ``count`` shows events
 that keep coming back. A known limit: dead letters written later by the upload task
@@ -30,17 +38,18 @@ from config.settings import Settings, SettingsError
 from worker import jsonutil
 from worker.dlq_commands import GROUP_SIZE, REPLAYS_HEADER, PurgeReport, ReplayReport, count, purge, read, replay
 from worker.dlq_select import (
-    NO_ASSET, PROGRESS_EVERY, TOP_ASSETS, UNREADABLE, Counts, DeadLetterError, Envelope, Progress, Selection,
-    parse_when,
+    NO_ASSET, PROGRESS_EVERY, TOP_ASSETS, UNREADABLE, Counts, DeadLetterError, Envelope, NoDeadLetterQueue, Progress,
+    Selection, parse_when,
 )
 from worker.errors import PublishError
 
-__all__ = ["GROUP_SIZE", "NO_ASSET", "REPLAYS_HEADER", "UNREADABLE", "Counts", "DeadLetterError", "PurgeReport",
-           "ReplayReport", "Selection", "count", "main", "purge", "read", "replay"]
+__all__ = ["GROUP_SIZE", "NO_ASSET", "REPLAYS_HEADER", "UNREADABLE", "Counts", "DeadLetterError", "NoDeadLetterQueue",
+           "PurgeReport", "ReplayReport", "Selection", "count", "main", "purge", "read", "replay"]
 
 #: What ``replay --help`` says.
-REPLAY_HELP = ("Publish the matching events back to the activities queue, as producers send them. A dead letter "
-               "is removed only once the broker confirmed its replay. Envelopes without an event stay.")
+REPLAY_HELP = ("Publish the matching events back to the activities queue, as producers send them, and poison "
+               "messages' bodies byte for byte. A dead letter is removed only once the broker confirmed its "
+               "replay. Malformed bodies and array items that are not objects stay.")
 
 #: What ``purge --help`` says.
 PURGE_HELP = ("Remove the matching dead letters for good, after saying how many and reading 'purge N' on stdin "
@@ -107,6 +116,18 @@ def _ask(how_many: int) -> bool:
     return answer.strip() == f"purge {how_many}"
 
 
+def _nothing_yet(args: argparse.Namespace, notice: NoDeadLetterQueue) -> int:
+    """No dead-letter queue yet: say so on stderr, print what an empty queue gives, exit 0."""
+    print(notice, file=sys.stderr)
+    if args.command == "count":
+        print(jsonutil.dumps(Counts().as_dict()).decode() if args.json else Counts().table())
+    elif args.command == "replay":
+        print(ReplayReport(0, 0, 0, args.dry_run))
+    elif args.command == "purge":
+        print(PurgeReport(0, 0, 0, dry_run=args.dry_run))
+    return 0
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     criteria = {"reasons": args.reason, "asset_ids": args.asset_id, "since": args.since, "until": args.until}
     if args.since and args.until and args.since >= args.until:
@@ -136,12 +157,14 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 def main(
     argv: Sequence[str] | None = None, *, settings: Settings | None = None, prog: str = "python -m worker.dlq"
 ) -> int:
-    """Run one command; return the exit status (1: broker or queue problem, or a purge not confirmed; 2: bad
-    settings or arguments; 130: interrupted)."""
+    """Run one command; return the exit status (0 also when there is no dead-letter queue yet; 1: broker
+    problem, or a purge not confirmed; 2: bad settings or arguments; 130: interrupted)."""
     args = _parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     try:
         return _run(args, settings or Settings.from_env(require_api=False))
+    except NoDeadLetterQueue as notice:
+        return _nothing_yet(args, notice)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

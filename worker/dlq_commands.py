@@ -1,9 +1,12 @@
 """The dead-letter commands as functions: count, read, replay and purge (:mod:`worker.dlq` runs them).
 
 Each reads the dead-letter queue through one :class:`~worker.dlq_select.Reader`, which holds
-every dead letter it read unacknowledged until its channel closes; each removes a dead letter
-only by acknowledging it, and only once what replaces it (a replayed event) is confirmed by the
-broker, or once the operator confirmed its removal (purge). See :mod:`worker.dlq`.
+every dead letter it read unacknowledged until its channel closes, and takes the parts of a
+large body as one dead letter (:class:`~worker.dlq_select.Letters`). Each removes a dead letter
+only by acknowledging it (every part of it), and only once what replaces it (a replayed event
+or body) is confirmed by the broker, or once the operator confirmed its removal (purge). Raises
+:class:`~worker.dlq_select.NoDeadLetterQueue` when there is no dead-letter queue yet. See
+:mod:`worker.dlq`.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from config.settings import Settings
-from worker import jsonutil
-from worker.dlq_select import Counts, Envelope, Progress, Reader, Selection, replays_of
+from worker import deadletter, jsonutil
+from worker.dlq_select import Counts, Envelope, Letter, Letters, Progress, Reader, Selection, replayable, replays_of
 from worker.ingest import REPLAYS_HEADER  # on replayed events; the consumer copies it into their dead letters
 from worker.publisher import Outgoing, Publisher
 from worker.broker.topology import Topology
@@ -24,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 #: Dead letters replayed per publish-confirm round trip; their acks follow the confirm.
 GROUP_SIZE = 500
+
+#: Bytes of replayed bodies past which a group is published before it is full: poison
+#: bodies can be large, and a group is held in memory until the broker confirms it.
+GROUP_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -63,14 +70,15 @@ def count(
     settings: Settings, *, reasons: Collection[str] = (), asset_ids: Collection[str] = (),
     since: datetime | None = None, until: datetime | None = None,
 ) -> Counts:
-    """Count the matching dead letters (all by default) by reason and asset_id, leaving every one in the queue."""
+    """Count the matching dead letters (all by default) by reason and asset_id, leaving every one in the
+    queue. A body in parts counts once."""
     selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
     counts = Counts()
     with Reader(settings) as reader:
-        for _, envelope in reader:
+        for letter in Letters(reader):
             counts.scanned += 1
-            if selection.matches(envelope):
-                counts.add(envelope)
+            if selection.matches(letter.envelope):
+                counts.add(letter)
     return counts
 
 
@@ -78,15 +86,21 @@ def read(
     settings: Settings, *, reasons: Collection[str] = (), asset_ids: Collection[str] = (),
     since: datetime | None = None, until: datetime | None = None, limit: int | None = None,
 ) -> list[Envelope]:
-    """The envelopes that match the filters (all of them by default), in queue order, left in place."""
+    """The envelopes that match the filters (all of them by default), in queue order, left in place.
+
+    Every part of a body in parts is listed (together, in order: :func:`worker.deadletter.join`
+    puts them back together); ``limit`` counts such a body once.
+    """
     selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
     found: list[Envelope] = []
+    chosen = 0
     with Reader(settings) as reader:
-        for _, envelope in reader:
-            if limit is not None and len(found) >= limit:
+        for letter in Letters(reader):
+            if limit is not None and chosen >= limit:
                 break
-            if selection.matches(envelope):
-                found.append(envelope)
+            if selection.matches(letter.envelope):
+                found += letter.envelopes
+                chosen += 1
     return found
 
 
@@ -96,62 +110,73 @@ def replay(
     dry_run: bool = False, group_size: int = GROUP_SIZE, publisher_class: type[Publisher] = Publisher,
     on_replay: Callable[[Envelope], None] | None = None, progress: Progress | None = None,
 ) -> ReplayReport:
-    """Publish the selected dead letters' events to ``settings.queue``, then acknowledge them.
+    """Publish the selected dead letters to ``settings.queue`` as producers send them, then acknowledge them.
 
+    What is published: an event, alone, as JSON; a ``poison`` message's body, byte for byte
+    (its parts joined). Nothing else is replayable (:func:`~worker.dlq_select.replayable`).
     Each group is published and confirmed before any of its dead letters is acknowledged,
     so an error (raised to the caller) or a crash leaves each event in ``activities``, in the
-    dead-letter queue, or both. Envelopes without an event are never replayed.
+    dead-letter queue, or both. ``on_replay`` sees each envelope replayed (every part).
     """
     selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
-    replayed = not_replayable = held = 0
-    group: list[tuple[int, Outgoing]] = []
+    replayed = not_replayable = group_bytes = 0
+    group: list[tuple[list[int], Outgoing]] = []
     publisher = None if dry_run else publisher_class(settings.broker_url, declare=[Topology.of(settings).source_queue()])
 
     def flush(reader: Reader) -> None:
-        nonlocal replayed
+        nonlocal replayed, group_bytes
         if not group or publisher is None:
             return
         publisher.publish([outgoing for _, outgoing in group])
-        if held == 0:  # every message read so far is in this group: one ack covers them all
-            reader.channel.basic_ack(group[-1][0], multiple=True)
-        else:
-            for delivery_tag, _ in group:
-                reader.channel.basic_ack(delivery_tag)
+        reader.ack([tag for tags, _ in group for tag in tags])
         replayed += len(group)
         logger.debug("Replayed %d dead letters to %s (%d in all)", len(group), settings.queue, replayed)
         group.clear()
+        group_bytes = 0
 
     try:
         with Reader(settings) as reader:
-            for delivery_tag, envelope in reader:
+            letters = Letters(reader)
+            for letter in letters:
                 if limit is not None and replayed + len(group) >= limit:
-                    break  # this message's tag is above the group's: no ack can reach it
+                    break  # left unacknowledged: back in the queue when the channel closes
                 if progress is not None:
                     progress.update(reader.read, reader.start_count, replayed + len(group))
-                chosen = selection.matches(envelope)
-                if not chosen or envelope.get("event") is None:
-                    held += 1
-                    not_replayable += chosen
+                if not selection.matches(letter.envelope):
+                    continue
+                if not replayable(letter):
+                    not_replayable += 1
                     continue
                 if on_replay is not None:
-                    on_replay(envelope)
+                    for envelope in letter.envelopes:
+                        on_replay(envelope)
                 if dry_run:
                     replayed += 1
                     continue
-                headers = {REPLAYS_HEADER: replays_of(envelope) + 1}
-                body = jsonutil.dumps(envelope["event"])  # what a producer sends: the event alone
-                group.append((delivery_tag, Outgoing(settings.queue, body, headers)))
-                if len(group) >= group_size:
+                outgoing = _replayed(settings.queue, letter)
+                group.append((letter.delivery_tags, outgoing))
+                group_bytes += len(outgoing.body)
+                if len(group) >= group_size or group_bytes >= GROUP_BYTES:
                     flush(reader)
             flush(reader)
-            start_count = reader.start_count
+            left = letters.seen - replayed + reader.start_count - reader.read
             if progress is not None:
-                progress.update(reader.read, start_count, replayed, final=True)
+                progress.update(reader.read, reader.start_count, replayed, final=True)
     finally:
         if publisher is not None:
             publisher.close()
     logger.info("%s %d dead letters to %s", "Would replay" if dry_run else "Replayed", replayed, settings.queue)
-    return ReplayReport(replayed, start_count - replayed, not_replayable, dry_run)
+    return ReplayReport(replayed, left, not_replayable, dry_run)
+
+
+def _replayed(queue: str, letter: Letter) -> Outgoing:
+    """The message that replays a (replayable) dead letter, counting the replay in ``x-replays``."""
+    headers = {REPLAYS_HEADER: replays_of(letter.envelope) + 1}
+    if letter.envelope.get("reason") == deadletter.POISON:
+        body = letter.body()
+        assert body is not None  # replayable
+        return Outgoing(queue, body, headers, content_encoding=None)  # the bytes it was: not re-encoded
+    return Outgoing(queue, jsonutil.dumps(letter.envelope["event"]), headers)  # what a producer sends
 
 
 def purge(
@@ -159,7 +184,7 @@ def purge(
     asset_ids: Collection[str] = (), since: datetime | None = None, until: datetime | None = None,
     limit: int | None = None, dry_run: bool = False, progress: Progress | None = None,
 ) -> PurgeReport:
-    """Remove the selected dead letters, once ``confirm(how_many)`` said yes.
+    """Remove the selected dead letters (a body in parts: all its parts), once ``confirm(how_many)`` said yes.
 
     Every dead letter read is held unacknowledged on one channel while ``confirm`` runs, so
     what is confirmed is exactly what goes (dead letters arriving meanwhile are not read).
@@ -169,21 +194,24 @@ def purge(
     """
     selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
     chosen: list[int] = []
+    selected = 0
     with Reader(settings) as reader:
-        for delivery_tag, envelope in reader:
-            if limit is not None and len(chosen) >= limit:
+        letters = Letters(reader)
+        for letter in letters:
+            if limit is not None and selected >= limit:
                 break
             if progress is not None:
-                progress.update(reader.read, reader.start_count, len(chosen))
-            if selection.matches(envelope):
-                chosen.append(delivery_tag)
+                progress.update(reader.read, reader.start_count, selected)
+            if selection.matches(letter.envelope):
+                chosen += letter.delivery_tags
+                selected += 1
         if progress is not None:
-            progress.update(reader.read, reader.start_count, len(chosen), final=True)
-        start_count = reader.start_count
+            progress.update(reader.read, reader.start_count, selected, final=True)
+        present = letters.seen + reader.start_count - reader.read
         if dry_run:
-            return PurgeReport(0, len(chosen), start_count - len(chosen), dry_run=True)
-        if not chosen or not confirm(len(chosen)):
-            return PurgeReport(0, len(chosen), start_count, confirmed=not chosen)
+            return PurgeReport(0, selected, present - selected, dry_run=True)
+        if not selected or not confirm(selected):
+            return PurgeReport(0, selected, present, confirmed=not selected)
         reader.ack(chosen)
-    logger.warning("Purged %d dead letters from %s", len(chosen), settings.dead_letter_queue)
-    return PurgeReport(len(chosen), len(chosen), start_count - len(chosen))
+    logger.warning("Purged %d dead letters from %s", selected, settings.dead_letter_queue)
+    return PurgeReport(selected, selected, present - selected)

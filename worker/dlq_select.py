@@ -3,8 +3,11 @@
 :class:`Reader` fetches the dead-letter queue's messages with ``basic_get`` and holds every
 one unacknowledged on its channel until it closes: closing (or a crash) hands each back to its
 place in the queue. What a command removes, it acknowledges itself, by delivery tag.
-:class:`Selection` says which dead letters a command acts on (reason, asset_id, time range of
-``failed_at``), :class:`Counts` tallies them and :class:`Progress` reports long runs.
+:class:`Letters` turns those messages into the dead letters a person means: one envelope, or
+every part of one large body (:mod:`worker.deadletter`), counted, selected, replayed and
+purged together. :class:`Selection` says which dead letters a command acts on (reason,
+asset_id, time range of ``failed_at``), :func:`replayable` which of them replay can publish,
+:class:`Counts` tallies them and :class:`Progress` reports long runs.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TextIO
@@ -22,7 +25,7 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from config.settings import Settings
-from worker import jsonutil
+from worker import deadletter, jsonutil
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +45,12 @@ Envelope = dict[str, Any]
 
 
 class DeadLetterError(Exception):
-    """The dead-letter queue cannot be read: the broker is unreachable or the queue missing."""
+    """The dead-letter queue cannot be read: the broker is unreachable."""
+
+
+class NoDeadLetterQueue(DeadLetterError):
+    """The dead-letter queue does not exist: nothing was ever dead-lettered there (a fresh
+    deployment), or its name has a typo. Not an error for the commands: there is nothing to do."""
 
 
 def parse_when(text: str) -> datetime:
@@ -119,19 +127,24 @@ class Counts:
     """How many dead letters there are, by reason, by asset_id and by both."""
 
     total: int = 0
+    #: What replay would leave: see :func:`replayable`.
     not_replayable: int = 0
     #: Dead letters whose event had been replayed before (``replays`` > 0): a loop, maybe.
     replayed: int = 0
+    #: Bodies in parts with a part missing (in the queue, one might still be on its way).
+    incomplete: int = 0
     #: Dead letters read, selected or not.
     scanned: int = 0
     by_reason: Counter[str] = field(default_factory=Counter)
     by_asset_id: Counter[str] = field(default_factory=Counter)
     by_reason_and_asset_id: Counter[tuple[str, str]] = field(default_factory=Counter)
 
-    def add(self, envelope: Envelope) -> None:
+    def add(self, letter: Letter) -> None:
+        envelope = letter.envelope
         reason, asset_id = str(envelope.get("reason")), str(envelope.get("asset_id") or NO_ASSET)
         self.total += 1
-        self.not_replayable += envelope.get("event") is None
+        self.not_replayable += not replayable(letter)
+        self.incomplete += not letter.complete
         self.replayed += replays_of(envelope) > 0
         self.by_reason[reason] += 1
         self.by_asset_id[asset_id] += 1
@@ -142,14 +155,19 @@ class Counts:
         for (reason, asset_id), number in self.by_reason_and_asset_id.most_common():
             both.setdefault(reason, {})[asset_id] = number
         return {"total": self.total, "not_replayable": self.not_replayable, "replayed": self.replayed,
-                "scanned": self.scanned, "by_reason": dict(self.by_reason.most_common()),
+                "incomplete": self.incomplete, "scanned": self.scanned,
+                "by_reason": dict(self.by_reason.most_common()),
                 "by_asset_id": dict(self.by_asset_id.most_common()), "by_reason_and_asset_id": both}
 
     def table(self, top: int = TOP_ASSETS) -> str:
         """Small text tables, largest counts first, at most ``top`` asset_ids in each."""
         of = f" of {self.scanned} in the queue" if self.scanned > self.total else ""
-        lines = [f"dead letters: {self.total}{of} (not replayable: {self.not_replayable})",
-                 f"replayed before and dead again: {self.replayed}"]
+        lines = [f"dead letters: {self.total}{of} (not replayable: {self.not_replayable})"]
+        if not self.total:
+            return lines[0]
+        lines.append(f"replayed before and dead again: {self.replayed}")
+        if self.incomplete:
+            lines.append(f"bodies in parts with a part missing: {self.incomplete}")
         assets = [asset_id for asset_id, _ in self.by_asset_id.most_common(top)]
         more = len(self.by_asset_id) - len(assets)
         for title, counter in (("reason", self.by_reason), ("asset_id", self.by_asset_id)):
@@ -218,6 +236,9 @@ class Reader:
         self.queue = settings.dead_letter_queue
         self.start_count = 0
         self.read = 0
+        #: Every tag below it is acknowledged; :attr:`_acked` holds those acknowledged above it.
+        self._floor = 1
+        self._acked: set[int] = set()
         self._connection = Connection(settings.broker_url, heartbeat=0, connect_timeout=10)
 
     def __enter__(self) -> Reader:
@@ -229,7 +250,11 @@ class Reader:
             _, self.start_count, _ = self.channel.queue_declare(self.queue, durable=True, passive=True)
         except amqp.exceptions.NotFound:
             self._connection.release()
-            raise DeadLetterError(f"there is no queue {self.queue!r} on {where}") from None
+            raise NoDeadLetterQueue(
+                f"no dead letters yet: there is no queue {self.queue!r} on {where}. The worker creates it "
+                "when it starts; if a worker has run against this broker, check ACTIVITY_DEAD_LETTER_QUEUE "
+                "for a typo."
+            ) from None
         except (OperationalError, OSError) as exc:
             self._connection.release()
             raise DeadLetterError(f"cannot reach the broker at {where}: {exc}") from None
@@ -244,15 +269,27 @@ class Reader:
             self.read += 1
             yield message.delivery_tag, envelope_of(message.body)
 
-    def ack(self, delivery_tags: list[int]) -> None:
-        """Acknowledge these messages (ascending tags): one frame for a run from tag 1, then one each."""
-        prefix = 0
-        while prefix < len(delivery_tags) and delivery_tags[prefix] == prefix + 1:
-            prefix += 1
-        if prefix:
-            self.channel.basic_ack(prefix, multiple=True)
-        for delivery_tag in delivery_tags[prefix:]:
-            self.channel.basic_ack(delivery_tag)
+    def ack(self, delivery_tags: Collection[int]) -> None:
+        """Acknowledge these messages, read and not yet acknowledged.
+
+        One frame with ``multiple`` covers the run of them from the oldest message still
+        held, as long as it holds no other (``multiple`` would take that one too); the rest
+        go one frame each.
+        """
+        tags = set(delivery_tags)
+        run_end, tag = 0, self._floor
+        while tag <= self.read and (tag in tags or tag in self._acked):
+            run_end = tag if tag in tags else run_end
+            tag += 1
+        if run_end:
+            self.channel.basic_ack(run_end, multiple=True)
+        for delivery_tag in sorted(tags):
+            if delivery_tag > run_end:
+                self.channel.basic_ack(delivery_tag)
+        self._acked |= tags
+        while self._floor in self._acked:
+            self._acked.discard(self._floor)
+            self._floor += 1
 
     def __exit__(self, *exc_info: object) -> None:
         """Close the channel: every message read and not acknowledged goes back to the queue.
@@ -269,12 +306,103 @@ class Reader:
 
 
 def envelope_of(body: bytes | str) -> Envelope:
-    """The envelope of a dead letter; a stand-in (not replayable) if its body is not one."""
+    """The envelope of a dead letter; a stand-in (not replayable) if its body is not one,
+    keeping that body as an envelope would (``raw``, and ``raw_base64`` if it is not UTF-8)."""
     try:
         value = jsonutil.loads(body)
     except ValueError:
         value = None
     if isinstance(value, dict):
         return value
-    raw = body if isinstance(body, str) else body.decode("utf-8", "replace")
-    return {"reason": UNREADABLE, "error": "this dead letter is not a JSON envelope", "event": None, "raw": raw}
+    return {"reason": UNREADABLE, "error": "this dead letter is not a JSON envelope", "event": None,
+            **deadletter.raw_fields(body)}
+
+
+@dataclass
+class Letter:
+    """One dead letter as a person means it: one envelope, or every part of one body.
+
+    The parts of a body share its reason, asset_id and ``failed_at``, so a selection takes
+    all of them or none; ``envelope`` (the first part) stands for them. ``complete`` is
+    False when a part is missing from the pass (or a ``part`` makes no sense).
+    """
+
+    envelopes: list[Envelope]
+    delivery_tags: list[int]
+    complete: bool = True
+    _body: bytes | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def envelope(self) -> Envelope:
+        return self.envelopes[0]
+
+    def body(self) -> bytes | None:
+        """The body it keeps, exactly (parts joined); None if it keeps none, or not all of it."""
+        if self._body is None and self.complete:
+            try:
+                self._body = (deadletter.join(self.envelopes) if deadletter.part_of(self.envelope)
+                              else deadletter.raw_body(self.envelope))
+            except ValueError:
+                self.complete = False
+        return self._body
+
+
+class Letters:
+    """The dead letters of a :class:`Reader`'s pass: each envelope alone, except parts.
+
+    The parts of one body come out as one :class:`Letter` once all are read, in whatever
+    order (a part read twice, as a publisher's retry can leave it, is taken once and
+    acknowledged with the rest). Those still missing a part when the pass ends come out last,
+    incomplete: the command counts them, and leaves them in the queue.
+    """
+
+    def __init__(self, messages: Iterable[tuple[int, Envelope]]) -> None:
+        self.messages = messages
+        #: Letters given out so far.
+        self.given = 0
+        #: Bodies whose parts are still being gathered, by part id: the letter, its part numbers.
+        self.gathering: dict[str, tuple[Letter, set[int]]] = {}
+
+    @property
+    def seen(self) -> int:
+        """Dead letters met so far, given out or still gathering parts."""
+        return self.given + len(self.gathering)
+
+    def __iter__(self) -> Iterator[Letter]:
+        for delivery_tag, envelope in self.messages:
+            part = deadletter.part_of(envelope)
+            if part is None:
+                yield self._give(Letter([envelope], [delivery_tag], complete="part" not in envelope))
+                continue
+            letter, numbers = self.gathering.setdefault(part.id, (Letter([], [], complete=False), set()))
+            letter.delivery_tags.append(delivery_tag)
+            if part.number not in numbers:
+                numbers.add(part.number)
+                letter.envelopes.append(envelope)
+            if len(numbers) == part.count:
+                del self.gathering[part.id]
+                letter.envelopes.sort(key=lambda e: e["part"]["number"])
+                letter.complete = True
+                yield self._give(letter)
+        for part_id in list(self.gathering):  # in the order they were first met
+            letter, _ = self.gathering.pop(part_id)
+            letter.envelopes.sort(key=lambda e: e["part"]["number"])
+            yield self._give(letter)
+
+    def _give(self, letter: Letter) -> Letter:
+        self.given += 1
+        return letter
+
+
+def replayable(letter: Letter) -> bool:
+    """Can replay publish this dead letter? The one rule that replay, its dry run and
+    ``count``'s "not replayable" share.
+
+    Only a JSON object can be an event: an array item such as ``7`` (dead-lettered
+    ``invalid``) would come back as a body that is not one, ``malformed`` for good, so it
+    stays. A ``poison`` message is published again as the very bytes it was, once every part
+    of it is here. A ``malformed`` body holds no events: it is there to be fixed by hand.
+    """
+    if letter.envelope.get("reason") == deadletter.POISON:
+        return letter.body() is not None
+    return isinstance(letter.envelope.get("event"), dict)

@@ -30,7 +30,7 @@ from worker.batching import Batch, Batcher, Ticket
 from worker.clock import Clock
 from worker.errors import PublishError
 from worker.broker.messages import INGEST_TASK
-from worker.parsing import ACCEPTED_ENCODINGS, JSON_CONTENT_TYPE, MAX_MESSAGE_BYTES, MalformedBody, parse_body, raw_text
+from worker.parsing import ACCEPTED_ENCODINGS, JSON_CONTENT_TYPE, MAX_MESSAGE_BYTES, MalformedBody, parse_body
 from worker.publisher import Outgoing, PublishFn
 from worker.validation import routing_key_of, validate_event
 
@@ -199,11 +199,11 @@ class Ingest:
         self.counts["malformed"] += 1
         metrics.unreadable(deadletter.MALFORMED)
         logger.warning("Dead-lettering an unreadable message: %s", error)
-        dead = deadletter.envelope(
-            reason=deadletter.MALFORMED, error=error, raw=raw_text(message.body), details=details,
+        dead = deadletter.body_envelopes(
+            reason=deadletter.MALFORMED, error=error, raw=message.body, details=details,
             failed_at=self.clock.now(), replays=_replays_of(message),
         )
-        self._hand_off([deadletter.message(self.settings.dead_letter_queue, dead)], [ticket.release])
+        self._hand_off(deadletter.messages(self.settings.dead_letter_queue, dead), [ticket.release])
 
     def _poison(self, message: Message, ticket: Ticket, deliveries: int) -> None:
         """A message that was delivered ``deliveries`` times and never handled: each time the
@@ -216,12 +216,12 @@ class Ingest:
             "worker's logs around failed_at, then replay its raw body once the cause is fixed."
         )
         logger.error("Dead-lettering a message delivered %d times (poison)", deliveries)
-        dead = deadletter.envelope(
-            reason=deadletter.POISON, error=error, raw=raw_text(message.body),
+        dead = deadletter.body_envelopes(
+            reason=deadletter.POISON, error=error, raw=message.body,
             details={"deliveries": deliveries}, attempts=deliveries, failed_at=self.clock.now(),
             replays=_replays_of(message),
         )
-        self._hand_off([deadletter.message(self.settings.dead_letter_queue, dead)], [ticket.release])
+        self._hand_off(deadletter.messages(self.settings.dead_letter_queue, dead), [ticket.release])
 
     def _invalid(self, event: Any, replays: int = 0) -> Outgoing:
         self.counts["invalid"] += 1

@@ -2,8 +2,9 @@
 
 A body is UTF-8 JSON: one event object or a non-empty array of them, the body one would POST
 to the Activity API. Anything else raises :class:`MalformedBody`, and the whole message is
-dead-lettered (reason ``malformed``, with :func:`raw_text`). Each event's *shape* is checked
-later by :mod:`worker.validation`, one by one, so a bad item does not sink its neighbours.
+dead-lettered (reason ``malformed``, the body kept whole by :mod:`worker.deadletter`). Each
+event's *shape* is checked later by :mod:`worker.validation`, one by one, so a bad item does
+not sink its neighbours.
 
 Why :mod:`json` and not orjson: orjson is three to four times faster (3.4 us against 11.5 us
 for a typical 650-byte event, timeit), but keeps only the last of two duplicate keys and turns
@@ -285,16 +286,14 @@ def parse_body(
     return value
 
 
-def raw_text(body: bytes | str, limit: int = 1_000_000) -> str:
-    """The body as text for the dead-letter ``raw`` field: UTF-8 with ``backslashreplace``, so
-    bytes that are not UTF-8 (and lone surrogates of a ``str``) survive in a visible, reversible
-    form and the dead letter stays valid UTF-8. Whole unless longer than ``limit`` (bytes, or
-    characters for a ``str``): then cut there and marked, so 10 MB do not make a 10 MB letter.
+def raw_text(body: bytes | str) -> str:
+    """The body as readable text: UTF-8, with each byte that is not UTF-8 (and each lone
+    surrogate of a ``str``) shown as a ``\\xff`` (``\\ud800``) escape, so it always fits in a
+    UTF-8 dead letter. Never cut.
+
+    Only a rendering: a body that really holds the four characters ``\\xff`` reads the same.
+    A dead letter therefore keeps such a body's exact bytes beside it (``raw_base64``, see
+    :mod:`worker.deadletter`).
     """
-    head = body[:limit]
-    data = head.encode("utf-8", "backslashreplace") if isinstance(head, str) else bytes(head)
-    text = data.decode("utf-8", "backslashreplace")
-    if len(body) <= limit:
-        return text
-    unit = "characters" if isinstance(body, str) else "bytes"
-    return f"{text}... [truncated: the body is {len(body)} {unit} long]"
+    data = body.encode("utf-8", "backslashreplace") if isinstance(body, str) else bytes(body)
+    return data.decode("utf-8", "backslashreplace")

@@ -24,7 +24,6 @@ from worker import deadletter, jsonutil
 from worker.broker.messages import UPLOAD_TASK, read_bundle
 from worker.clock import Clock, SystemClock
 from worker.errors import PublishError
-from worker.parsing import raw_text
 from worker.publisher import Outgoing, Publisher, PublishFn
 from worker.runtime import runtime_of
 
@@ -50,8 +49,8 @@ def envelopes(body: bytes | str, headers: dict[str, Any], *, queue: str, clock: 
     if bundle is None:
         error = (f"RabbitMQ dead-lettered this message from {where}: the worker could not handle it and could "
                  "not read events out of it. Its whole body is in raw; see the worker's log at failed_at.")
-        return [deadletter.message(queue, deadletter.envelope(
-            reason=deadletter.UNHANDLED, error=error, raw=raw_text(body), details=details, failed_at=clock.now()))]
+        return deadletter.messages(queue, deadletter.body_envelopes(
+            reason=deadletter.UNHANDLED, error=error, raw=body, details=details, failed_at=clock.now()))
     error = (f"RabbitMQ dead-lettered this upload task from {where}: the worker failed on it without handling "
              "the failure (see its log and Sentry at failed_at). The event may or may not have reached Netcore; "
              "replay it once the cause is fixed.")
@@ -99,9 +98,9 @@ class Salvage:
             letters = envelopes(message.body, headers, queue=self.dead_letter_queue, clock=self.clock)
         except Exception:  # a bug here: keep the message whole rather than lose it
             logger.exception("Salvage: could not read a dead-lettered message; writing it whole")
-            letters = [deadletter.message(self.dead_letter_queue, deadletter.envelope(
+            letters = deadletter.messages(self.dead_letter_queue, deadletter.body_envelopes(
                 reason=deadletter.UNHANDLED, error="The worker could not read this dead-lettered message.",
-                raw=raw_text(message.body), failed_at=self.clock.now()))]
+                raw=message.body, failed_at=self.clock.now()))
         try:
             self.publish(letters)
         except PublishError as exc:
