@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 import pytest
 from kombu import Connection, Consumer, Queue
 
-from config.settings import Settings
+from config.settings import MAX_BACKOFF, Settings
 from worker import jsonutil
-from worker.broker.topology import Topology
+from worker.broker.topology import Topology, delay_ladder
 from worker.publisher import Outgoing, Publisher
 
 #: The broker every integration test uses (the worker's own default).
@@ -98,6 +98,8 @@ class QueueSet:
     """Queue names of one test, so tests never see each other's messages."""
 
     prefix: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:10]}")
+    #: ACTIVITY_QUEUE_TYPE=quorum for the worker, the producers and the test's own declarations.
+    quorum: bool = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -106,6 +108,7 @@ class QueueSet:
             "ACTIVITY_DEAD_LETTER_QUEUE": f"{self.prefix}.dead",
             "ACTIVITY_TASK_QUEUE": f"{self.prefix}.celery",
             "ACTIVITY_UPLOAD_QUEUE": f"{self.prefix}.upload",
+            "ACTIVITY_QUEUE_TYPE": "quorum" if self.quorum else "classic",
         }
 
     @property
@@ -118,9 +121,12 @@ class QueueSet:
             Topology.of(self.settings).dead_letter_queue()(connection.default_channel).declare()
 
     def names(self) -> list[str]:
-        """Every queue a worker with these settings may declare."""
+        """Every queue a worker with these settings may declare, whatever its backoff settings
+        (every ladder of delay queues is the start of the longest one)."""
         topology = Topology.of(self.settings)
-        return [*self.env.values(), topology.unhandled, *(topology.delay_name(r) for r in topology.rungs)]
+        queues = [self.env[name] for name in ("ACTIVITY_QUEUE", "ACTIVITY_DEAD_LETTER_QUEUE", "ACTIVITY_TASK_QUEUE",
+                                              "ACTIVITY_UPLOAD_QUEUE")]
+        return [*queues, topology.unhandled, *(topology.delay_name(r) for r in delay_ladder(MAX_BACKOFF))]
 
     def delete(self) -> None:
         with Connection(BROKER_URL) as connection:
@@ -163,12 +169,14 @@ def publish_events(queue: str, payloads: Iterable[Any], **kwargs: Any) -> int:
 class DeadLetters:
     """Collects the dead-letter queue's envelopes as they arrive (event-driven, acked)."""
 
-    def __init__(self, queue: str) -> None:
+    def __init__(self, queue: str, *, quorum: bool = False) -> None:
         self.queue = queue
         self.envelopes: list[dict[str, Any]] = []
         self._connection = Connection(BROKER_URL)
+        arguments = {"x-queue-type": "quorum"} if quorum else None
         self._consumer = Consumer(
-            self._connection.channel(), [Queue(queue, durable=True)], callbacks=[self._on_message],
+            self._connection.channel(), [Queue(queue, durable=True, queue_arguments=arguments)],
+            callbacks=[self._on_message],
             accept=["json"], prefetch_count=2000,
         )
         self._consumer.consume()

@@ -112,6 +112,8 @@ def test_retry_after_pauses_everything_until_then_capped() -> None:
     assert circuit.state is State.PAUSED and circuit.permit() is None
     assert circuit.wait_left() == 8.0  # capped at the longest probe interval
     assert not Circuit.counts(permit, rate_limited=True)
+    circuit.succeeded(Permit())  # an upload that was already in flight went through: the wait holds
+    assert circuit.state is State.PAUSED
     clock.advance(8.0)
     assert circuit.poll() is State.HALF_OPEN
 

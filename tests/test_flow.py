@@ -232,3 +232,72 @@ def test_an_older_workers_message_is_read_as_one_batch() -> None:
 def test_anything_else_is_refused_with_a_sentence(args: list[Any]) -> None:
     with pytest.raises(ValueError, match="batch|argument"):
         read_bundle(args)
+
+
+# --- Celery's consumer of the upload queue ------------------------------------------------------------
+
+
+class FakeQoS:
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.prev = value
+        self.applied: list[int] = []
+
+    def update(self) -> None:
+        if self.prev != self.value:
+            self.applied.append(self.value)
+            self.prev = self.value
+
+
+class FakeTaskConsumer:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.queues = {"up"}
+
+    def consuming_from(self, name: str) -> bool:
+        return name in self.queues
+
+    def cancel_by_queue(self, name: str) -> None:
+        self.calls.append("cancel")
+        self.queues.discard(name)
+
+    def add_queue(self, queue: Any) -> None:
+        self.calls.append("add")
+        self.queues.add(queue)
+
+    def consume(self) -> None:
+        self.calls.append("consume")
+
+
+class FakeC:
+    def __init__(self, qos_global: bool) -> None:
+        self.qos = FakeQoS(32)
+        self.qos_global = qos_global
+        self.task_consumer = FakeTaskConsumer()
+        self.app = type("App", (), {"amqp": type("Amqp", (), {"queues": {"up": "up"}})()})()
+
+
+def test_a_new_prefetch_is_applied_by_setting_celerys_value_too() -> None:
+    from worker.upload.flow import CeleryUploadConsumer
+
+    c = FakeC(qos_global=True)
+    CeleryUploadConsumer(c, "up").set_prefetch(3)
+    assert (c.qos.value, c.qos.applied) == (3, [3])  # Celery's loop would otherwise put its own back
+    assert c.task_consumer.calls == []  # channel-wide prefetch: applies at once
+
+
+def test_per_consumer_prefetch_takes_a_new_consumer_at_most_so_often() -> None:
+    from worker.upload.flow import RECONSUME_INTERVAL, CeleryUploadConsumer
+
+    clock = ManualClock()
+    c = FakeC(qos_global=False)  # quorum queues
+    consumer = CeleryUploadConsumer(c, "up", clock=clock)
+    consumer.set_prefetch(4)
+    assert c.task_consumer.calls == ["cancel", "add", "consume"]
+    consumer.set_prefetch(8)
+    assert len(c.task_consumer.calls) == 3  # too soon: the next one carries it
+    consumer.set_prefetch(1)
+    assert len(c.task_consumer.calls) == 6  # a probe: at once
+    clock.advance(RECONSUME_INTERVAL)
+    consumer.set_prefetch(2)
+    assert len(c.task_consumer.calls) == 9

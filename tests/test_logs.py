@@ -35,7 +35,7 @@ def line(made: logging.LogRecord) -> dict[str, Any]:
 
 def test_a_line_holds_the_documented_fields_in_order() -> None:
     entry = line(record())
-    assert list(entry)[:6] == ["ts", "level", "logger", "process", "process_name", "message"]
+    assert list(entry)[:7] == ["ts", "level", "logger", "process", "process_name", "thread", "message"]
     assert entry["ts"] == "2024-05-01T12:00:00.123Z"
     assert datetime.fromisoformat(entry["ts"]).utcoffset() is not None
     assert (entry["level"], entry["logger"]) == ("INFO", "worker.delivery")

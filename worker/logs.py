@@ -1,7 +1,7 @@
 """JSON logs: one object per line, for log collectors (``LOG_FORMAT=json``).
 
 Each line holds ``ts`` (ISO-8601 UTC, milliseconds), ``level``, ``logger``, ``process`` (the
-process id) and ``process_name``, ``message``, the running task's ``task_id`` and
+process id) and ``process_name``, ``thread`` (uploads run on the pool's threads), ``message``, the running task's ``task_id`` and
 ``task_name`` when there is one, ``exc`` for a traceback, and every ``extra`` field the call
 gave (``asset_id``, ``netcore_reason``...).
 
@@ -31,7 +31,7 @@ STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"
 OMITTED = frozenset({"data", "event", "events", "body", "raw", "payload", "args", "kwargs", "argsrepr", "kwargsrepr"})
 
 #: The fields of each line, in this order; extra fields follow and never replace one of them.
-FIELDS = ("ts", "level", "logger", "process", "process_name", "message")
+FIELDS = ("ts", "level", "logger", "process", "process_name", "thread", "message")
 
 
 class JsonFormatter(logging.Formatter):
@@ -44,6 +44,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "process": record.process,
             "process_name": record.processName,
+            "thread": record.threadName,
             "message": record.getMessage(),
         }
         entry.update(_task_fields(record))

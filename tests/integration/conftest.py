@@ -24,9 +24,10 @@ API_KEY = "test-key-0123456789"
 
 
 @pytest.fixture
-def queues() -> Iterator[QueueSet]:
+def queues(request: pytest.FixtureRequest) -> Iterator[QueueSet]:
+    """Queues of this test's own; ``@pytest.mark.quorum`` makes every one a quorum queue."""
     require_broker()
-    queues = QueueSet()
+    queues = QueueSet(quorum=request.node.get_closest_marker("quorum") is not None)
     queues.declare()
     yield queues
     queues.delete()
@@ -56,7 +57,7 @@ def worker_env(queues: QueueSet, sandbox: Sandbox) -> dict[str, str]:
 
 @pytest.fixture
 def dead_letters(queues: QueueSet) -> Iterator[DeadLetters]:
-    collector = DeadLetters(queues.settings.dead_letter_queue)
+    collector = DeadLetters(queues.settings.dead_letter_queue, quorum=queues.quorum)
     yield collector
     collector.close()
 

@@ -115,6 +115,7 @@ def test_unreadable_bodies_are_kept_whole_and_only_objects_are_replayed(
     assert delivered == {"n1", "plain"} and delivered | dead_ids == sent and not delivered & dead_ids
 
 
+@pytest.mark.quorum
 def test_a_poison_message_is_replayed_as_the_bytes_it_was(
     start_worker, queues: QueueSet, sandbox: Sandbox
 ) -> None:

@@ -77,7 +77,7 @@ def test_json_logs_from_the_real_worker(start_worker: Callable[..., WorkerProces
     [unreadable] = [entry for entry in entries if entry["message"].startswith("Dead-lettering an unreadable")]
     assert (unreadable["level"], unreadable["logger"]) == ("WARNING", "worker.ingest")
     [batch] = [entry for entry in entries if entry["message"].startswith("batch asset_id=asset-1")]
-    assert batch["process_name"].startswith("ForkPoolWorker") and batch["task_name"] == "activities.upload"
+    assert batch["thread"] != "MainThread" and batch["task_name"] == "activities.upload"  # on the pool
     assert "customer-42" not in worker.log()
 
 

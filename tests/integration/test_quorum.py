@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
 from kombu import Connection, Consumer
 
 from config.settings import Settings
@@ -36,6 +38,7 @@ def die_holding_it(queues: QueueSet) -> int:
     return seen[0]
 
 
+@pytest.mark.quorum
 def test_a_message_that_kills_the_worker_every_time_is_set_aside(
     start_worker, queues: QueueSet, sandbox: Sandbox, dead_letters: DeadLetters
 ) -> None:

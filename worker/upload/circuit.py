@@ -145,8 +145,8 @@ class Circuit:
             was = self._state
             self._failures = 0
             self._failing_batches.clear()
-            if was is State.CLOSED:
-                return
+            if was is State.CLOSED or (was is State.PAUSED and not permit.probe):
+                return  # a Retry-After holds, whatever answered meanwhile
             self._state = State.CLOSED
             self._interval = self.probe_base
             open_for, probes = self.clock.monotonic() - self._opened_at, self._probes

@@ -38,6 +38,9 @@ TICK = 0.1
 #: Seconds between two readings of the delay queues' depths (a request per rung).
 DELAY_READ_INTERVAL = 5.0
 
+#: Shortest interval between two re-consumes that apply a new per-consumer prefetch (quorum).
+RECONSUME_INTERVAL = 0.25
+
 #: Upload tasks ready in RabbitMQ past which the consumer stops taking messages: this many per
 #: upload in flight, and at least :data:`BACKLOG_MIN`. It resumes below half of it.
 BACKLOG_PER_SLOT = 4
@@ -142,11 +145,19 @@ class UploadFlow:
 
 
 class CeleryUploadConsumer:
-    """:class:`UploadConsumer` over Celery's task consumer (``c``, the worker's Consumer)."""
+    """:class:`UploadConsumer` over Celery's task consumer (``c``, the worker's Consumer).
 
-    def __init__(self, c: Any, queue: str) -> None:
+    On quorum queues Celery uses per-consumer prefetch, which RabbitMQ applies to consumers
+    created after it is set: a new prefetch then takes a new consumer (a ``basic.cancel`` and a
+    ``basic.consume``; deliveries in hand stay valid), at most every :data:`RECONSUME_INTERVAL`
+    seconds, at once when it falls to one (a probe).
+    """
+
+    def __init__(self, c: Any, queue: str, *, clock: Clock | None = None) -> None:
         self.c = c
         self.queue = queue
+        self.clock = clock
+        self._reconsumed_at = float("-inf")
 
     def consuming(self) -> bool:
         return bool(self.c.task_consumer.consuming_from(self.queue))
@@ -161,7 +172,19 @@ class CeleryUploadConsumer:
         return int(self.c.qos.value)
 
     def set_prefetch(self, count: int) -> None:
-        self.c.qos.set(max(1, count))  # 0 would mean "no limit" to RabbitMQ
+        # Celery's loop re-applies ``qos.value`` whenever it differs from what was set last: both
+        # change together. 0 would mean "no limit" to RabbitMQ.
+        qos = self.c.qos
+        qos.value = max(1, count)
+        qos.update()
+        if getattr(self.c, "qos_global", True) is False and self.consuming():
+            now = self.clock.monotonic() if self.clock is not None else 0.0
+            if count <= 1 or now - self._reconsumed_at >= RECONSUME_INTERVAL:
+                self._reconsumed_at = now
+                consumer = self.c.task_consumer
+                consumer.cancel_by_queue(self.queue)
+                consumer.add_queue(self.c.app.amqp.queues[self.queue])
+                consumer.consume()
 
 
 class BrokerDepths:

@@ -33,15 +33,16 @@ class UploadFlowStep(bootsteps.StartStopStep):
     def start(self, c: Any) -> None:
         runtime = runtime_of(c.app)
         self._depths = BrokerDepths(runtime.settings.broker_url, runtime.topology)
+        # Celery starts with a prefetch of UPLOAD_CONCURRENCY: take no more than the adaptive
+        # limit from the first message on (the consumer has not started consuming yet)
+        consumer = CeleryUploadConsumer(c, runtime.topology.upload, clock=SystemClock())
+        consumer.set_prefetch(runtime.concurrency.limit)
         flow = UploadFlow(
             circuit=runtime.circuit, concurrency=runtime.concurrency, gate=runtime.gate,
-            consumer=CeleryUploadConsumer(c, runtime.topology.upload), depths=self._depths, clock=SystemClock(),
+            consumer=consumer, depths=self._depths, clock=SystemClock(),
             metrics=runtime.metrics,
         )
         c.on_decode_error = _reject_undecodable
-        # Celery starts with a prefetch of UPLOAD_CONCURRENCY: take no more than the adaptive
-        # limit from the first message on (the consumer has not started consuming yet)
-        c.qos.set(max(1, runtime.concurrency.limit))
         # the first tick comes from the timer, inside the event loop: only then has Celery given
         # its task consumer a callback and started it (consuming earlier would lose messages)
         self._timer = c.timer.call_repeatedly(TICK, flow.tick)
