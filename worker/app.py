@@ -16,6 +16,7 @@ from worker.consumer import IngestStep
 from worker.runtime import runtime_of
 from worker.salvage import SalvageStep
 from worker.startup import connect_signals
+from worker.status import COMMAND as STATUS_COMMAND  # noqa: F401  (registers the command)
 from worker.upload.step import UploadFlowStep
 from worker.upload.task import register
 

@@ -94,6 +94,8 @@ def check(
         except (amqp.exceptions.AMQPError, OperationalError, OSError) as exc:
             return Health(False, f"cannot inspect queue {queue!r} on {where}: {exc}")
         verdict = queue_health(consumers, ready, queue, max_depth)
+        if consumers < 1 and (max_depth is None or ready <= max_depth):
+            return _paused_on_purpose(settings, hostname, timeout, connection, app, verdict)
         if not verdict.ok:
             return verdict
         try:
@@ -103,6 +105,24 @@ def check(
     if not any(hostname in reply for reply in replies or []):
         return Health(False, f"worker {hostname} did not answer a ping within {timeout:g} s ({verdict.reason})")
     return Health(True, f"worker {hostname} answered a ping; {verdict.reason}")
+
+
+def _paused_on_purpose(settings: Settings, hostname: str, timeout: float, connection: Connection,
+                       app: Celery | None, verdict: Health) -> Health:
+    """No consumer on the queue: healthy only if the worker says it paused on purpose (the API
+    is down, or uploads pile up), which it answers on its event loop, so it is alive too."""
+    try:
+        replies = _app(app).control.inspect(destination=[hostname], timeout=timeout, connection=connection)._request(
+            "activities_status")
+    except (amqp.exceptions.AMQPError, OperationalError, OSError) as exc:
+        return Health(False, f"{verdict.reason}; cannot ask worker {hostname} why: {exc}")
+    status = (replies or {}).get(hostname)
+    if not isinstance(status, dict):
+        return verdict
+    if status.get("consuming") is False:
+        return Health(True, f"worker {hostname} answered; it paused consuming {settings.queue!r} on purpose: "
+                            f"{status.get('paused_because') or 'see its log'} (circuit {status.get('circuit')})")
+    return Health(False, f"{verdict.reason}, although worker {hostname} says it consumes")
 
 
 def _app(app: Celery | None) -> Celery:

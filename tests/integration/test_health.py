@@ -116,3 +116,20 @@ def test_no_queue_no_broker_and_bad_settings(queues: QueueSet, monkeypatch: pyte
     assert health.main([]) == 2
     assert "LOG_FORMAT=xml" in capsys.readouterr().err
     assert health.worker_name("activities@%h").startswith("activities@") and "%" not in health.worker_name("w@%h")
+
+
+def test_healthy_while_waiting_out_an_outage(start_worker: Callable[..., WorkerProcess], queues: QueueSet,
+                                             sandbox) -> None:
+    """The worker stops consuming on purpose while the API is down: that is not a reason to kill it."""
+    sandbox.add_fault(status=503)
+    worker = start_worker(UPLOAD_PROBE_INTERVAL_MAX="60", UPLOAD_RETRY_BACKOFF="30", UPLOAD_RETRY_BACKOFF_MAX="60")
+    publish_events(queues.settings.queue, [[event(f"e{i}", asset_id=f"asset-{i % 3}") for i in range(30)]])
+    publish_events(queues.settings.queue, [[event(f"f{i}", asset_id=f"asset-{i % 3}") for i in range(30)]])
+    assert worker.wait_for_log("Consumer paused", timeout=60), worker.log()[-3000:]
+    name = name_of(worker)
+    paused = probe(worker, "--hostname", name, "--timeout", "3")
+    assert paused.returncode == 0, paused.stderr
+    assert "paused consuming" in one_line(paused) and "circuit open" in paused.stdout
+    worker.kill()
+    dead = probe(worker, "--hostname", name, "--timeout", "1")
+    assert dead.returncode == 1 and "has no consumer" in one_line(dead)
