@@ -126,7 +126,8 @@ class QueueSet:
         topology = Topology.of(self.settings)
         queues = [self.env[name] for name in ("ACTIVITY_QUEUE", "ACTIVITY_DEAD_LETTER_QUEUE", "ACTIVITY_TASK_QUEUE",
                                               "ACTIVITY_UPLOAD_QUEUE")]
-        return [*queues, topology.unhandled, *(topology.delay_name(r) for r in delay_ladder(MAX_BACKOFF))]
+        return [*queues, topology.unhandled, topology.quarantine,
+                *(topology.delay_name(r) for r in delay_ladder(MAX_BACKOFF))]
 
     def delete(self) -> None:
         with Connection(BROKER_URL) as connection:

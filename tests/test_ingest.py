@@ -10,7 +10,9 @@ only moves when a test says so.
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import random
 import uuid
 from collections import Counter
@@ -27,14 +29,16 @@ from worker.acks import Acker
 from worker.batching import Batch, Batcher
 from worker.clock import ManualClock
 from worker.errors import PublishError
+from worker.handoff import RETRY_BASE
 from worker.ingest import Ingest
-from worker.broker.messages import INGEST_TASK
+from worker.broker.messages import INGEST_TASK, Bundle
 from worker.publisher import Outgoing
 
 pytestmark = pytest.mark.timeout(60)
 
 BIG = 1 << 40  # a limit that never triggers
 UPLOAD_QUEUE = "upload"
+QUARANTINE = "quarantine"
 WAIT = 2.0
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
@@ -98,6 +102,8 @@ class Rig:
         max_outstanding: int = 10_000,
         max_buffered: int = BIG,
         batch_max_bytes: int = 4 * 1024 * 1024,
+        delivery_limit: int = 10,
+        max_message_size: int | None = None,
     ) -> None:
         self.settings = Settings.from_env(
             {
@@ -105,9 +111,12 @@ class Rig:
                 "ACTIVITY_BATCH_WAIT": str(batch_wait),
                 "ACTIVITY_BATCH_MAX_BYTES": str(batch_max_bytes),
                 "ACTIVITY_PREFETCH": "10000",
+                "ACTIVITY_DELIVERY_LIMIT": str(delivery_limit),
             },
             require_api=False,
         )
+        #: The broker's max_message_size: a bigger message is refused, as RabbitMQ does.
+        self.max_message_size = max_message_size
         self.clock = ManualClock()
         self.batcher = Batcher(
             max_events=self.settings.batch_size,
@@ -135,9 +144,10 @@ class Rig:
             batcher=self.batcher,
             acker=self.acker,
             publish=self._publish,
-            upload_messages=self._upload_messages,
+            upload_message=self._upload_message,
             clock=self.clock,
             max_outstanding=max_outstanding,
+            quarantine_queue=QUARANTINE,
         )
         self.next_tag = 1
 
@@ -157,6 +167,10 @@ class Rig:
         if self.failing:
             self.refused += 1
             raise PublishError("the broker did not confirm")
+        limit = self.max_message_size
+        if limit is not None and any(len(m.body) > limit for m in messages):
+            self.refused += 1
+            raise PublishError("message size is larger than configured max size", too_large=limit)
         if not messages:  # the real publisher returns at once, without a round trip
             return
         self.published.append(list(messages))
@@ -164,15 +178,20 @@ class Rig:
         for message in messages:
             body = json.loads(message.body)
             if message.queue == UPLOAD_QUEUE:
-                self.seen |= ids_in([json.loads(text) for text in body["events"]])
-            else:
+                self.seen |= ids_in([json.loads(text) for batch in body["batches"] for text in batch["events"]])
+            elif message.queue == QUARANTINE:
+                self.seen |= ids_in(body)
+            elif body.get("event") is not None:
                 self.seen |= ids_in(body["event"])
+            else:  # a body kept whole (or a part of one): the ids it holds
+                self.seen |= set(re.findall(r'"event_id":\s*"([^"]+)"', body.get("raw") or ""))
 
     @staticmethod
-    def _upload_messages(batches: list[Batch]) -> list[Outgoing]:
-        return [Outgoing(UPLOAD_QUEUE, dumps({"asset_id": b.asset_id, "events": b.events,
-                                              **({"replays": b.replays} if b.replays else {})}))
-                for b in batches]
+    def _upload_message(bundle: Bundle) -> Outgoing:
+        """One message per bundle; its body lists the bundle's batches."""
+        return Outgoing(UPLOAD_QUEUE, dumps({"batches": [
+            {"asset_id": b.asset_id, "events": b.events, **({"replays": b.replays} if b.replays else {})}
+            for b in bundle.batches]}))
 
     # --- driving ----------------------------------------------------------------------------
 
@@ -203,7 +222,11 @@ class Rig:
         return [message for group in self.published for message in group]
 
     def uploads(self) -> list[dict[str, Any]]:
-        """Upload bodies: {"asset_id": ..., "events": [event text, ...]}."""
+        """Uploaded batches, bundles flattened: {"asset_id": ..., "events": [event text, ...]}."""
+        return [batch for m in self.outgoing() if m.queue == UPLOAD_QUEUE for batch in json.loads(m.body)["batches"]]
+
+    def upload_messages(self) -> list[dict[str, Any]]:
+        """Upload message bodies, one per bundle."""
         return [json.loads(m.body) for m in self.outgoing() if m.queue == UPLOAD_QUEUE]
 
     def dead_letters(self) -> list[dict[str, Any]]:
@@ -245,7 +268,7 @@ def test_a_single_event_waits_for_its_batch_then_goes_as_its_original_text(as_te
     [upload] = rig.published[0]
     assert upload.queue == UPLOAD_QUEUE
     body = json.loads(upload.body)
-    assert body == {"asset_id": "asset-odd", "events": [ODD]}  # spacing, 250.10 and 1e2 kept
+    assert body == {"batches": [{"asset_id": "asset-odd", "events": [ODD]}]}  # spacing, 250.10 and 1e2 kept
     assert rig.acks == [(tag, True)]
     assert rig.position(("publish", 0)) < rig.position(("ack", tag))
     assert rig.acker.outstanding == 0
@@ -623,24 +646,34 @@ def test_backpressure_never_loses_or_duplicates_events() -> None:
 # --- the broker does not confirm --------------------------------------------------------------
 
 
-def test_an_unconfirmed_hand_off_is_retried_on_tick_and_acked_only_then() -> None:
+def test_an_unconfirmed_hand_off_is_retried_on_ticks_with_a_backoff_and_acked_only_then() -> None:
     rig = Rig(batch_size=1)
     rig.failing = True
     t1 = rig.send_event(event("a", "1"))
     assert rig.published == [] and rig.acks == [] and rig.refused == 1
+    assert rig.ingest.blocked  # the consumer stops taking messages (the step cancels it)
     t2 = rig.send_event(event("b", "2"))  # queued behind the first hand-off
     t3 = rig.send(b"not json")  # its dead letter too
     assert rig.published == [] and rig.acks == []
+    assert rig.refused == 1  # not tried again on each message: that blocked the event loop
 
+    rig.ingest.tick()  # too early
+    assert rig.refused == 1
+    rig.clock.advance(RETRY_BASE)
     rig.ingest.tick()  # still failing
-    assert rig.published == [] and rig.acks == []
+    assert rig.refused == 2 and rig.published == [] and rig.acks == []
     assert rig.acker.outstanding == 3
+    rig.clock.advance(RETRY_BASE)
+    rig.ingest.tick()
+    assert rig.refused == 2  # the backoff doubled
 
     rig.failing = False
+    rig.clock.advance(RETRY_BASE)
     rig.ingest.tick()
+    assert not rig.ingest.blocked
     groups = [[(m.queue, json.loads(m.body)) for m in group] for group in rig.published]
     assert [q for group in groups for q, _ in group] == [UPLOAD_QUEUE, UPLOAD_QUEUE, rig.settings.dead_letter_queue]
-    assert groups[0][0][1]["asset_id"] == "a" and groups[1][0][1]["asset_id"] == "b"
+    assert [groups[0][0][1]["batches"][0]["asset_id"], groups[1][0][1]["batches"][0]["asset_id"]] == ["a", "b"]
     assert rig.acks == [(t1, True), (t2, True), (t3, True)]
     assert rig.position(("publish", 2)) < rig.position(("ack", t3))
     assert rig.acker.outstanding == 0
@@ -655,6 +688,7 @@ def test_a_message_that_only_buffers_waits_behind_an_unconfirmed_hand_off() -> N
     rig.send_event([event("a", "1"), event("a", "2")])  # full: hand-off refused
     t2 = rig.send_event(event("b", "3"))  # only buffered
     rig.failing = False
+    rig.clock.advance(RETRY_BASE)
     rig.ingest.tick()  # b is not due yet; a goes now
     assert [u["asset_id"] for u in rig.uploads()] == ["a"]
     assert rig.acks == [(1, True)]
@@ -670,6 +704,7 @@ def test_an_unconfirmed_due_batch_is_retried_on_the_next_tick() -> None:
     assert rig.published == [] and rig.acks == [] and rig.refused == 1
     rig.send_event(event("a", "2"))  # a new batch for a, behind the refused one
     rig.failing = False
+    rig.clock.advance(RETRY_BASE)
     rig.ingest.tick()
     assert [[json.loads(t)["activity_params"]["event_id"] for t in u["events"]] for u in rig.uploads()] == [["1"]]
     assert rig.acks == [(tag, True)]
@@ -686,6 +721,7 @@ def test_invalid_events_dead_letters_are_retried_with_their_message() -> None:
     tag = rig.send_event(event(None, "bad"))
     assert rig.acks == []
     rig.failing = False
+    rig.clock.advance(RETRY_BASE)
     rig.ingest.tick()
     assert [d["reason"] for d in rig.dead_letters()] == ["invalid"]
     assert rig.acks == [(tag, True)]
@@ -857,3 +893,106 @@ def test_batches_without_replayed_events_carry_no_counts() -> None:
     rig.wait_and_tick()
     (upload,) = rig.uploads()
     assert "replays" not in upload
+
+
+# --- a bug costs one message, never the consumer ------------------------------------------------------
+
+
+def test_a_bug_while_batching_sets_that_message_aside_whole_and_the_consumer_goes_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    rig = Rig()
+    add = rig.batcher.add
+
+    def buggy(asset_id: str, *args: Any, **kwargs: Any) -> list[Batch]:
+        if asset_id == "boom":
+            raise KeyError("a bug in batching")
+        return add(asset_id, *args, **kwargs)
+
+    monkeypatch.setattr(rig.batcher, "add", buggy)
+    body = dumps([event("fine", "1"), event("boom", "2")])
+    tag = rig.send(body, ids={"1", "2"})  # raises nothing: kombu would have stopped the worker
+    after = rig.send_event(event("fine", "3"))
+    rig.wait_and_tick()
+    (dead,) = rig.dead_letters()
+    assert dead["reason"] == "unhandled" and dead["raw"].encode() == body  # whole, as the producer sent it
+    assert dead["details"]["exception"] == "KeyError" and dead["details"]["replay_body"] is True
+    assert "KeyError" in caplog.text
+    assert rig.acked_up_to() == after and tag in {t for t, _ in rig.acks} | {after}
+    assert [json.loads(t)["activity_params"]["event_id"] for u in rig.uploads() for t in u["events"]] == ["1", "3"]
+
+
+def test_connection_errors_still_reach_celery() -> None:
+    import amqp
+
+    rig = Rig()
+    rig.ingest.acker._ack = lambda tag, multiple: (_ for _ in ()).throw(amqp.exceptions.RecoverableConnectionError())
+    rig.ingest.settings = rig.settings
+    with pytest.raises(amqp.exceptions.RecoverableConnectionError):
+        rig.send(b"not json")  # its dead letter is confirmed, then the ack meets a dead channel
+
+
+# --- the broker's max_message_size ----------------------------------------------------------------------
+
+
+def test_a_hand_off_over_the_brokers_limit_is_split_until_it_fits_and_nothing_is_lost() -> None:
+    rig = Rig(batch_size=1000, max_message_size=40_000)
+    big = [event(f"a{n % 3}", f"e{n}") for n in range(600)]  # about 200 KB of events in three batches
+    tags = [rig.send_event(big[k:k + 100]) for k in range(0, 600, 100)]
+    rig.ingest.flush_all()
+    assert rig.ingest.handoff.max_message_bytes == 40_000  # learned from the refusal
+    sizes = [len(m.body) for m in rig.outgoing() if m.queue == UPLOAD_QUEUE]
+    assert sizes and max(sizes) <= 40_000
+    uploaded = [json.loads(t)["activity_params"]["event_id"] for u in rig.uploads() for t in u["events"]]
+    assert sorted(uploaded) == sorted(f"e{n}" for n in range(600))
+    assert all(len({json.loads(t)["asset_id"] for t in u["events"]}) == 1 for u in rig.uploads())
+    assert rig.acked_up_to() == tags[-1] and not rig.ingest.blocked
+
+
+def test_an_event_alone_over_the_brokers_limit_is_dead_lettered_in_parts() -> None:
+    rig = Rig(max_message_size=20_000)
+    huge = event("a", "huge", activity_params={"event_id": "huge", "blob": "x" * 60_000})
+    tag = rig.send_event([huge, event("a", "small")])
+    rig.ingest.flush_all()
+    letters = rig.dead_letters()
+    assert letters and {d["reason"] for d in letters} == {"invalid"} and len(letters) > 1  # parts
+    assert "max_message_size" in letters[0]["error"]
+    assert all(len(m.body) <= 20_000 for m in rig.outgoing())
+    assert [json.loads(t)["activity_params"]["event_id"] for u in rig.uploads() for t in u["events"]] == ["small"]
+    assert rig.acked_up_to() == tag
+
+
+# --- suspects are proven guilty alone ---------------------------------------------------------------------
+
+
+def test_a_message_over_the_delivery_limit_is_moved_to_quarantine_as_it_was() -> None:
+    rig = Rig(delivery_limit=3)
+    body = b'{"asset_id": "a", "activity_params": {"event_id": "s1"}}'
+    tag = rig.send(body, ids={"s1"}, headers={"x-delivery-count": 3, "x-replays": 1})
+    (moved,) = [m for m in rig.outgoing() if m.queue == QUARANTINE]
+    assert moved.body == body and moved.headers["x-suspect-deliveries"] == 3 and moved.headers["x-replays"] == 1
+    assert "x-delivery-count" not in moved.headers
+    assert rig.acks == [(tag, True)] and rig.dead_letters() == []  # not poison: not proven yet
+
+
+def test_a_quarantined_message_is_handled_alone_and_at_once() -> None:
+    rig = Rig()
+    acked: list[str] = []
+    message = FakeMessage(dumps([event("a", "q1"), event("b", "q2"), event(None, "q3")]), 1,
+                          headers={"x-delivery-count": 0, "x-suspect-deliveries": 10})
+    rig.ingest.handle_alone(message, lambda: acked.append("ack"))
+    assert sorted(u["asset_id"] for u in rig.uploads()) == ["a", "b"]  # no waiting for batches to fill
+    assert [d["reason"] for d in rig.dead_letters()] == ["invalid"]
+    assert acked == ["ack"] and rig.batcher.buffered == 0
+
+
+def test_a_quarantined_message_that_killed_the_worker_alone_is_poison_kept_whole() -> None:
+    rig = Rig()
+    acked: list[str] = []
+    body = b'{"asset_id": "a", "activity_params": {"event_id": "p"}, "boom": "\xff"}'
+    message = FakeMessage(body, 1, headers={"x-delivery-count": 2, "x-suspect-deliveries": 10})
+    rig.ingest.handle_alone(message, lambda: acked.append("ack"))
+    (dead,) = rig.dead_letters()
+    assert dead["reason"] == "poison" and dead["details"] == {"deliveries": 12}
+    assert base64.b64decode(dead["raw_base64"]) == body  # the very bytes, to replay once fixed
+    assert rig.uploads() == [] and acked == ["ack"]

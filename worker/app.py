@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from worker.consumer import IngestStep
+from worker.consumer import IngestStep, QuarantineStep
 from worker.runtime import runtime_of
 from worker.salvage import SalvageStep
 from worker.startup import connect_signals
@@ -24,6 +24,7 @@ app = Celery("netcore_activity")
 app.config_from_object("config.celeryconfig")
 register(app, runtime_of)
 app.steps["consumer"].add(IngestStep)
+app.steps["consumer"].add(QuarantineStep)
 app.steps["consumer"].add(UploadFlowStep)
 app.steps["consumer"].add(SalvageStep)
 connect_signals(app)

@@ -22,8 +22,8 @@ from kombu import Consumer
 
 from worker import metrics
 from worker.acks import Acker
-from worker.batching import Batch, Batcher
-from worker.broker.messages import UploadBatch, bundles, upload_message
+from worker.batching import Batcher
+from worker.broker.messages import Bundle, upload_message
 from worker.broker.topology import declare
 from worker.clock import SystemClock
 from worker.errors import PublishError
@@ -72,25 +72,21 @@ class IngestStep(bootsteps.ConsumerStep):
             clock=clock,
         )
 
-        def upload_messages(batches: list[Batch]) -> list[Outgoing]:
-            loads = [UploadBatch(b.asset_id, b.events, replays=b.replays) for b in batches]
-            nbytes = {id(load): batch.nbytes for load, batch in zip(loads, batches)}
-            return [
-                upload_message(app, topology.upload, bundle)
-                for bundle in bundles(loads, max_events=settings.batch_size, max_bytes=settings.batch_max_bytes,
-                                      size=lambda load: nbytes[id(load)])
-            ]
+        def make_upload(bundle: Bundle) -> Outgoing:
+            return upload_message(app, topology.upload, bundle)
 
         self.ingest = Ingest(
             settings=settings,
             batcher=batcher,
             acker=Acker(channel.basic_ack),
             publish=self.publisher.publish,
-            upload_messages=upload_messages,
+            upload_message=make_upload,
             clock=clock,
             max_outstanding=max(1, settings.prefetch - settings.batch_size),
             release_slack=settings.prefetch // 20,
+            quarantine_queue=topology.quarantine,
         )
+        self.runtime.ingest = self.ingest  # the quarantine step hands its messages to the same pipeline
         self._consuming = True
         return [
             Consumer(channel, queues=[topology.source_queue(), topology.task_source_queue()],
@@ -119,13 +115,14 @@ class IngestStep(bootsteps.ConsumerStep):
 
     def _tick(self) -> None:
         if self.ingest is not None:
-            self._follow_gate()
             self.ingest.tick()
+            self._follow_gate()
             metrics.observe_batcher(self.ingest.batcher)
 
     def _follow_gate(self) -> None:
-        """Stop or resume taking messages as the gate says (a basic.cancel / basic.consume)."""
-        wanted = self.runtime.gate.is_open
+        """Stop or resume taking messages as the gate says, and while a hand-off waits for the
+        broker (a basic.cancel / basic.consume)."""
+        wanted = self.runtime.gate.is_open and not (self.ingest is not None and self.ingest.blocked)
         if wanted == self._consuming:
             return
         for consumer in self.consumers or []:
@@ -157,3 +154,27 @@ class IngestStep(bootsteps.ConsumerStep):
             logger.info("Shutdown: handed on %d buffered events", buffered)
         except (PublishError, OSError) as exc:
             logger.warning("Shutdown: could not flush (%s); %d events will be redelivered", exc, ingest.discard())
+
+
+class QuarantineStep(bootsteps.ConsumerStep):
+    """Consumes the quarantine queue one message at a time, on a channel of its own, handing each
+    to :meth:`~worker.ingest.Ingest.handle_alone` (see :mod:`worker.ingest`)."""
+
+    name = "netcore.Quarantine"
+    requires = (IngestStep,)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.runtime = runtime_of(c.app)
+
+    def get_consumers(self, channel: Any) -> list[Consumer]:
+        channel.auto_decode = False
+        return [Consumer(channel, queues=[self.runtime.topology.quarantine_queue()], on_message=self._on_message,
+                         prefetch_count=1, no_ack=False)]
+
+    def _on_message(self, message: Any) -> None:
+        ingest = self.runtime.ingest
+        if ingest is None:  # the consumer is restarting: the message comes back
+            message.reject(requeue=True)
+            return
+        ingest.handle_alone(message, message.ack)

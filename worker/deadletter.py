@@ -62,12 +62,21 @@ REASON_HEADER = "x-dead-letter-reason"
 
 #: Most bytes of a body that one dead letter holds; a larger body is written in parts. An
 #: envelope is at most about 6.5 times its slice (JSON escapes of control characters; base64
-#: beside the readable ``raw``), so about 53 MiB: far under RabbitMQ's default
-#: max_message_size (128 MiB). Every body under the worker's own parsing limit (10 MiB) is at
-#: most two parts; most bodies are one whole envelope.
-PART_BYTES: int = 8 * 1024 * 1024
+#: beside the readable ``raw``), so about 13 MiB: under the smallest default max_message_size
+#: of RabbitMQ (16 MiB since 4.0; 128 MiB in 3.x). A body under the worker's own parsing limit
+#: (10 MiB) is at most five parts; most bodies are one whole envelope.
+PART_BYTES: int = 2 * 1024 * 1024
 
 Envelope = dict[str, Any]
+
+
+def replays_body(body: Envelope) -> bool:
+    """Is this dead letter a producer's message kept whole, that replay publishes again as the
+    very bytes it was? ``poison``, and ``unhandled`` when the consumer set it aside (a bug)."""
+    reason = body.get("reason")
+    details = body.get("details")
+    return reason == POISON or (reason == UNHANDLED and isinstance(details, dict)
+                                and details.get("replay_body") is True and body.get("event") is None)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from datetime import datetime
 from config.settings import Settings
 from worker import deadletter, jsonutil
 from worker.dlq_select import Counts, Envelope, Letter, Letters, Progress, Reader, Selection, replayable, replays_of
-from worker.ingest import REPLAYS_HEADER  # on replayed events; the consumer copies it into their dead letters
+from worker.decoding import REPLAYS_HEADER  # on replayed events; it travels with them to their next dead letter
 from worker.publisher import Outgoing, Publisher
 from worker.broker.topology import Topology
 
@@ -172,7 +172,7 @@ def replay(
 def _replayed(queue: str, letter: Letter) -> Outgoing:
     """The message that replays a (replayable) dead letter, counting the replay in ``x-replays``."""
     headers = {REPLAYS_HEADER: replays_of(letter.envelope) + 1}
-    if letter.envelope.get("reason") == deadletter.POISON:
+    if deadletter.replays_body(letter.envelope):
         body = letter.body()
         assert body is not None  # replayable
         return Outgoing(queue, body, headers, content_encoding=None)  # the bytes it was: not re-encoded

@@ -401,8 +401,9 @@ def replayable(letter: Letter) -> bool:
     Only a JSON object can be an event: an array item such as ``7`` (dead-lettered
     ``invalid``) would come back as a body that is not one, ``malformed`` for good, so it
     stays. A ``poison`` message is published again as the very bytes it was, once every part
-    of it is here. A ``malformed`` body holds no events: it is there to be fixed by hand.
+    of it is here, and so is a producer's message a bug set aside (``unhandled``). A
+    ``malformed`` body holds no events: it is there to be fixed by hand.
     """
-    if letter.envelope.get("reason") == deadletter.POISON:
+    if deadletter.replays_body(letter.envelope):
         return letter.body() is not None
     return isinstance(letter.envelope.get("event"), dict)

@@ -20,11 +20,14 @@ class PublishError(WorkerError):
     """The broker did not confirm (or could not route) messages we handed to it.
 
     ``messages`` are the messages of that hand-off (the caller may keep them to try again).
+    ``too_large`` is the broker's ``max_message_size`` when it refused a message for its size:
+    sending the same again is pointless, splitting it is the way.
     """
 
-    def __init__(self, message: str, *, messages: Sequence[Any] = ()) -> None:
+    def __init__(self, message: str, *, messages: Sequence[Any] = (), too_large: int | None = None) -> None:
         super().__init__(message)
         self.messages = list(messages)
+        self.too_large = too_large
 
 
 class UploadError(WorkerError):

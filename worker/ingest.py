@@ -1,17 +1,25 @@
 """The ingest pipeline: message -> events -> batches -> hand-off -> acknowledgement.
 
-Runs in the worker's main process, on every message of the ``activities`` queue (plain
-JSON) and of Celery's default queue (``activities.ingest`` task messages). It does the cheap
-work only, because this one process is the throughput bottleneck: parse the body once
-(orjson), dead-letter what cannot be read or routed, group the rest by ``asset_id``. An
-event travels on as the text it arrived in; strict parsing, validation and the upload run
-in the pool (:mod:`worker.delivery`).
+Runs on the worker's event loop, on every message of the ``activities`` queue (plain JSON)
+and of Celery's default queue (``activities.ingest`` task messages). It does the cheap work
+only, because the event loop is the throughput bottleneck: decode the body once
+(:mod:`worker.decoding`), dead-letter what cannot be read or routed, group the rest by
+``asset_id`` (:mod:`worker.batching`). An event travels on as the text it arrived in; strict
+parsing, validation and the upload run on the upload threads (:mod:`worker.upload.delivery`).
 
 A message is acknowledged once each of its events is handed on: published, broker-confirmed,
-in an upload-task message or in the dead-letter queue (:class:`~worker.batching.Ticket`),
-in order and many at a time (:class:`~worker.acks.Acker`). When the broker does not confirm
-a hand-off, it is kept and tried again on the next tick; the messages behind it stay
-unacknowledged meanwhile, so nothing is lost if the worker dies.
+in an upload-task message or in the dead-letter queue (:class:`~worker.batching.Ticket`,
+:mod:`worker.handoff`), in order and many at a time (:class:`~worker.acks.Acker`).
+
+What can go wrong costs one message at most, never the consumer:
+
+- a body that cannot be read is dead-lettered whole (``malformed``);
+- a bug anywhere in handling a message dead-letters that message whole (``unhandled``, its
+  body kept and replayable) and the consumer goes on;
+- a message a quorum queue delivered ``ACTIVITY_DELIVERY_LIMIT`` times is a *suspect*: the
+  worker died holding it, or merely holding it among thousands of others. It is moved to the
+  quarantine queue and handled there alone (:meth:`Ingest.handle_alone`); only if the worker
+  dies again while it is the only message in hand is it set aside as ``poison``, body whole.
 """
 
 from __future__ import annotations
@@ -19,20 +27,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
-import orjson
+import amqp
 
 from config.settings import Settings
-from worker import deadletter, jsonutil, metrics
+from worker import deadletter, metrics
 from worker.acks import Acker
 from worker.batching import Batch, Batcher, Ticket
+from worker.broker.messages import Bundle, UploadBatch
 from worker.clock import Clock
+from worker.decoding import Message, Routed, delivery_count, events_of, replays_of
 from worker.errors import PublishError
-from worker.broker.messages import INGEST_TASK
-from worker.parsing import ACCEPTED_ENCODINGS, JSON_CONTENT_TYPE, MAX_MESSAGE_BYTES, MalformedBody, parse_body
+from worker.handoff import HandOff, Renderer
+from worker.parsing import MalformedBody
 from worker.publisher import Outgoing, PublishFn
-from worker.validation import routing_key_of, validate_event
+from worker.validation import validate_event
 
 logger = logging.getLogger(__name__)
 
@@ -40,27 +50,19 @@ logger = logging.getLogger(__name__)
 #: big is a producer bug (a blob in activity_params), and a batch of them would be huge.
 MAX_EVENT_BYTES = 512 * 1024
 
-#: Header of an event replayed from the dead-letter queue (worker.dlq): how many times it was
-#: replayed. Copied into the dead letters written here, so a loop shows; the upload task's
-#: dead letters cannot see it (a batch carries events without their messages' headers).
-REPLAYS_HEADER = "x-replays"
+#: Header of a suspect moved to the quarantine queue: its deliveries on the source queue.
+SUSPECT_HEADER = "x-suspect-deliveries"
 
+#: Deliveries of a quarantined message (handled alone) that prove it kills the worker.
+QUARANTINE_LIMIT = 2
 
-class Message(Protocol):
-    """What the pipeline needs of a kombu message."""
+#: Errors that mean the channel or the connection is gone: Celery reconnects, the broker
+#: redelivers what was in hand. Everything else in handling a message is this module's bug.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (amqp.exceptions.ConnectionError,
+                                                      amqp.exceptions.ChannelError, OSError)
 
-    body: bytes | str
-    content_type: str | None
-    content_encoding: str | None
-    headers: dict[str, Any]
-    delivery_tag: int
-
-
-#: batches released together -> the upload-task messages that carry them (bundled).
-UploadMessagesFn = Callable[[list[Batch]], list[Outgoing]]
-
-#: (asset_id or None when it cannot be routed, the event's JSON text, the event, its size in bytes).
-Routed = tuple[str | None, str, Any, int]
+#: bundle -> the upload-task message that carries it.
+UploadMessageFn = Callable[[Bundle], Outgoing]
 
 
 class Ingest:
@@ -73,58 +75,62 @@ class Ingest:
         batcher: Batcher,
         acker: Acker,
         publish: PublishFn,
-        upload_messages: UploadMessagesFn,
+        upload_message: UploadMessageFn,
         clock: Clock,
         max_outstanding: int,
         release_slack: int = 0,
+        quarantine_queue: str | None = None,
     ) -> None:
         self.settings = settings
         self.batcher = batcher
         self.acker = acker
-        self.publish = publish
-        self.upload_messages = upload_messages
         self.clock = clock
         #: Unacknowledged messages past which the oldest batch is released (backpressure).
         self.max_outstanding = max_outstanding
         #: Events released beyond the excess when over the limit, so that the next messages do
         #: not each release one small batch (one confirm round trip per message).
         self.release_slack = release_slack
-        #: Hand-offs the broker has not confirmed yet: messages, then what to do once it has.
-        self._pending: list[tuple[list[Outgoing], list[Callable[[], None]]]] = []
-        self.counts = {"messages": 0, "events": 0, "malformed": 0, "invalid": 0, "batches": 0}
+        #: Where suspects go to be handled alone (None: set aside at once, as ``poison``).
+        self.quarantine_queue = quarantine_queue
+        self.renderer = Renderer(make=upload_message, max_events=settings.batch_size,
+                                 max_bytes=settings.batch_max_bytes, oversized=self._oversized)
+        self.handoff = HandOff(publish=publish, render=self._render, clock=clock)
+        self.counts = {"messages": 0, "events": 0, "malformed": 0, "invalid": 0, "batches": 0, "suspects": 0}
+
+    @property
+    def blocked(self) -> bool:
+        """True while a hand-off waits for the broker: the consumer takes no new message."""
+        return self.handoff.blocked
+
+    # --- the steps ------------------------------------------------------------------------------
 
     def on_message(self, message: Message) -> None:
         """Take one source message: dead-letter or batch each of its events."""
         self.counts["messages"] += 1
         self.acker.received(message.delivery_tag)
         ticket = Ticket(partial(self.acker.complete, message.delivery_tag))
-        deliveries = (message.headers or {}).get("x-delivery-count")
+        hold = _Once(ticket.release)  # the message's own hold on its ticket, released once
+        try:
+            self._take(message, ticket, hold)
+        except CONNECTION_ERRORS:
+            raise  # the channel is gone: Celery reconnects and the broker redelivers
+        except Exception as exc:  # a bug: this message is set aside whole, the consumer goes on
+            logger.exception("Unexpected %s handling a message; dead-lettering it whole", type(exc).__name__)
+            self._unhandled(message, exc, hold)
+
+    def _take(self, message: Message, ticket: Ticket, hold: _Once) -> None:
+        deliveries = delivery_count(message)
         limit = self.settings.delivery_limit
-        if limit and isinstance(deliveries, int) and deliveries >= limit:
-            self._poison(message, ticket, deliveries)
+        if limit and deliveries is not None and deliveries >= limit:
+            self._suspect(message, deliveries, hold)
             return
         try:
-            events = self._events_of(message)
+            events = events_of(message)
         except MalformedBody as exc:
-            self._malformed(message, ticket, exc.error, exc.details)
-            return
-        except Exception as exc:  # a bug must not stop the consumer nor lose the message
-            logger.exception("Unexpected %s reading a message; dead-lettering it whole", type(exc).__name__)
-            self._malformed(message, ticket, f"The worker failed to read this message ({type(exc).__name__}).",
-                            {"problem": "internal_error"})
+            self._malformed(message, exc.error, exc.details, hold)
             return
         self.counts["events"] += len(events)
-        replays = _replays_of(message)
-        outgoing: list[Outgoing] = []
-        ready: list[Batch] = []
-        for asset_id, text, event, size in events:
-            if asset_id is None:
-                outgoing.append(self._invalid(event, replays))
-            elif size > MAX_EVENT_BYTES:
-                outgoing.append(self._too_large(event, asset_id, size, replays))
-            else:
-                ready += self.batcher.add(asset_id, text, size, ticket, replays)
-        metrics.events_read(received=len(events), batched=len(events) - len(outgoing))
+        dead, ready = self._route(events, ticket, replays_of(message))
         excess = self.acker.outstanding - self.max_outstanding
         if excess > 0:  # release the oldest batches: enough for the excess, and some slack
             released = 0
@@ -133,95 +139,149 @@ class Ingest:
                 assert batch is not None
                 ready.append(batch)
                 released += len(batch)
-        outgoing += self._uploads(ready)
-        self._hand_off(outgoing, [b.handed_on for b in ready] + [ticket.release])
+        self._send(dead, ready, [hold])
+
+    def _route(self, events: list[Routed], ticket: Ticket, replays: int) -> tuple[list[Outgoing], list[Batch]]:
+        """Dead-letter what cannot be routed or is too big; batch the rest."""
+        dead: list[Outgoing] = []
+        ready: list[Batch] = []
+        for asset_id, text, event, size in events:
+            if asset_id is None:
+                dead.append(self._invalid(event, replays))
+            elif size > MAX_EVENT_BYTES:
+                dead.append(self._too_large(event, asset_id, size, replays))
+            else:
+                ready += self.batcher.add(asset_id, text, size, ticket, replays)
+        metrics.events_read(received=len(events), batched=len(events) - len(dead))
+        return dead, ready
 
     def tick(self) -> None:
-        """Called often by a timer: retry unconfirmed hand-offs, release batches due."""
-        self._retry_pending()
+        """Called often by a timer: retry unconfirmed hand-offs, acknowledge stragglers,
+        release batches due."""
+        self.handoff.tick()
         self.acker.ack_stragglers()
         due = self.batcher.due()
         if due:
-            self._hand_off(self._uploads(due), [b.handed_on for b in due])
+            self._send([], due, [])
 
     def flush_all(self) -> None:
         """Hand on every open batch (warm shutdown); raises PublishError if the broker won't."""
-        batches = self.batcher.drain()
-        self._hand_off(self._uploads(batches), [b.handed_on for b in batches])
-        if self._pending:
-            raise PublishError(f"{len(self._pending)} hand-offs were not confirmed by the broker")
+        self.handoff.retry_now()
+        self._send([], self.batcher.drain(), [])
+        if self.handoff.blocked:
+            raise PublishError(f"{self.handoff.waiting} hand-offs were not confirmed by the broker")
 
     def discard(self) -> int:
         """Forget everything in memory (the channel is gone; the broker redelivers it all)."""
-        self._pending.clear()
+        self.handoff.forget()
         self.acker.forget()
         return self.batcher.discard()
 
-    def _events_of(self, message: Message) -> list[Routed]:
-        body = message.body
-        task = (message.headers or {}).get("task")
-        if task is None and _plain_json(message) and len(body) <= MAX_MESSAGE_BYTES:
+    def _send(self, dead: list[Outgoing], batches: list[Batch], then: list[Callable[[], None]]) -> None:
+        self.counts["batches"] += len(batches)
+        self.handoff.send(dead, batches, [b.handed_on for b in batches] + then)
+
+    def _render(self, batches: list[Batch], limit: int | None) -> list[Outgoing]:
+        return self.renderer(batches, limit) if batches else []
+
+    # --- suspects: handled alone before being called poison ---------------------------------------
+
+    def _suspect(self, message: Message, deliveries: int, hold: _Once) -> None:
+        """Delivered ``deliveries`` times without being handled: the worker died holding it, or
+        holding it among thousands of others. Prove which, alone, in the quarantine queue."""
+        if self.quarantine_queue is None:
+            self._poison(message, deliveries, hold)
+            return
+        self.counts["suspects"] += 1
+        logger.warning("A message was delivered %d times without being handled: moving it to %s, where it is "
+                       "handled alone", deliveries, self.quarantine_queue)
+        headers = {**(message.headers or {}), SUSPECT_HEADER: deliveries}
+        headers.pop("x-delivery-count", None)
+        body = message.body.encode("utf-8", "surrogatepass") if isinstance(message.body, str) else bytes(message.body)
+        moved = Outgoing(self.quarantine_queue, body, headers, message.content_type or "",
+                         content_encoding=message.content_encoding or None)
+        self._send([moved], [], [hold])
+
+    def handle_alone(self, message: Message, ack: Callable[[], None]) -> None:
+        """A quarantined message, the only one in hand: handled and handed on at once, so that
+        a crash meanwhile implicates it alone. Delivered :data:`QUARANTINE_LIMIT` times here,
+        it is what kills the worker: set aside as ``poison``, its body whole and replayable."""
+        deliveries = delivery_count(message) or 0
+        hold = _Once(ack)  # one acknowledgement, whichever path gets there
+        if deliveries >= QUARANTINE_LIMIT:
+            before = (message.headers or {}).get(SUSPECT_HEADER, 0)
+            self._poison(message, (before if isinstance(before, int) else 0) + deliveries, hold)
+            return
+        try:
             try:
-                event = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                event = None  # the strict parser below says exactly what is wrong
-            if isinstance(event, dict):  # the fast path: one event, forwarded as its text
-                data = body.encode("utf-8") if isinstance(body, str) else body
-                return [(routing_key_of(event), data.decode("utf-8"), event, len(data))]
-        events = parse_body(body, content_type=message.content_type or None,
-                            content_encoding=message.content_encoding or None)
-        if task is not None:
-            events = self._task_events(str(task), events)
-        routed = []
-        for event in events:
-            data = jsonutil.dumps(event)
-            routed.append((routing_key_of(event), data.decode("utf-8"), event, len(data)))
-        return routed
+                events = events_of(message)
+            except MalformedBody as exc:
+                self._malformed(message, exc.error, exc.details, hold)
+                return
+            ticket = Ticket(hold)
+            replays = replays_of(message)
+            dead: list[Outgoing] = []
+            loads: dict[str, UploadBatch] = {}
+            for asset_id, text, event, size in events:
+                if asset_id is None:
+                    dead.append(self._invalid(event, replays))
+                elif size > MAX_EVENT_BYTES:
+                    dead.append(self._too_large(event, asset_id, size, replays))
+                else:
+                    load = loads.setdefault(asset_id, UploadBatch(asset_id, [], replays=[] if replays else None))
+                    load.events.append(text)
+                    if load.replays is not None:
+                        load.replays.append(replays)
+            metrics.events_read(received=len(events), batched=len(events) - len(dead))
+            batches = [_as_batch(load, ticket) for load in loads.values()]
+            self._send(dead, batches, [ticket.release])
+        except CONNECTION_ERRORS:
+            raise
+        except Exception as exc:
+            logger.exception("Unexpected %s handling a quarantined message; dead-lettering it whole",
+                             type(exc).__name__)
+            self._unhandled(message, exc, hold)
 
-    def _task_events(self, task: str, body: list[Any]) -> list[Any]:
-        """The events of a Celery task message: body ``[args, kwargs, embed]``."""
-        if task != INGEST_TASK:
-            raise MalformedBody(
-                f"This worker only runs {INGEST_TASK!r}; a task message for {task!r} reached its "
-                "queue. Send other tasks to another queue.",
-                {"problem": "unknown_task", "task": task},
-            )
-        args = body[0] if len(body) == 3 and isinstance(body[0], list) else None
-        if not args or len(args) != 1 or not isinstance(args[0], (dict, list)) or args[0] == []:
-            raise MalformedBody(
-                f"{INGEST_TASK} takes one argument, an event or a non-empty list of events: "
-                "send_task('activities.ingest', args=[event_or_list])",
-                {"problem": "bad_task_arguments", "task": INGEST_TASK},
-            )
-        return args[0] if isinstance(args[0], list) else [args[0]]
+    # --- dead letters ---------------------------------------------------------------------------
 
-    def _malformed(self, message: Message, ticket: Ticket, error: str, details: dict[str, Any]) -> None:
+    def _malformed(self, message: Message, error: str, details: dict[str, Any], hold: _Once) -> None:
         self.counts["malformed"] += 1
         metrics.unreadable(deadletter.MALFORMED)
         logger.warning("Dead-lettering an unreadable message: %s", error)
-        dead = deadletter.body_envelopes(
-            reason=deadletter.MALFORMED, error=error, raw=message.body, details=details,
-            failed_at=self.clock.now(), replays=_replays_of(message),
-        )
-        self._hand_off(deadletter.messages(self.settings.dead_letter_queue, dead), [ticket.release])
+        dead = deadletter.body_envelopes(reason=deadletter.MALFORMED, error=error, raw=message.body, details=details,
+                                         failed_at=self.clock.now(), replays=replays_of(message))
+        self._send(deadletter.messages(self.settings.dead_letter_queue, dead), [], [hold])
 
-    def _poison(self, message: Message, ticket: Ticket, deliveries: int) -> None:
-        """A message that was delivered ``deliveries`` times and never handled: each time the
-        worker died with it in hand. Reading it again might kill the worker again: don't."""
+    def _poison(self, message: Message, deliveries: int, hold: _Once) -> None:
+        """Proven to kill the worker: never read again, set aside whole."""
         self.counts["malformed"] += 1
         metrics.unreadable(deadletter.POISON)
         error = (
-            f"This message was delivered {deliveries} times and the worker died each time before "
-            "handling it. It was set aside so that it cannot crash the worker again: look at the "
-            "worker's logs around failed_at, then replay its raw body once the cause is fixed."
+            f"This message was delivered {deliveries} times and the worker died each time before handling it, "
+            "the last times while it was the only message in hand. It was set aside so that it cannot crash the "
+            "worker again: look at the worker's logs around failed_at, then replay it once the cause is fixed."
         )
         logger.error("Dead-lettering a message delivered %d times (poison)", deliveries)
-        dead = deadletter.body_envelopes(
-            reason=deadletter.POISON, error=error, raw=message.body,
-            details={"deliveries": deliveries}, attempts=deliveries, failed_at=self.clock.now(),
-            replays=_replays_of(message),
-        )
-        self._hand_off(deadletter.messages(self.settings.dead_letter_queue, dead), [ticket.release])
+        dead = deadletter.body_envelopes(reason=deadletter.POISON, error=error, raw=message.body,
+                                         details={"deliveries": deliveries}, attempts=deliveries,
+                                         failed_at=self.clock.now(), replays=replays_of(message))
+        self._send(deadletter.messages(self.settings.dead_letter_queue, dead), [], [hold])
+
+    def _unhandled(self, message: Message, exc: Exception, hold: _Once) -> None:
+        """A bug met this message: keep it whole (replayable when it is a producer's body)."""
+        metrics.unreadable(deadletter.UNHANDLED)
+        error = (f"The worker failed on this message ({type(exc).__name__}) and set it aside whole so the rest "
+                 "could go on; see its log at failed_at. Replay it once the cause is fixed.")
+        details = {"problem": "internal_error", "exception": type(exc).__name__,
+                   "replay_body": "task" not in (message.headers or {})}
+        dead = deadletter.body_envelopes(reason=deadletter.UNHANDLED, error=error, raw=message.body,
+                                         details=details, failed_at=self.clock.now(), replays=replays_of(message))
+        try:
+            self.handoff.send(deadletter.messages(self.settings.dead_letter_queue, dead), [], [hold])
+        except CONNECTION_ERRORS:
+            raise
+        except Exception:  # the hand-off itself is broken: leave the message unacknowledged
+            logger.exception("Could not even set the message aside; it stays unacknowledged")
 
     def _invalid(self, event: Any, replays: int = 0) -> Outgoing:
         self.counts["invalid"] += 1
@@ -230,10 +290,7 @@ class Ingest:
         body = deadletter.envelope(
             reason=deadletter.INVALID,
             error=f"The event cannot be routed: {'; '.join(m for ms in errors.values() for m in ms)}",
-            event=event,
-            details=errors,
-            failed_at=self.clock.now(),
-            replays=replays,
+            event=event, details=errors, failed_at=self.clock.now(), replays=replays,
         )
         return deadletter.message(self.settings.dead_letter_queue, body)
 
@@ -244,51 +301,42 @@ class Ingest:
             reason=deadletter.INVALID,
             error=f"The event is {size} bytes of JSON, over the {MAX_EVENT_BYTES}-byte limit per event: "
             "send large data by reference, not inside activity_params.",
-            event=event,
-            details={"_schema": ["event too large"], "size": size, "max_bytes": MAX_EVENT_BYTES},
-            asset_id=asset_id,
-            failed_at=self.clock.now(),
-            replays=replays,
+            event=event, details={"_schema": ["event too large"], "size": size, "max_bytes": MAX_EVENT_BYTES},
+            asset_id=asset_id, failed_at=self.clock.now(), replays=replays,
         )
         return deadletter.message(self.settings.dead_letter_queue, body)
 
-    def _uploads(self, batches: list[Batch]) -> list[Outgoing]:
-        if not batches:
-            return []
-        self.counts["batches"] += len(batches)
-        return self.upload_messages(batches)
-
-    def _hand_off(self, messages: list[Outgoing], then: list[Callable[[], None]]) -> None:
-        if not messages and not self._pending:  # the common case: nothing to publish yet
-            for callback in then:
-                callback()
-            return
-        self._pending.append((messages, then))
-        self._retry_pending()
-
-    def _retry_pending(self) -> None:
-        while self._pending:
-            messages, then = self._pending[0]
-            try:
-                self.publish(messages)
-            except PublishError as exc:
-                logger.error("The broker did not confirm %d messages (%s); retrying", len(messages), exc)
-                return
-            self._pending.pop(0)
-            for callback in then:
-                callback()
+    def _oversized(self, batch: UploadBatch, limit: int) -> list[Outgoing]:
+        """One event whose upload message is over the broker's ``max_message_size``: it cannot
+        travel through this broker; kept whole in dead letters of parts under the limit."""
+        metrics.refused_in_ingest("too_large")
+        error = (f"The event's upload message is over the broker's max_message_size ({limit} bytes): it cannot be "
+                 "uploaded through this RabbitMQ. Send large data by reference, or raise max_message_size.")
+        dead = deadletter.body_envelopes(reason=deadletter.INVALID, error=error, raw=batch.events[0],
+                                         details={"_schema": ["event too large for the broker"], "max_bytes": limit},
+                                         asset_id=batch.asset_id, failed_at=self.clock.now(),
+                                         replays=batch.replays_of(0), part_bytes=max(1024, limit // 4))
+        return deadletter.messages(self.settings.dead_letter_queue, dead)
 
 
-def _plain_json(message: Message) -> bool:
-    """Does the message declare JSON in UTF-8 (or nothing)? Else the strict parser explains."""
-    content_type = message.content_type
-    encoding = message.content_encoding
-    return (not content_type or content_type.split(";")[0].strip().lower() == JSON_CONTENT_TYPE) and (
-        not encoding or encoding.lower() in ACCEPTED_ENCODINGS
-    )
+class _Once:
+    """Calls ``callback`` the first time it is called, never again (a message's own hold)."""
+
+    __slots__ = ("_callback",)
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback: Callable[[], None] | None = callback
+
+    def __call__(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
 
-def _replays_of(message: Message) -> int:
-    """The message's ``x-replays`` header: a count, or 0 when absent or not a count."""
-    value = (message.headers or {}).get(REPLAYS_HEADER, 0)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+def _as_batch(load: UploadBatch, ticket: Ticket) -> Batch:
+    """A batch of a quarantined message, holding its ticket once per event."""
+    batch = Batch(load.asset_id, 0.0, load.events, [ticket] * len(load), 2 + sum(len(t) + 1 for t in load.events),
+                  load.replays)
+    for _ in load.events:
+        ticket.hold()
+    return batch

@@ -14,6 +14,7 @@ duplicates are possible, losses are not.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ CONFIRM_TIMEOUT = 30.0
 
 #: How many times a group is published before :meth:`Publisher.publish` gives up.
 PUBLISH_ATTEMPTS = 3
+
+#: RabbitMQ's words when a message is over its ``max_message_size`` (it closes the channel).
+_TOO_LARGE = re.compile(r"larger than configured max size (\d+)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +111,10 @@ class Publisher:
                 raise PublishError(str(exc), messages=messages) from None
             except Exception as exc:  # connection and channel errors: start anew
                 self.close()
+                too_large = _TOO_LARGE.search(str(exc))
+                if too_large:  # the same message would be refused again: say so at once
+                    raise PublishError(f"the broker refused a message over its max_message_size: {exc}",
+                                       messages=messages, too_large=int(too_large.group(1))) from None
                 if attempt == PUBLISH_ATTEMPTS:
                     raise PublishError(
                         f"could not publish {len(messages)} messages: {exc!r}", messages=messages

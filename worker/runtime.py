@@ -46,6 +46,8 @@ class Runtime:
     #: Outcomes the broker did not confirm, by task id: a redelivered task publishes them
     #: instead of uploading its events again.
     unpublished: dict[str, tuple[int, list[Outgoing]]] = field(default_factory=dict)
+    #: The consumer's pipeline, once its step started (the quarantine step shares it).
+    ingest: Any = None
 
     def forward_to_ingest(self, event_or_list: Any) -> int:
         """Publish a Celery producer's events to the ``activities`` queue; return how many."""

@@ -18,6 +18,7 @@ import pytest
 
 from tests.harness import DeadLetters, QueueSet, WorkerProcess, event, event_id_of, publish_events, publish_raw, require_broker
 from worker.dlq_select import Letters
+from worker import deadletter
 from worker.sandbox import Sandbox
 
 API_KEY = "hostile-key"
@@ -141,7 +142,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             env = {**queues.env, "NETCORE_API_KEY": API_KEY, "NETCORE_API_URL": sandbox.url, "ACTIVITY_BATCH_WAIT": "0.3"}
             worker = WorkerProcess(env, tmp_path_factory.mktemp("hostile") / "worker.log").start()
             try:
-                expected_dead = len(BODIES) + len(EVENTS) + 1 + 2  # + the non-object item; the 20 MB body is 3 parts
+                big = len(BODIES['20-MB-message'].body)
+                expected_dead = len(BODIES) + len(EVENTS) + 1 + (-(-big // deadletter.PART_BYTES) - 1)  # + the
+                # non-object item, + the 20 MB body's extra parts
                 assert sandbox.wait_until(lambda s: s.accepted_count() >= 4, timeout=120), worker.log()[-3000:]
                 assert dead.wait_for(expected_dead, timeout=120), f"{len(dead.envelopes)} dead letters"
                 dead.settle(quiet=1.0)

@@ -10,6 +10,9 @@
 ``activities.upload.``    retries waiting in RabbitMQ, never in a worker: one queue per
 ``delay.<ms>ms``          delay (``x-message-ttl``), dead-lettering back to the upload queue
                           when the time is up.
+``activities.quarantine``  a message a quorum queue delivered ``ACTIVITY_DELIVERY_LIMIT``
+                          times (a suspect), handled there alone before it may be called
+                          ``poison``. Dead-letters what is rejected to ``.unhandled``.
 ``activities.dead``       one envelope per event that can never be delivered (the contract).
 ``activities.dead.``      messages RabbitMQ dead-lettered because a worker rejected them
 ``unhandled``             (a bug, an unknown task): the worker writes each of their events to
@@ -62,6 +65,7 @@ class Topology:
     source: str
     task_source: str
     upload: str
+    quarantine: str
     dead_letter: str
     unhandled: str
     quorum: bool
@@ -75,6 +79,7 @@ class Topology:
             source=settings.queue,
             task_source=settings.task_queue,
             upload=settings.upload_queue,
+            quarantine=f"{settings.queue}.quarantine",
             dead_letter=settings.dead_letter_queue,
             unhandled=f"{settings.dead_letter_queue}.unhandled",
             quorum=settings.queue_type == "quorum",
@@ -94,6 +99,10 @@ class Topology:
     def upload_queue(self) -> Queue:
         """The upload tasks' queue: what a worker rejects goes to :attr:`unhandled`."""
         return Queue(self.upload, durable=True, queue_arguments=self._dead_lettering(self.unhandled))
+
+    def quarantine_queue(self) -> Queue:
+        """Suspects, handled one at a time: what a worker rejects goes to :attr:`unhandled`."""
+        return Queue(self.quarantine, durable=True, queue_arguments=self._dead_lettering(self.unhandled))
 
     def delay_queue(self, rung_ms: int) -> Queue:
         """The queue where a retry waits ``rung_ms``, then goes back to the upload queue."""
@@ -115,11 +124,12 @@ class Topology:
     def all_queues(self) -> list[Queue]:
         """Every queue of the worker: declared at start-up, so tools and monitors find them all."""
         return [self.source_queue(), self.task_source_queue(), self.upload_queue(), *self.delay_queues(),
-                self.dead_letter_queue(), self.unhandled_queue()]
+                self.quarantine_queue(), self.dead_letter_queue(), self.unhandled_queue()]
 
     def publish_targets(self) -> list[Queue]:
         """The queues the worker publishes to (declared by each publisher before its first message)."""
-        return [self.source_queue(), self.upload_queue(), *self.delay_queues(), self.dead_letter_queue()]
+        return [self.source_queue(), self.upload_queue(), *self.delay_queues(), self.quarantine_queue(),
+                self.dead_letter_queue()]
 
     # --- delays -------------------------------------------------------------------------------
 

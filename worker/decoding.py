@@ -1,0 +1,99 @@
+"""Decoding a source message: its body (or Celery task message) into routed events.
+
+The consumer's first step (:mod:`worker.ingest`). It does the cheap work only: a body that is
+one JSON object is parsed once with orjson and its event forwarded as the very text it arrived
+in; anything else goes through the strict parser (:func:`worker.parsing.parse_body`), which
+explains what is wrong (:class:`~worker.parsing.MalformedBody`). Each event comes out with its
+routing key (``asset_id``, None when it cannot be routed), its JSON text and its size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import orjson
+
+from worker import jsonutil
+from worker.broker.messages import INGEST_TASK
+from worker.parsing import ACCEPTED_ENCODINGS, JSON_CONTENT_TYPE, MAX_MESSAGE_BYTES, MalformedBody, parse_body
+from worker.validation import routing_key_of
+
+#: Header of an event replayed from the dead-letter queue (worker.dlq): how many times it was
+#: replayed. It travels with each event to its next dead letter, whichever stage writes it.
+REPLAYS_HEADER = "x-replays"
+
+
+class Message(Protocol):
+    """What the consumer needs of a kombu message."""
+
+    body: bytes | str
+    content_type: str | None
+    content_encoding: str | None
+    headers: dict[str, Any]
+    delivery_tag: int
+
+
+#: (asset_id or None when it cannot be routed, the event's JSON text, the event, its size in bytes).
+Routed = tuple[str | None, str, Any, int]
+
+
+def events_of(message: Message) -> list[Routed]:
+    """The events of a source message; raises MalformedBody when it holds none we can read."""
+    body = message.body
+    task = (message.headers or {}).get("task")
+    if task is None and plain_json(message) and len(body) <= MAX_MESSAGE_BYTES:
+        try:
+            event = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            event = None  # the strict parser below says exactly what is wrong
+        if isinstance(event, dict):  # the fast path: one event, forwarded as its text
+            data = body.encode("utf-8") if isinstance(body, str) else body
+            return [(routing_key_of(event), data.decode("utf-8"), event, len(data))]
+    events = parse_body(body, content_type=message.content_type or None,
+                        content_encoding=message.content_encoding or None)
+    if task is not None:
+        events = task_events(str(task), events)
+    routed = []
+    for event in events:
+        data = jsonutil.dumps(event)
+        routed.append((routing_key_of(event), data.decode("utf-8"), event, len(data)))
+    return routed
+
+
+def task_events(task: str, body: list[Any]) -> list[Any]:
+    """The events of a Celery task message: body ``[args, kwargs, embed]``."""
+    if task != INGEST_TASK:
+        raise MalformedBody(
+            f"This worker only runs {INGEST_TASK!r}; a task message for {task!r} reached its "
+            "queue. Send other tasks to another queue.",
+            {"problem": "unknown_task", "task": task},
+        )
+    args = body[0] if len(body) == 3 and isinstance(body[0], list) else None
+    if not args or len(args) != 1 or not isinstance(args[0], (dict, list)) or args[0] == []:
+        raise MalformedBody(
+            f"{INGEST_TASK} takes one argument, an event or a non-empty list of events: "
+            "send_task('activities.ingest', args=[event_or_list])",
+            {"problem": "bad_task_arguments", "task": INGEST_TASK},
+        )
+    return args[0] if isinstance(args[0], list) else [args[0]]
+
+
+def plain_json(message: Message) -> bool:
+    """Does the message declare JSON in UTF-8 (or nothing)? Else the strict parser explains."""
+    content_type = message.content_type
+    encoding = message.content_encoding
+    return (not content_type or content_type.split(";")[0].strip().lower() == JSON_CONTENT_TYPE) and (
+        not encoding or encoding.lower() in ACCEPTED_ENCODINGS
+    )
+
+
+def replays_of(message: Message) -> int:
+    """The message's ``x-replays`` header: a count, or 0 when absent or not a count."""
+    value = (message.headers or {}).get(REPLAYS_HEADER, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def delivery_count(message: Message) -> int | None:
+    """How often a quorum queue delivered this message before (``x-delivery-count``), if it says."""
+    value = (message.headers or {}).get("x-delivery-count")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
