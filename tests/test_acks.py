@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from worker.acks import Acker
+from worker.acks import MAX_ACK_ALONE_DEPTH, Acker
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -34,6 +34,8 @@ class Channel:
         self.outstanding: set[int] = set()
         self.complete: set[int] = set()
         self.calls: list[tuple[int, bool]] = []
+        #: For each ack without ``multiple``: the older deliveries RabbitMQ walks past to find it.
+        self.depths: list[int] = []
 
     def deliver(self, tag: int) -> None:
         self.outstanding.add(tag)
@@ -42,6 +44,8 @@ class Channel:
         self.calls.append((delivery_tag, multiple))
         assert delivery_tag in self.outstanding, f"unknown delivery tag {delivery_tag}"
         acked = {t for t in self.outstanding if t <= delivery_tag} if multiple else {delivery_tag}
+        if not multiple:
+            self.depths.append(sum(1 for t in self.outstanding if t < delivery_tag))
         early = acked - self.complete
         assert not early, f"acknowledged before their message was complete: {sorted(early)}"
         self.outstanding -= acked
@@ -272,6 +276,35 @@ def test_a_message_completed_before_the_straggler_tick_is_acked_with_its_prefix(
     assert acks.calls == [(3, True)]
 
 
+def test_a_straggler_deep_in_the_window_waits_for_the_prefix_ack() -> None:
+    """RabbitMQ finds the tag of an ack without ``multiple`` by walking every older
+    unacknowledged delivery of the channel, so a message behind more than
+    MAX_ACK_ALONE_DEPTH of them is left to the prefix ack, which costs it nothing extra."""
+    depth = MAX_ACK_ALONE_DEPTH
+    channel = Channel()
+    acker = Acker(channel)
+    for tag in range(1, depth + 4):
+        channel.deliver(tag)
+        acker.received(tag)
+    shallow, deep = depth + 1, depth + 3  # behind 1..depth; behind those and depth + 2
+    for tag in (deep, shallow):
+        channel.complete.add(tag)
+        acker.complete(tag)
+    assert acker.ack_stragglers() == 0  # they waited part of a tick only
+    assert acker.ack_stragglers() == 1
+    assert acker.ack_stragglers() == 0  # deep still waits, tick after tick
+    assert channel.calls == [(shallow, False)]
+    assert channel.depths == [depth]
+    assert acker.outstanding == depth + 2
+
+    for tag in [*range(1, depth + 1), depth + 2]:
+        channel.complete.add(tag)
+        acker.complete(tag)
+    assert channel.calls[-1] == (deep, True)  # the prefix ack takes it along
+    assert channel.outstanding == set()
+    assert acker.outstanding == 0
+
+
 def test_forget_drops_stragglers_too() -> None:
     acker, acks = make(range(1, 4))
     acker.complete(2)
@@ -291,8 +324,9 @@ def test_any_order_with_ticks_acks_every_tag_once_and_never_early(seed: int) -> 
     complete, and in the end every tag is acknowledged."""
     rng = random.Random(1000 + seed)
     n = rng.randint(1, 300)
+    max_depth = rng.choice([0, 1, 3, 20, MAX_ACK_ALONE_DEPTH])
     channel = Channel()
-    acker = Acker(channel)
+    acker = Acker(channel, max_depth=max_depth)
     received: list[int] = []
     incomplete: list[int] = []
     next_tag = 1
@@ -318,3 +352,4 @@ def test_any_order_with_ticks_acks_every_tag_once_and_never_early(seed: int) -> 
     assert acker.frames == len(channel.calls) <= n
     multiple = [tag for tag, many in channel.calls if many]
     assert multiple == sorted(set(multiple))
+    assert max(channel.depths, default=0) <= max_depth

@@ -11,6 +11,7 @@ only moves when a test says so.
 from __future__ import annotations
 
 import base64
+import bisect
 import json
 import re
 import random
@@ -25,7 +26,7 @@ from kombu.serialization import dumps as kombu_dumps
 
 from config.settings import Settings
 from worker import deadletter
-from worker.acks import Acker
+from worker.acks import MAX_ACK_ALONE_DEPTH, Acker
 from worker.batching import Batch, Batcher
 from worker.clock import ManualClock
 from worker.errors import PublishError
@@ -641,6 +642,81 @@ def test_backpressure_never_loses_or_duplicates_events() -> None:
     rig.ingest.flush_all()
     assert sorted(e["activity_params"]["event_id"] for e in uploaded_events(rig)) == sorted(sent)
     assert rig.acked_up_to() == 200 and rig.acker.outstanding == 0
+
+
+class AckCostingChannel:
+    """RabbitMQ's side of ``basic.ack``, and what it costs. To find the tag of an ack without
+    ``multiple``, the channel process and then the queue process walk the channel's
+    unacknowledged deliveries from the oldest one, and rebuild what they walked past; an
+    ack with ``multiple`` walks only the deliveries it acknowledges. Counts the entries walked."""
+
+    def __init__(self) -> None:
+        #: Delivered and not acknowledged, oldest first.
+        self.unacked: list[int] = []
+        self.walked = 0
+        #: The most older deliveries an ack without ``multiple`` walked past.
+        self.deepest = 0
+
+    def deliver(self, tag: int) -> None:
+        self.unacked.append(tag)
+
+    def __call__(self, delivery_tag: int, multiple: bool) -> None:
+        i = bisect.bisect_left(self.unacked, delivery_tag)
+        assert i < len(self.unacked) and self.unacked[i] == delivery_tag, (
+            f"PRECONDITION_FAILED: unknown delivery tag {delivery_tag}")
+        self.walked += i + 1
+        if multiple:
+            del self.unacked[: i + 1]
+        else:
+            self.deepest = max(self.deepest, i)
+            del self.unacked[i]
+
+
+def test_1000_asset_ids_cost_the_broker_a_bounded_walk_per_message() -> None:
+    """With 1000 asset_ids, messages complete in random order across the whole prefetch
+    window. Acknowledged one by one, each made RabbitMQ walk thousands of older deliveries:
+    its queue process took ~270 acks/s, delivering nothing meanwhile, and the worker stalled.
+    Wired as the consumer step wires it, with the default settings; 5,000 messages/s."""
+    prefetch, messages, tick = 30_000, 40_000, 0.2
+    settings = Settings.from_env({"ACTIVITY_PREFETCH": str(prefetch)}, require_api=False)
+    clock = ManualClock()
+    batcher = Batcher(max_events=settings.batch_size, max_wait=settings.batch_wait,
+                      max_bytes=settings.batch_max_bytes, max_buffered=prefetch - settings.batch_size,
+                      clock=clock)
+    channel = AckCostingChannel()
+    uploaded: Counter[str] = Counter()
+
+    def publish(group: Sequence[Outgoing]) -> None:
+        uploaded.update(e for m in group for b in json.loads(m.body)["batches"] for e in b["events"])
+
+    ingest = Ingest(settings=settings, batcher=batcher, acker=Acker(channel), publish=publish,
+                    upload_message=Rig._upload_message, clock=clock,
+                    max_outstanding=prefetch - settings.batch_size, release_slack=prefetch // 20)
+    rng = random.Random(9)
+    assets = [f"asset-{i}" for i in range(1000)]
+    next_tick = clock.monotonic() + tick
+    for tag in range(1, messages + 1):
+        while len(channel.unacked) >= prefetch:  # the window is full: the broker waits for acks
+            clock.advance(tick)
+            ingest.tick()
+        channel.deliver(tag)
+        ingest.on_message(FakeMessage(dumps(event(rng.choice(assets), str(tag))), tag))
+        clock.advance(1 / 5000)
+        if clock.monotonic() >= next_tick:
+            ingest.tick()
+            next_tick = clock.monotonic() + tick
+    for _ in range(int(settings.batch_wait / tick) + 2):
+        clock.advance(tick)
+        ingest.tick()
+
+    assert channel.unacked == []  # every message acknowledged once (the channel refuses twice)
+    assert len(uploaded) == messages and set(uploaded.values()) == {1}
+    # An ack with multiple walks each message it acknowledges once; one without walks at
+    # most MAX_ACK_ALONE_DEPTH older deliveries: bounded work per message, whatever the
+    # window. Acked alone at any depth, they were up to 8,800 deep: 47 million entries
+    # walked, 1,170 per message, some 20 s of work for the broker's queue process.
+    assert channel.deepest <= MAX_ACK_ALONE_DEPTH
+    assert channel.walked <= (MAX_ACK_ALONE_DEPTH + 1) * messages
 
 
 # --- the broker does not confirm --------------------------------------------------------------
