@@ -613,3 +613,25 @@ def test_zone_less_timestamps_are_refused_when_the_setting_says_so() -> None:
     assert report.delivered == 1 and report.dead == {"invalid": 1}
     (body,) = h.dead_letters
     assert "timestamp" in body["details"] and "ACTIVITY_NAIVE_TIMESTAMPS" in body["error"] + str(body["details"])
+
+
+# --- every dead letter keeps its event (issue: retries exhausted could drop it) ----------------------
+
+
+def test_given_up_after_a_bug_each_event_is_kept_whole_even_one_the_strict_parser_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import worker.upload.delivery as delivery_module
+
+    def broken(event: Any, **kwargs: Any) -> dict[str, list[str]]:
+        raise RuntimeError("a bug in validation")
+
+    monkeypatch.setattr(delivery_module, "validate_event", broken)
+    h = harness(max_retries=0)
+    duplicate = '{"asset_id":"asset-1","asset_id":"asset-1","activity_params":{"i":7}}'
+    good = jsonutil.dumps(event(1)).decode()
+    report = h.delivery.deliver(Bundle([UploadBatch(ASSET, [good, duplicate], replays=[0, 2])]))
+    assert report.dead == {"retries_exhausted": 2}
+    first, second = h.dead_letters
+    assert first["event"] == event(1) and "raw" not in first
+    assert second["event"] is None and second["raw"] == duplicate and second["replays"] == 2  # not lost

@@ -8,17 +8,13 @@ checks that ids delivered plus ids dead-lettered equal ids sent.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import threading
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from celery import Celery
 
+from tests.broker_settings import broker_env, rabbitmqctl
 from tests.harness import (
     BROKER_URL,
     DeadLetters,
@@ -93,32 +89,6 @@ class Producer:
 
 def delivered_ids(sandbox: Sandbox) -> Counter[str | None]:
     return Counter(event_id_of(e) for e in sandbox.accepted())
-
-
-def rabbitmqctl(*args: str) -> str:
-    if shutil.which("rabbitmqctl") is None:
-        if os.environ.get("CI"):
-            pytest.fail("rabbitmqctl is not on PATH")
-        pytest.skip("rabbitmqctl is not on PATH")
-    return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True, timeout=120).stdout
-
-
-@contextmanager
-def broker_env(**values: int) -> Iterator[None]:
-    """Set ``rabbit`` application settings for the test and put back exactly what was there."""
-    before: dict[str, str] = {}
-    for name in values:
-        before[name] = rabbitmqctl("eval", f"application:get_env(rabbit, {name}).").strip()
-    try:
-        for name, value in values.items():
-            rabbitmqctl("eval", f"application:set_env(rabbit, {name}, {value}).")
-        yield
-    finally:
-        for name, old in before.items():
-            if old.startswith("{ok,"):
-                rabbitmqctl("eval", f"application:set_env(rabbit, {name}, {old[4:-1]}).")
-            else:
-                rabbitmqctl("eval", f"application:unset_env(rabbit, {name}).")
 
 
 # --- an outage is waited out ------------------------------------------------------------------------
