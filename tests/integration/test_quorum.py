@@ -9,7 +9,7 @@ import socket
 from kombu import Connection, Consumer
 
 from config.settings import Settings
-from tests.harness import BROKER_URL, DeadLetters, QueueSet, event, event_id_of, publish_events
+from tests.harness import DeadLetters, QueueSet, event, event_id_of, publish_events
 from worker.parsing import raw_text
 from worker.runtime import source_queue
 from worker import jsonutil
@@ -22,7 +22,7 @@ def die_holding_it(queues: QueueSet) -> int:
     """Take the first message and drop the connection without acknowledging it, as a worker
     killed with the message in hand would; return the delivery count the broker gave it."""
     seen: list[int] = []
-    with Connection(BROKER_URL) as connection:
+    with Connection(queues.broker_url) as connection:
         settings = Settings.from_env({**queues.env, "ACTIVITY_QUEUE_TYPE": "quorum"}, require_api=False)
         queue = source_queue(settings)
         consumer = Consumer(connection.channel(), [queue], prefetch_count=1,
