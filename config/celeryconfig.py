@@ -26,7 +26,8 @@ broker_transport_options = {"confirm_publish": True}
 #: dead letter itself; an exception reaching Celery means "could not even do that").
 task_acks_late = True
 task_reject_on_worker_lost = True
-task_acks_on_failure_or_timeout = False
+task_acks_on_failure = False
+task_acks_on_timeout = False
 worker_cancel_long_running_tasks_on_connection_loss = True
 #: An upload task holds up to 1000 events: one at a time per pool process.
 worker_prefetch_multiplier = 1
