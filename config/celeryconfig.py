@@ -31,7 +31,8 @@ worker_prefetch_multiplier = 1
 #: Celery means "could not even do that", and the rejected message is dead-lettered).
 task_acks_late = True
 task_reject_on_worker_lost = True
-task_acks_on_failure_or_timeout = False
+task_acks_on_failure = False
+task_acks_on_timeout = False
 #: On a lost connection, running uploads finish; their messages come back anyway (not acked).
 worker_cancel_long_running_tasks_on_connection_loss = False
 

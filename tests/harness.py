@@ -1,12 +1,14 @@
-"""Real parts for integration tests: the broker, queues of a test's own, worker processes.
+"""Real parts for integration tests: the broker, queues of a test's own (in a vhost of their
+own), worker processes, and the processes a command leaves behind.
 
 Nothing here sleeps: every wait is a blocking read (a process's output, the broker's
-``drain_events``, the sandbox's condition variable) with a deadline.
+``drain_events``, the sandbox's condition variable, a process's exit) with a deadline.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -24,33 +26,19 @@ import pytest
 from kombu import Connection, Consumer, Queue
 
 from config.settings import MAX_BACKOFF, Settings
+from tests.vhosts import SessionVhosts
 from worker import jsonutil
 from worker.broker.topology import Topology, delay_ladder
 from worker.publisher import Outgoing, Publisher
 
-#: The broker every integration test uses (the worker's own default).
-DEFAULT_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")
+#: The machine's broker (the worker's own default, or the runner's ``CELERY_BROKER_URL``). Tests do
+#: not use its default vhost: each :class:`QueueSet` lives in a vhost of its own on it.
+BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")
 
-#: A broker user of the tests' own, with a password that cannot be mistaken for anything
-#: else, so that a grep of the worker's logs for it proves the password never leaks.
+#: The tests' broker user (a name of its own per session, see ``tests/vhosts.py``) and its
+#: password, which cannot be mistaken for anything else: a grep of the worker's logs for it
+#: proves the broker password never leaks.
 TEST_BROKER_USER, TEST_BROKER_PASSWORD = "activity-tests", "brk-pw-7f3a9c1e5d"
-
-
-def _test_broker_url() -> str:
-    """The tests' own broker user, created with rabbitmqctl when it can be; else the default."""
-    try:
-        subprocess.run(["rabbitmqctl", "add_user", TEST_BROKER_USER, TEST_BROKER_PASSWORD],
-                       capture_output=True, timeout=60)
-        done = subprocess.run(["rabbitmqctl", "set_permissions", "-p", "/", TEST_BROKER_USER, ".*", ".*", ".*"],
-                              capture_output=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return DEFAULT_BROKER_URL
-    if done.returncode != 0:
-        return DEFAULT_BROKER_URL
-    return f"amqp://{TEST_BROKER_USER}:{TEST_BROKER_PASSWORD}@localhost:5672//"
-
-
-BROKER_URL = _test_broker_url() if "CELERY_BROKER_URL" not in os.environ else DEFAULT_BROKER_URL
 
 T = TypeVar("T")
 
@@ -93,17 +81,39 @@ def event_id_of(event: Any) -> str | None:
     return None
 
 
+#: The session's vhosts on the machine's broker, one per QueueSet (see ``tests/vhosts.py``).
+VHOSTS = SessionVhosts(BROKER_URL, user_prefix=TEST_BROKER_USER, password=TEST_BROKER_PASSWORD)
+
+
+#: Every live QueueSet by its prefix: how :func:`publish_raw` and :class:`DeadLetters` find the
+#: broker (and vhost) of a queue.
+_QUEUE_SETS: dict[str, QueueSet] = {}
+
+
 @dataclass
 class QueueSet:
-    """Queue names of one test, so tests never see each other's messages."""
+    """Queue names of one test, in a vhost of its own, so tests never see each other's messages.
+
+    Without ``broker_url``, the set takes a fresh vhost on the machine's broker (:data:`VHOSTS`),
+    deleted by :meth:`delete`; with one (a private node's), it uses that broker as it is.
+    """
 
     prefix: str = field(default_factory=lambda: f"test-{uuid.uuid4().hex[:10]}")
+    broker_url: str = ""
     #: ACTIVITY_QUEUE_TYPE=quorum for the worker, the producers and the test's own declarations.
     quorum: bool = False
+    _own_vhost: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.broker_url:
+            self.broker_url, self._own_vhost = VHOSTS.take(), True
+        _QUEUE_SETS[self.prefix] = self
 
     @property
     def env(self) -> dict[str, str]:
+        """The worker's settings for these queues, on this broker and vhost."""
         return {
+            "CELERY_BROKER_URL": self.broker_url,
             "ACTIVITY_QUEUE": f"{self.prefix}.activities",
             "ACTIVITY_DEAD_LETTER_QUEUE": f"{self.prefix}.dead",
             "ACTIVITY_TASK_QUEUE": f"{self.prefix}.celery",
@@ -113,11 +123,11 @@ class QueueSet:
 
     @property
     def settings(self) -> Settings:
-        return Settings.from_env({"CELERY_BROKER_URL": BROKER_URL, **self.env}, require_api=False)
+        return Settings.from_env(self.env, require_api=False)
 
     def declare(self) -> None:
         """The dead-letter queue, so a test can collect dead letters before the worker starts."""
-        with Connection(BROKER_URL) as connection:
+        with Connection(self.broker_url) as connection:
             Topology.of(self.settings).dead_letter_queue()(connection.default_channel).declare()
 
     def names(self) -> list[str]:
@@ -130,7 +140,11 @@ class QueueSet:
                 *(topology.delay_name(r) for r in delay_ladder(MAX_BACKOFF))]
 
     def delete(self) -> None:
-        with Connection(BROKER_URL) as connection:
+        """Delete the queues, and the vhost if it is the set's own."""
+        _QUEUE_SETS.pop(self.prefix, None)
+        if self._own_vhost and VHOSTS.give_back(self.broker_url):
+            return  # the vhost goes, and its queues with it
+        with Connection(self.broker_url) as connection:
             channel = connection.default_channel
             for name in self.names():
                 try:
@@ -139,16 +153,26 @@ class QueueSet:
                     channel = connection.channel()
 
     def depth(self, name: str) -> int:
-        with Connection(BROKER_URL) as connection:
+        with Connection(self.broker_url) as connection:
             _, count, _ = connection.default_channel.queue_declare(name, passive=True)
             return count
 
 
+def broker_url_of(queue: str) -> str:
+    """The broker URL (with its vhost) of the QueueSet that named ``queue``."""
+    for prefix, queues in _QUEUE_SETS.items():
+        if queue.startswith(f"{prefix}."):
+            return queues.broker_url
+    raise LookupError(f"no live QueueSet named the queue {queue!r}: pass broker_url")
+
+
 def publish_raw(queue: str, bodies: Iterable[bytes | str], *, content_type: str | None = "application/json",
                 headers: Mapping[str, Any] | None = None, encoding: str | None = None,
-                queue_arguments: Mapping[str, Any] | None = None) -> int:
-    """Publish bodies as a producer would: persistent, confirmed (in groups)."""
-    publisher = Publisher(BROKER_URL, declare=[Queue(queue, durable=True, queue_arguments=queue_arguments)])
+                queue_arguments: Mapping[str, Any] | None = None, broker_url: str | None = None) -> int:
+    """Publish bodies as a producer would: persistent, confirmed (in groups), to the broker of the
+    queue's QueueSet unless ``broker_url`` says otherwise."""
+    publisher = Publisher(broker_url or broker_url_of(queue),
+                          declare=[Queue(queue, durable=True, queue_arguments=queue_arguments)])
     try:
         messages = [
             Outgoing(queue, b if isinstance(b, bytes) else b.encode(), dict(headers or {}), content_type or "",
@@ -170,10 +194,10 @@ def publish_events(queue: str, payloads: Iterable[Any], **kwargs: Any) -> int:
 class DeadLetters:
     """Collects the dead-letter queue's envelopes as they arrive (event-driven, acked)."""
 
-    def __init__(self, queue: str, *, quorum: bool = False) -> None:
+    def __init__(self, queue: str, *, broker_url: str | None = None, quorum: bool = False) -> None:
         self.queue = queue
         self.envelopes: list[dict[str, Any]] = []
-        self._connection = Connection(BROKER_URL)
+        self._connection = Connection(broker_url or broker_url_of(queue))
         arguments = {"x-queue-type": "quorum"} if quorum else None
         self._consumer = Consumer(
             self._connection.channel(), [Queue(queue, durable=True, queue_arguments=arguments)],
@@ -365,3 +389,60 @@ def running_worker(env: Mapping[str, str], log_path: Path, **kwargs: Any) -> Ite
     finally:
         if worker.process and worker.process.poll() is None:
             worker.kill()
+
+
+def processes_marked(variable: str, value: str) -> dict[int, str]:
+    """Every live process whose environment has ``variable=value``, with its command line (Linux).
+
+    A variable set for a command is inherited by all it starts, including what outlives it: the
+    way to find every process a command left behind, however it was started.
+    """
+    wanted = f"{variable}={value}".encode()
+    found: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if wanted not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie has exited; only its parent has not looked yet
+            found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def wait_for_exit(pids: Iterable[int], timeout: float) -> set[int]:
+    """Block until every process in ``pids`` has exited, or the deadline; return those still running.
+
+    Works for processes that are not our children (``pidfd_open``, Linux 5.3+): each becomes
+    readable when its process exits.
+    """
+    descriptors: dict[int, int] = {}
+    for pid in pids:
+        try:
+            descriptors[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    try:
+        while descriptors:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            exited, _, _ = select.select(list(descriptors), [], [], remaining)
+            for fd in exited:
+                os.close(fd)
+                del descriptors[fd]
+        return set(descriptors.values())
+    finally:
+        for fd in descriptors:
+            os.close(fd)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

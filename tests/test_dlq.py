@@ -26,6 +26,7 @@ import pytest
 from kombu import Connection
 
 from config.settings import Settings
+from tests.harness import VHOSTS
 from tests.test_ingest import Rig
 from tests.test_ingest import event as ingest_event
 from worker import deadletter, dlq, dlq_select, jsonutil
@@ -58,8 +59,11 @@ def queue_env(prefix: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def env() -> dict[str, str]:
-    return queue_env(f"test-{uuid.uuid4().hex}")
+def env(broker: None) -> Iterator[dict[str, str]]:
+    """This test's queues, in a vhost of its own on the machine's broker (deleted after the test)."""
+    vhost_url = VHOSTS.take()
+    yield {**queue_env(f"test-{uuid.uuid4().hex}"), "CELERY_BROKER_URL": vhost_url}
+    VHOSTS.give_back(vhost_url)
 
 
 @pytest.fixture(scope="module")

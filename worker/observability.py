@@ -112,7 +112,9 @@ def setup_sentry(settings: Settings) -> bool:
 
     Celery integration for task failures; logging integration so that ERROR records (the
     worker's own failure reports) become events and lower ones breadcrumbs. No default PII
-    and no local variables: event payloads and the API key live in locals.
+    (the SDK's default; ``send_default_pii=False`` only restated it and is deprecated, and its
+    successor ``data_collection`` would turn off the SDK's own scrubber) and no local variables:
+    event payloads and the API key live in locals.
     """
     if not settings.sentry_dsn:
         return False
@@ -123,7 +125,6 @@ def setup_sentry(settings: Settings) -> bool:
     before_send = make_before_send(settings)
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
-        send_default_pii=False,
         include_local_variables=False,
         integrations=[CeleryIntegration(), LoggingIntegration(level=logging.INFO, event_level=logging.ERROR)],
         before_send=before_send,

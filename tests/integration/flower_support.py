@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TypeVar
 
-from tests.harness import BROKER_URL, ROOT, Output, QueueSet, WorkerProcess
+from tests.harness import ROOT, Output, QueueSet, WorkerProcess
 
 #: Credentials the test's Flower is started with.
 USER = "ops"
@@ -72,9 +72,9 @@ class FlowerProcess:
 
 
 def flower_env(queues: QueueSet, **extra: str) -> dict[str, str]:
-    """This test's environment, without any FLOWER_* setting of the machine running it."""
+    """This test's environment (its vhost and queues), without any FLOWER_* setting of the machine."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
-    return {**base, "CELERY_BROKER_URL": BROKER_URL, **queues.env, **extra}
+    return {**base, **queues.env, **extra}
 
 
 @contextmanager

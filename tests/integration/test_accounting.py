@@ -12,7 +12,7 @@ from kombu import Connection
 
 from config.settings import Settings
 from tests.broker_settings import broker_env
-from tests.harness import BROKER_URL, DeadLetters, QueueSet, event, event_id_of, publish_events
+from tests.harness import DeadLetters, QueueSet, event, event_id_of, publish_events
 from worker import dlq_commands
 from worker.broker.topology import Topology
 from worker.sandbox import Sandbox
@@ -21,7 +21,7 @@ from worker.sandbox import Sandbox
 def test_every_queue_of_the_contract_exists_as_soon_as_the_worker_started(start_worker, queues: QueueSet) -> None:
     worker = start_worker()
     topology = Topology.of(Settings.from_env(worker.env, require_api=False))
-    with Connection(BROKER_URL, heartbeat=0) as connection:
+    with Connection(queues.broker_url, heartbeat=0) as connection:
         for queue in topology.all_queues():
             channel = connection.channel()
             try:

@@ -22,7 +22,7 @@ import pytest
 from kombu import Connection
 
 from config.settings import Settings
-from tests.harness import BROKER_URL, ROOT, QueueSet, event, event_id_of, publish_events, publish_raw, require_broker
+from tests.harness import ROOT, QueueSet, event, event_id_of, publish_events, publish_raw, require_broker
 from tests.integration.test_quorum import QUORUM, die_holding_it
 from worker import deadletter, dlq
 from worker.dlq_select import Letters
@@ -34,7 +34,7 @@ from worker.sandbox import Sandbox
 DEAD_LETTER_TIMEOUT = 60.0
 
 
-def hold_until(queue: str, count: int, timeout: float = DEAD_LETTER_TIMEOUT) -> int:
+def hold_until(queue: str, count: int, timeout: float = DEAD_LETTER_TIMEOUT, *, broker_url: str) -> int:
     """Block until ``count`` messages have arrived in ``queue``; leave them all there.
 
     A consumer that acknowledges nothing sees each one come; closing its channel hands every
@@ -46,7 +46,7 @@ def hold_until(queue: str, count: int, timeout: float = DEAD_LETTER_TIMEOUT) -> 
         nonlocal seen
         seen += 1
 
-    with Connection(BROKER_URL, heartbeat=0) as connection:
+    with Connection(broker_url, heartbeat=0) as connection:
         channel = connection.channel()
         channel.basic_consume(queue, no_ack=False, callback=arrived)
         deadline = time.monotonic() + timeout
@@ -89,7 +89,7 @@ def test_unreadable_bodies_are_kept_whole_and_only_objects_are_replayed(
     worker = start_worker()
     assert sandbox.wait_until(lambda s: s.accepted_count() >= 2, timeout=DEAD_LETTER_TIMEOUT), worker.log()[-3000:]
     letters = -(-len(array_body) // deadletter.PART_BYTES) + 2 + 1  # the array's parts, the big body's 2, the 7
-    assert hold_until(settings.dead_letter_queue, letters) == letters
+    assert hold_until(settings.dead_letter_queue, letters, broker_url=queues.broker_url) == letters
     worker.terminate()
 
     listed = dlq.read(settings)
@@ -121,7 +121,7 @@ def test_unreadable_bodies_are_kept_whole_and_only_objects_are_replayed(
 def test_a_poison_message_is_replayed_as_the_bytes_it_was(
     start_worker, queues: QueueSet, sandbox: Sandbox
 ) -> None:
-    env = {**queues.env, "CELERY_BROKER_URL": BROKER_URL, "ACTIVITY_QUEUE_TYPE": "quorum"}
+    env = {**queues.env, "ACTIVITY_QUEUE_TYPE": "quorum"}
     settings = Settings.from_env(env, require_api=False)
     # one event, spaced and with 250.10 as written: re-encoding it would change its bytes
     body = json.dumps(event("poison"), indent=2).replace('"total": 2', '"total": 250.10').encode()
@@ -132,7 +132,7 @@ def test_a_poison_message_is_replayed_as_the_bytes_it_was(
     publish_events(settings.queue, [event("after")], queue_arguments=QUORUM)
 
     worker = start_worker(ACTIVITY_QUEUE_TYPE="quorum", ACTIVITY_DELIVERY_LIMIT=3)
-    assert hold_until(settings.dead_letter_queue, 1) == 1
+    assert hold_until(settings.dead_letter_queue, 1, broker_url=queues.broker_url) == 1
     assert sandbox.wait_until(lambda s: s.accepted_count() >= 1, timeout=DEAD_LETTER_TIMEOUT)
     worker.terminate()
     ((dead, kept),) = bodies_of(dlq.read(settings))
@@ -142,7 +142,7 @@ def test_a_poison_message_is_replayed_as_the_bytes_it_was(
     report = dlq.replay(settings, reasons=["poison"])
 
     assert dlq.count(settings).total == 0 and dry.replayed == report.replayed == 1 and report.left == 0
-    with Connection(BROKER_URL, heartbeat=0) as connection:
+    with Connection(queues.broker_url, heartbeat=0) as connection:
         channel = connection.channel()
         replayed = channel.basic_get(settings.queue, no_ack=False)
         assert replayed is not None and replayed.body == body  # byte for byte
@@ -157,14 +157,17 @@ def test_a_fresh_deployment_has_no_dead_letters_yet() -> None:
     """Before any worker ran, the command says so, exits 0, and does not create the queue."""
     require_broker()
     fresh = QueueSet()  # never declared
-    env = {**os.environ, **fresh.env, "CELERY_BROKER_URL": BROKER_URL, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **fresh.env, "PYTHONPATH": str(ROOT)}
     queue = fresh.settings.dead_letter_queue
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "worker.dlq", *args], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=60)
 
-    table, as_json, listed = run("count"), run("count", "--json"), run("list")
+    try:
+        table, as_json, listed = run("count"), run("count", "--json"), run("list")
+    finally:
+        check = fresh.broker_url
 
     for done in (table, as_json, listed):
         assert done.returncode == 0, done.stderr
@@ -172,5 +175,8 @@ def test_a_fresh_deployment_has_no_dead_letters_yet() -> None:
         assert "The worker creates it when it starts" in done.stderr and "ACTIVITY_DEAD_LETTER_QUEUE" in done.stderr
     assert table.stdout == "dead letters: 0 (not replayable: 0)\n" and listed.stdout == ""
     assert json.loads(as_json.stdout)["total"] == 0
-    with Connection(BROKER_URL, heartbeat=0) as connection, pytest.raises(amqp.exceptions.NotFound):
-        connection.channel().queue_declare(queue, passive=True)  # still not there
+    try:
+        with Connection(check, heartbeat=0) as connection, pytest.raises(amqp.exceptions.NotFound):
+            connection.channel().queue_declare(queue, passive=True)  # still not there
+    finally:
+        fresh.delete()

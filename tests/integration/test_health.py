@@ -14,7 +14,7 @@ import pytest
 from kombu import Connection
 
 from tests.harness import (
-    BROKER_URL, ROOT, TEST_BROKER_PASSWORD, QueueSet, WorkerProcess, event, publish_events, publish_raw,
+    ROOT, TEST_BROKER_PASSWORD, QueueSet, WorkerProcess, event, publish_events, publish_raw,
 )
 from worker import health
 
@@ -84,7 +84,7 @@ def test_json_logs_from_the_real_worker(start_worker: Callable[..., WorkerProces
 def test_max_depth_and_a_missing_worker(queues: QueueSet) -> None:
     settings = queues.settings
     publish_events(settings.queue, [event(f"e-{n}") for n in range(3)])
-    with Connection(BROKER_URL, heartbeat=0) as connection:
+    with Connection(queues.broker_url, heartbeat=0) as connection:
         channel = connection.channel()
         channel.basic_qos(0, 1, False)  # one message in hand, two ready
         channel.basic_consume(settings.queue, callback=lambda message: None)
@@ -102,7 +102,7 @@ def test_max_depth_and_a_missing_worker(queues: QueueSet) -> None:
 
 def test_no_queue_no_broker_and_bad_settings(queues: QueueSet, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    for variable, value in {**queues.env, "CELERY_BROKER_URL": BROKER_URL}.items():
+    for variable, value in queues.env.items():
         monkeypatch.setenv(variable, value)
     monkeypatch.setenv("ACTIVITY_QUEUE", f"{queues.prefix}.never-declared")
     assert health.main(["--timeout", "1"]) == 1

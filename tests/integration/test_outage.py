@@ -8,6 +8,7 @@ checks that ids delivered plus ids dead-lettered equal ids sent.
 from __future__ import annotations
 
 import json
+from urllib.parse import unquote, urlsplit
 import threading
 from collections import Counter
 
@@ -16,7 +17,6 @@ from celery import Celery
 
 from tests.broker_settings import broker_env, rabbitmqctl
 from tests.harness import (
-    BROKER_URL,
     DeadLetters,
     QueueSet,
     event,
@@ -242,7 +242,7 @@ def test_retries_work_on_quorum_queues(start_worker, queues: QueueSet, sandbox: 
     assert sandbox.wait_until(lambda s: s.accepted_count() >= 50, timeout=60)
     assert delivered_ids(sandbox) == Counter(ids)
     assert [r.status for r in sandbox.requests()] == [503, 503, 503, 200]
-    vhost = BROKER_URL.rsplit("/", 1)[1] or "/"
+    vhost = unquote(urlsplit(queues.broker_url).path[1:]) or "/"
     listed = json.loads(rabbitmqctl("list_queues", "-p", vhost, "name", "type", "--formatter", "json", "-q"))
     types = {q["name"]: q["type"] for q in listed if q["name"].startswith(queues.prefix)}
     topology = Topology.of(queues.settings)

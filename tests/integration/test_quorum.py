@@ -11,7 +11,7 @@ import pytest
 from kombu import Connection, Consumer
 
 from config.settings import Settings
-from tests.harness import BROKER_URL, DeadLetters, QueueSet, event, event_id_of, publish_events, publish_raw
+from tests.harness import DeadLetters, QueueSet, event, event_id_of, publish_events, publish_raw
 from worker.broker.topology import Topology
 from worker import jsonutil
 from worker.sandbox import Sandbox
@@ -24,7 +24,7 @@ def die_holding_it(queues: QueueSet, *, quarantine: bool = False, count: int = 1
     the connection without acknowledging them, as a worker killed with them in hand would;
     return the delivery counts the broker gave them."""
     seen: list[int] = []
-    with Connection(BROKER_URL) as connection:
+    with Connection(queues.broker_url) as connection:
         settings = Settings.from_env({**queues.env, "ACTIVITY_QUEUE_TYPE": "quorum"}, require_api=False)
         topology = Topology.of(settings)
         queue = topology.quarantine_queue() if quarantine else topology.source_queue()
