@@ -22,7 +22,7 @@ broker_transport_options = {"confirm_publish": True}
 #: Uploads wait on the network, not on the CPU: threads, as many as uploads may be in flight
 #: (UPLOAD_CONCURRENCY). How many actually are is adapted to the API (worker.upload.flow sets
 #: the upload queue's prefetch), so a task never waits in the worker for a free thread.
-worker_pool = "threads"
+worker_pool = "worker.upload.pool:UploadThreadPool"
 worker_concurrency = SETTINGS.upload_concurrency
 worker_prefetch_multiplier = 1
 
@@ -33,8 +33,12 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 task_acks_on_failure = False
 task_acks_on_timeout = False
-#: On a lost connection, running uploads finish; their messages come back anyway (not acked).
-worker_cancel_long_running_tasks_on_connection_loss = False
+#: On a lost connection, the uploads running finish (a thread cannot be killed: see
+#: worker.upload.pool); their messages come back and are recognised (worker.upload.seen).
+worker_cancel_long_running_tasks_on_connection_loss = True
+#: The upload flow sets the upload queue's prefetch (worker.upload.flow): Celery's own lowering
+#: and raising of it after a reconnect would fight it.
+worker_enable_prefetch_count_reduction = False
 
 
 def _task_queues() -> tuple[object, ...]:

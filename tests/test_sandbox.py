@@ -615,13 +615,13 @@ def test_a_burst_of_delayed_uploads_is_accepted_at_once_and_served_in_parallel()
 
 def test_make_run_prints_a_closed_sandbox_banner(tmp_path: Path) -> None:
     """The box ``make run`` prints before starting the sandbox has a straight right border,
-    whatever the port (run with a stand-in honcho, so nothing is started)."""
+    whatever the port (run with a stand-in python, so nothing is started)."""
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
-    honcho = tmp_path / "honcho"
-    honcho.write_text('#!/bin/sh\necho "honcho $*"\n')
-    honcho.chmod(0o755)
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\necho "python $*"\n')
+    stand_in.chmod(0o755)
     env = {name: value for name, value in os.environ.items()
            if name not in ("NETCORE_API_KEY", "NETCORE_API_URL", "MAKEFLAGS", "MAKELEVEL")}
     env["FLOWER_BASIC_AUTH"] = "admin:test-password"
@@ -631,7 +631,7 @@ def test_make_run_prints_a_closed_sandbox_banner(tmp_path: Path) -> None:
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
-        assert lines[-1] == "honcho start"
+        assert lines[-1] == "python -m worker.supervisor"
         box = lines[:-1]
         assert len(box) == 4 and all(line.startswith("#") and line.endswith("#") for line in box), box
         assert len({len(line) for line in box}) == 1, "\n".join(box)

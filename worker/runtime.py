@@ -26,6 +26,7 @@ from worker.upload.concurrency import AdaptiveConcurrency
 from worker.upload.delivery import Delivery
 from worker.upload.hooks import Fanout
 from worker.upload.retry import RetryPolicy
+from worker.upload.seen import SeenTasks
 
 #: Publishers shared by the upload threads (each a connection of its own).
 PUBLISHERS = 4
@@ -48,6 +49,14 @@ class Runtime:
     unpublished: dict[str, tuple[int, list[Outgoing]]] = field(default_factory=dict)
     #: The consumer's pipeline, once its step started (the quarantine step shares it).
     ingest: Any = None
+    #: Tasks this process ran (or runs): a redelivery after a lost connection is not uploaded again.
+    seen: SeenTasks = field(default_factory=SeenTasks)
+
+    def attempt_bound(self, bundle: Bundle) -> float:
+        """The longest one upload attempt of ``bundle`` may take: a request per batch (bisection
+        aside), each within UPLOAD_TIMEOUT (plus the connect timeout)."""
+        per_request = self.settings.upload_timeout + self.settings.upload_connect_timeout
+        return per_request * max(1, len(bundle.batches)) + 5.0
 
     def forward_to_ingest(self, event_or_list: Any) -> int:
         """Publish a Celery producer's events to the ``activities`` queue; return how many."""

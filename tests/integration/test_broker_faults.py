@@ -66,5 +66,6 @@ def test_broker_fault_mid_run(start_worker, queues: QueueSet, sandbox: Sandbox, 
     assert set(counts) == wanted
     assert queues.depth(queues.settings.dead_letter_queue) == 0  # delivered + dead-lettered (none) == sent
     print(f"\n{fault.__name__}: {len(sent)} events delivered, {duplicates} duplicates")
-    assert duplicates <= len(sent) // 4, f"{duplicates} duplicates: a storm"  # only what was in flight
+    # the uploads in flight finish and their redeliveries are recognised: not sent twice
+    assert duplicates <= len(sent) // 10, f"{duplicates} duplicates: a storm"
     assert worker.process.poll() is None  # it reconnected by itself, no restart needed

@@ -50,18 +50,27 @@ def register(app: Celery, runtime: Callable[[Celery], Runtime]) -> None:
         rt = runtime(app)
         bundle = read_bundle(args)  # not a bundle: raises, and Celery rejects it (dead-lettered)
         task_id = str(self.request.id)
-        kept = rt.unpublished.pop(task_id, None)
-        if kept is not None:  # a redelivery whose events were already handled here
-            rounds, messages = kept
-            _publish_kept(rt, task_id, rounds, messages)
-            return {"events": bundle.events, "republished": len(messages)}
+        if not rt.seen.start(task_id, timeout=rt.attempt_bound(bundle)):
+            logger.info("%s: redelivered after its upload was done here; not uploaded again", bundle.summary())
+            return {"events": bundle.events, "redelivered": True}
+        done = False
         try:
-            report = rt.delivery.deliver(bundle)
-        except PublishError as exc:
-            _keep(rt, task_id, 1, exc.messages)
-            logger.error("%s: the broker did not confirm the outcome (%s); requeueing the message to publish "
-                         "it again", bundle.summary(), exc)
-            raise Reject(str(exc), requeue=True) from None
+            kept = rt.unpublished.pop(task_id, None)
+            if kept is not None:  # a redelivery whose events were already handled here
+                rounds, messages = kept
+                _publish_kept(rt, task_id, rounds, messages)
+                done = True
+                return {"events": bundle.events, "republished": len(messages)}
+            try:
+                report = rt.delivery.deliver(bundle)
+            except PublishError as exc:
+                _keep(rt, task_id, 1, exc.messages)
+                logger.error("%s: the broker did not confirm the outcome (%s); requeueing the message to publish "
+                             "it again", bundle.summary(), exc)
+                raise Reject(str(exc), requeue=True) from None
+            done = True
+        finally:
+            rt.seen.finish(task_id, done=done)
         return {
             "events": report.received, "batches": report.batches, "delivered": report.delivered,
             "dead": dict(report.dead), "retried": report.retried, "held": report.held, "requests": report.requests,
