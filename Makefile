@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/pip install --quiet -r requirements.txt
 	touch $@
 
-# Runs the Procfile with worker/supervisor.py: Ctrl-C stops everything it started, even with the
+# Runs the Procfile with worker/ops/supervisor.py: Ctrl-C stops everything it started, even with the
 # output piped (make run 2>&1 | tee run.log); a second Ctrl-C kills it. Without NETCORE_API_KEY and
 # NETCORE_API_URL it starts the sandbox API instead of talking to Netcore, and says so. Flower
 # never runs without a password: without FLOWER_BASIC_AUTH, this run makes one up (user admin)
@@ -36,9 +36,9 @@ run: install
 	  printf '# %-60s #\n' "at http://127.0.0.1:$(SANDBOX_PORT). Nothing reaches Netcore."; \
 	  echo "################################################################"; \
 	  NETCORE_API_URL=http://127.0.0.1:$(SANDBOX_PORT) NETCORE_API_KEY=sandbox-key SANDBOX_API_KEY=sandbox-key \
-	    SANDBOX_PORT=$(SANDBOX_PORT) exec $(BIN)/python -m worker.supervisor; \
+	    SANDBOX_PORT=$(SANDBOX_PORT) exec $(BIN)/python -m worker.ops.supervisor; \
 	else \
-	  exec $(BIN)/python -m worker.supervisor worker flower; \
+	  exec $(BIN)/python -m worker.ops.supervisor worker flower; \
 	fi
 
 test: install lint

@@ -27,7 +27,7 @@ import amqp
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
-from worker.publisher import Outgoing, Publisher
+from worker.broker.publisher import Outgoing, Publisher
 
 #: The broker, as the worker finds it.
 BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")

@@ -83,12 +83,12 @@ class Settings:
     upload_concurrency: int = 32
     #: The longest interval between two probes of an API that is down (the circuit is open).
     probe_interval_max: float = 60.0
-    #: Port of the Prometheus endpoint ``/metrics`` (worker.metrics), main process; 0: none.
+    #: Port of the Prometheus endpoint ``/metrics`` (worker.ops.metrics), main process; 0: none.
     metrics_port: int = 9808
     #: Where that endpoint listens: loopback unless an operator opens it on purpose.
     metrics_address: str = "127.0.0.1"
     sentry_dsn: str = field(default="", repr=False)
-    #: ``text`` (Celery's usual lines) or ``json`` (one JSON object per line, worker.logs).
+    #: ``text`` (Celery's usual lines) or ``json`` (one JSON object per line, worker.ops.logs).
     log_format: str = "text"
     #: A timestamp without a zone (``2020-04-28T16:47:37``, as in the API's own samples):
     #: ``forward`` it as it is (the API accepts it; the worker counts it), or ``reject`` the

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from worker.acks import MAX_ACK_ALONE_DEPTH, Acker
+from worker.ingest.acks import MAX_ACK_ALONE_DEPTH, Acker
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from worker.batching import Batch, Batcher, Ticket
+from worker.ingest.batching import Batch, Batcher, Ticket
 from worker.clock import ManualClock
 
 pytestmark = pytest.mark.timeout(30)

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import requests
 
-from worker import jsonutil
+from worker.events import jsonutil
 from worker.upload.client import BODY_EXCERPT, ApiClient, classify, parse_retry_after
 from worker.errors import Permanent, Transient, UploadError
 

@@ -17,8 +17,9 @@ import pytest
 
 from tests.test_ingest import FakeMessage, Rig
 from tests.test_ingest import event as ingest_event
-from worker import deadletter, jsonutil
-from worker.parsing import MAX_EVENTS_PER_MESSAGE, raw_text
+from worker.deadletter import envelopes as deadletter
+from worker.events import jsonutil
+from worker.events.parsing import MAX_EVENTS_PER_MESSAGE, raw_text
 
 pytestmark = pytest.mark.timeout(60)
 

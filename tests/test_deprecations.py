@@ -15,7 +15,7 @@ import sentry_sdk
 from celery import Celery
 
 from config.settings import Settings
-from worker.observability import setup_sentry
+from worker.ops.sentry import setup_sentry
 
 
 def test_the_celery_configuration_is_current_and_never_acknowledges_failures() -> None:

@@ -12,7 +12,7 @@ import pytest
 from celery import Celery
 
 from config.settings import Settings
-from worker import jsonutil
+from worker.events import jsonutil
 from worker.broker.messages import MAX_BATCHES_PER_BUNDLE, Bundle, UploadBatch, bundles, read_bundle, upload_message
 from worker.broker.topology import Topology, delay_ladder
 from worker.clock import ManualClock

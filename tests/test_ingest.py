@@ -25,15 +25,15 @@ from celery import Celery
 from kombu.serialization import dumps as kombu_dumps
 
 from config.settings import Settings
-from worker import deadletter
-from worker.acks import MAX_ACK_ALONE_DEPTH, Acker
-from worker.batching import Batch, Batcher
+from worker.deadletter import envelopes as deadletter
+from worker.ingest.acks import MAX_ACK_ALONE_DEPTH, Acker
+from worker.ingest.batching import Batch, Batcher
 from worker.clock import ManualClock
 from worker.errors import PublishError
-from worker.handoff import RETRY_BASE
-from worker.ingest import Ingest
+from worker.ingest.handoff import RETRY_BASE
+from worker.ingest.pipeline import Ingest
 from worker.broker.messages import INGEST_TASK, Bundle
-from worker.publisher import Outgoing
+from worker.broker.publisher import Outgoing
 
 pytestmark = pytest.mark.timeout(60)
 

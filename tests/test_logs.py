@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from celery.signals import after_setup_logger, after_setup_task_logger
 
-from worker import logs
-from worker.logs import JsonFormatter
+from worker.ops import logs
+from worker.ops.logs import JsonFormatter
 
 
 def record(message: str = "batch asset_id=%s events=%d", args: tuple[Any, ...] = ("a-1", 3), *,

@@ -2,7 +2,7 @@
 
 Events go through the real :class:`~worker.ingest.Ingest` and
 :class:`~worker.upload.delivery.Delivery` with fakes around them (a broker that is a list, a
-scripted API, a ManualClock); the metrics are a fresh :class:`~worker.metrics.Metrics` per test,
+scripted API, a ManualClock); the metrics are a fresh :class:`~worker.ops.metrics.Metrics` per test,
 fed the way the worker feeds them (the consumer's functions, the delivery's listener).
 """
 
@@ -18,15 +18,16 @@ import pytest
 from celery import Celery
 
 from config.settings import Settings, SettingsError
-from worker import jsonutil, metrics
-from worker.acks import Acker
-from worker.batching import Batcher, Ticket
+from worker.events import jsonutil
+from worker.ops import metrics
+from worker.ingest.acks import Acker
+from worker.ingest.batching import Batcher, Ticket
 from worker.broker.messages import Bundle, UploadBatch, read_bundle, upload_message
 from worker.broker.topology import Topology
 from worker.clock import ManualClock
 from worker.errors import Permanent, PublishError, Transient
-from worker.ingest import Ingest
-from worker.publisher import Outgoing
+from worker.ingest.pipeline import Ingest
+from worker.broker.publisher import Outgoing
 from worker.upload.circuit import Circuit, Permit
 from worker.upload.concurrency import AdaptiveConcurrency
 from worker.upload.delivery import Delivery
@@ -260,7 +261,7 @@ def test_a_port_in_use_is_reported_and_the_worker_runs_on(caplog: pytest.LogCapt
         taken.listen()
         port = taken.getsockname()[1]
         settings = Settings.from_env({"METRICS_PORT": str(port)}, require_api=False)
-        with caplog.at_level(logging.ERROR, logger="worker.metrics"):
+        with caplog.at_level(logging.ERROR, logger="worker.ops.metrics"):
             assert metrics.setup(settings) is None
     assert "METRICS_PORT" in caplog.text and str(port) in caplog.text
     metrics.events_read(received=1, batched=1)  # still counts, in memory

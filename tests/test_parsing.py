@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from worker.parsing import (
+from worker.events.parsing import (
     MAX_DEPTH,
     MAX_MESSAGE_BYTES,
     MalformedBody,

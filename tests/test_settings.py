@@ -182,7 +182,7 @@ def test_a_bad_naive_timestamps_choice_names_the_setting(value: str) -> None:
 
 
 def test_naive_timestamps_choices_are_the_ones_validation_knows() -> None:
-    from worker.validation import NAIVE_TIMESTAMP_CHOICES, NAIVE_TIMESTAMPS_SETTING
+    from worker.events.validation import NAIVE_TIMESTAMP_CHOICES, NAIVE_TIMESTAMPS_SETTING
 
     assert Settings.naive_timestamps == NAIVE_TIMESTAMP_CHOICES[0]
     for choice in NAIVE_TIMESTAMP_CHOICES:

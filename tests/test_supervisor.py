@@ -1,4 +1,4 @@
-"""``python -m worker.supervisor``, with real processes: Ctrl-C stops them all, whatever happens
+"""``python -m worker.ops.supervisor``, with real processes: Ctrl-C stops them all, whatever happens
 to its output; a second Ctrl-C (or the grace period) kills what ignores the first; one process
 exiting stops the others.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import ROOT, Output, wait_for_exit
-from worker.supervisor import ProcessSpec, read_procfile, select_processes
+from worker.ops.supervisor import ProcessSpec, read_procfile, select_processes
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -63,7 +63,7 @@ signal.pause()
 
 
 class Job:
-    """``python -m worker.supervisor ... | tee LOG`` as a foreground job (a process group).
+    """``python -m worker.ops.supervisor ... | tee LOG`` as a foreground job (a process group).
 
     The supervisor's exit status follows its output into the pipe (``exit status N``).
     """
@@ -74,7 +74,7 @@ class Job:
             (tmp_path / f"{program}.py").write_text(code)
         (tmp_path / "Procfile").write_text(
             "".join(f"{name}: {sys.executable} {tmp_path / program}.py\n" for name, program in procfile.items()))
-        supervisor = f"{sys.executable} -m worker.supervisor --procfile {tmp_path / 'Procfile'} {' '.join(args)}"
+        supervisor = f"{sys.executable} -m worker.ops.supervisor --procfile {tmp_path / 'Procfile'} {' '.join(args)}"
         self.shell = subprocess.Popen(
             ["/bin/sh", "-c", f"{{ {supervisor} 2>&1; echo \"exit status $?\"; }} | tee {tmp_path / 'log'}"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -96,7 +96,7 @@ class Job:
 
     def supervisor_pid(self) -> int:
         """The supervisor's process id (in the job's group, beside the shells and tee)."""
-        out = subprocess.run(["pgrep", "-f", "-g", str(self.shell.pid), r"^\S*python\S* -m worker\.supervisor"],
+        out = subprocess.run(["pgrep", "-f", "-g", str(self.shell.pid), r"^\S*python\S* -m worker\.ops\.supervisor"],
                              capture_output=True, text=True).stdout.split()
         assert len(out) == 1, out
         return int(out[0])

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from worker.validation import (
+from worker.events.validation import (
     NAIVE_TIMESTAMP_CHOICES,
     STALE_AFTER,
     ActivitySchema,

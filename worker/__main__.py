@@ -1,6 +1,6 @@
 """``python -m worker <command> ...``: the project's commands by name, under one entry point.
 
-Only ``dlq`` (the dead-letter command, :mod:`worker.dlq`) so far.
+Only ``dlq`` (the dead-letter command, :mod:`worker.deadletter.cli`) so far.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from worker import dlq
+from worker.deadletter import cli as dlq
 
 #: Each command's ``main(argv) -> exit status``.
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {

@@ -2,9 +2,9 @@
 
 ``celery -A worker.app worker`` runs the worker, one process:
 
-- its event loop runs the consumer of ``activities`` (:class:`worker.consumer.IngestStep`),
+- its event loop runs the consumer of ``activities`` (:class:`worker.ingest.step.IngestStep`),
   the upload flow that steers it (:class:`worker.upload.step.UploadFlowStep`), the salvage of
-  rejected messages (:class:`worker.salvage.SalvageStep`) and Celery's own task consumer;
+  rejected messages (:class:`worker.deadletter.salvage.SalvageStep`) and Celery's own task consumer;
 - its thread pool runs the ``activities.upload`` tasks, many uploads in flight at once.
 """
 
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from celery import Celery
 
-from worker.consumer import IngestStep, QuarantineStep
+from worker.ingest.step import IngestStep, QuarantineStep
 from worker.runtime import runtime_of
-from worker.salvage import SalvageStep
-from worker.startup import connect_signals
-from worker.status import COMMAND as STATUS_COMMAND  # noqa: F401  (registers the command)
+from worker.deadletter.salvage import SalvageStep
+from worker.ops.startup import connect_signals
+from worker.ops.status import COMMAND as STATUS_COMMAND  # noqa: F401  (registers the command)
 from worker.upload.step import UploadFlowStep
 from worker.upload.task import register
 

@@ -2,7 +2,7 @@
 
 The upload side closes it (:mod:`worker.upload.flow`) when the API is down or when upload
 tasks pile up in RabbitMQ faster than they are uploaded; the ingest side reads it on each of its
-ticks and stops or resumes consuming (:mod:`worker.consumer`). Events then wait in
+ticks and stops or resumes consuming (:mod:`worker.ingest.step`). Events then wait in
 ``activities``, durably, as they arrived. Neither side imports the other: both know the gate.
 """
 

@@ -34,7 +34,7 @@ T = TypeVar("T")
 
 
 class FlowerProcess:
-    """``python -m worker.flower`` (the Procfile's command) on a free port.
+    """``python -m worker.ops.flower`` (the Procfile's command) on a free port.
 
     A reader thread collects its output and wakes up :meth:`wait_for_log`: Flower says where it
     listens ("Visit me at ..."), which is how the test learns the port it was given.
@@ -42,7 +42,7 @@ class FlowerProcess:
 
     def __init__(self, env: Mapping[str, str]) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker.flower", "--port=0", "--address=127.0.0.1"],
+            [sys.executable, "-m", "worker.ops.flower", "--port=0", "--address=127.0.0.1"],
             cwd=ROOT, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.output = Output()

@@ -1,6 +1,6 @@
 """Every body is kept whole in the dead-letter queue, and the dead-letter command takes it right.
 
-A real worker writes the dead letters (RabbitMQ, the sandbox over HTTP); ``python -m worker.dlq``'s
+A real worker writes the dead letters (RabbitMQ, the sandbox over HTTP); ``python -m worker.deadletter.cli``'s
 functions (and, for a fresh deployment, the command itself) read them back from the same broker.
 Nothing sleeps: the dead letters are seen arriving by a consumer that acknowledges none of them
 (closing its channel puts every one back, in order), the sandbox and the worker's output are
@@ -24,9 +24,10 @@ from kombu import Connection
 from config.settings import Settings
 from tests.harness import ROOT, QueueSet, event, event_id_of, publish_events, publish_raw, require_broker
 from tests.integration.test_quorum import QUORUM, die_holding_it
-from worker import deadletter, dlq
-from worker.dlq_select import Letters
-from worker.parsing import MAX_EVENTS_PER_MESSAGE
+from worker.deadletter import envelopes as deadletter
+from worker.deadletter import cli as dlq
+from worker.deadletter.reader import Letters
+from worker.events.parsing import MAX_EVENTS_PER_MESSAGE
 from worker.broker.topology import Topology
 from worker.sandbox import Sandbox
 
@@ -161,7 +162,7 @@ def test_a_fresh_deployment_has_no_dead_letters_yet() -> None:
     queue = fresh.settings.dead_letter_queue
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "worker.dlq", *args], cwd=ROOT, env=env, capture_output=True,
+        return subprocess.run([sys.executable, "-m", "worker.deadletter.cli", *args], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=60)
 
     try:

@@ -41,7 +41,7 @@ def test_flower_refuses_to_start_without_credentials(queues: QueueSet) -> None:
     for auth in (None, "", "admin", "admin:", ":secret"):
         extra = {} if auth is None else {"FLOWER_BASIC_AUTH": auth}
         result = subprocess.run(
-            [sys.executable, "-m", "worker.flower", "--port=0", "--address=127.0.0.1"],
+            [sys.executable, "-m", "worker.ops.flower", "--port=0", "--address=127.0.0.1"],
             cwd=ROOT, env=flower_env(queues, **extra), capture_output=True, text=True, timeout=60,
         )
         assert result.returncode == 2, (auth, result.stdout, result.stderr)

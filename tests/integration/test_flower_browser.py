@@ -36,7 +36,7 @@ from tests.integration.flower_support import (
     running_flower,
     worker_name,
 )
-from worker.flower import TASK_COLUMNS
+from worker.ops.flower import TASK_COLUMNS
 from worker.sandbox import Sandbox
 
 
@@ -166,7 +166,7 @@ def browser() -> str:
 
 @pytest.fixture
 def flower(queues: QueueSet) -> Iterator[tuple[FlowerProcess, str]]:
-    """Flower as the Procfile starts it (worker.flower lists the arguments on the tasks page)."""
+    """Flower as the Procfile starts it (worker.ops.flower lists the arguments on the tasks page)."""
     with running_flower(queues) as running:
         yield running
 

@@ -1,4 +1,4 @@
-"""``python -m worker.health`` against a real worker: healthy while it consumes, not once it is killed.
+"""``python -m worker.ops.health`` against a real worker: healthy while it consumes, not once it is killed.
 
 The probe runs as a process of its own, as an orchestrator runs it, with the worker's settings.
 """
@@ -16,7 +16,7 @@ from kombu import Connection
 from tests.harness import (
     ROOT, TEST_BROKER_PASSWORD, QueueSet, WorkerProcess, event, publish_events, publish_raw,
 )
-from worker import health
+from worker.ops import health
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -31,7 +31,7 @@ def name_of(worker: WorkerProcess) -> str:
 
 def probe(worker: WorkerProcess, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the health check with the worker's own environment (its queues, its broker)."""
-    return subprocess.run([sys.executable, "-m", "worker.health", *args], cwd=ROOT, env=worker.env,
+    return subprocess.run([sys.executable, "-m", "worker.ops.health", *args], cwd=ROOT, env=worker.env,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -75,7 +75,7 @@ def test_json_logs_from_the_real_worker(start_worker: Callable[..., WorkerProces
         assert {"ts", "level", "logger", "process", "message"} <= set(entry) and entry["ts"].endswith("Z")
     assert any(entry["message"].endswith(" ready.") for entry in entries)
     [unreadable] = [entry for entry in entries if entry["message"].startswith("Dead-lettering an unreadable")]
-    assert (unreadable["level"], unreadable["logger"]) == ("WARNING", "worker.ingest")
+    assert (unreadable["level"], unreadable["logger"]) == ("WARNING", "worker.ingest.pipeline")
     [batch] = [entry for entry in entries if entry["message"].startswith("batch asset_id=asset-1")]
     assert batch["thread"] != "MainThread" and batch["task_name"] == "activities.upload"  # on the pool
     assert "customer-42" not in worker.log()

@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import DeadLetters, QueueSet, WorkerProcess, event, publish_events, publish_raw
-from worker.metrics import PREFIX
+from worker.ops.metrics import PREFIX
 from worker.sandbox import Sandbox
 
 #: How long the test waits for the worker, the sandbox and the dead letters.

@@ -24,10 +24,10 @@ from tests.harness import (
     publish_events,
     publish_raw,
 )
-from worker import jsonutil
+from worker.events import jsonutil
 from worker.broker.messages import Bundle, UploadBatch, upload_message
 from worker.broker.topology import Topology
-from worker.dlq_commands import read, replay
+from worker.deadletter.commands import read, replay
 from worker.sandbox import Sandbox
 from worker.upload.circuit import FAILURES_TO_OPEN
 

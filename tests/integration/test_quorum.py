@@ -13,7 +13,7 @@ from kombu import Connection, Consumer
 from config.settings import Settings
 from tests.harness import DeadLetters, QueueSet, event, event_id_of, publish_events, publish_raw
 from worker.broker.topology import Topology
-from worker import jsonutil
+from worker.events import jsonutil
 from worker.sandbox import Sandbox
 
 QUORUM = {"x-queue-type": "quorum"}

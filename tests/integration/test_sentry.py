@@ -24,8 +24,8 @@ import sentry_sdk
 
 from config.settings import Settings
 from tests.harness import DeadLetters, QueueSet, WorkerProcess, event, publish_events
-from worker import deadletter
-from worker.observability import REDACTED, failure_fingerprint, report_failure, setup_sentry
+from worker.deadletter import envelopes as deadletter
+from worker.ops.sentry import REDACTED, failure_fingerprint, report_failure, setup_sentry
 
 #: An API key that must never reach Sentry.
 API_KEY = "nc-live-7f3a9b2c4d5e6f708192a3b4"

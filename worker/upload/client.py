@@ -25,7 +25,9 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from worker import deadletter, jsonutil
+from worker.deadletter import envelopes as deadletter
+
+from worker.events import jsonutil
 from worker.errors import Permanent, Transient
 
 #: Statuses worth retrying.

@@ -29,17 +29,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker import deadletter, jsonutil
+from worker.deadletter import envelopes as deadletter
+
+from worker.events import jsonutil
 from worker.broker.messages import Bundle, UploadBatch, bundles
 from worker.broker.topology import Topology
 from worker.clock import Clock
 from worker.errors import Permanent, Transient
-from worker.parsing import MalformedBody, parse_body
-from worker.publisher import Outgoing, PublishFn
+from worker.events.parsing import MalformedBody, parse_body
+from worker.broker.publisher import Outgoing, PublishFn
 from worker.upload.circuit import Circuit
 from worker.upload.concurrency import AdaptiveConcurrency
 from worker.upload.retry import RetryPolicy
-from worker.validation import NaiveTimestamps, has_naive_timestamp, is_stale, validate_event
+from worker.events.validation import NaiveTimestamps, has_naive_timestamp, is_stale, validate_event
 
 logger = logging.getLogger(__name__)
 

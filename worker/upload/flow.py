@@ -26,7 +26,7 @@ from kombu.exceptions import OperationalError
 from worker.broker.topology import Topology
 from worker.clock import Clock
 from worker.gate import Gate
-from worker.metrics import Metrics
+from worker.ops.metrics import Metrics
 from worker.upload.circuit import Circuit, State
 from worker.upload.concurrency import AdaptiveConcurrency
 

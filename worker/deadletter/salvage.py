@@ -20,11 +20,13 @@ from typing import Any
 from celery import bootsteps
 from kombu import Consumer
 
-from worker import deadletter, jsonutil
+from worker.deadletter import envelopes as deadletter
+
+from worker.events import jsonutil
 from worker.broker.messages import UPLOAD_TASK, read_bundle
 from worker.clock import Clock, SystemClock
 from worker.errors import PublishError
-from worker.publisher import Outgoing, Publisher, PublishFn
+from worker.broker.publisher import Outgoing, Publisher, PublishFn
 from worker.runtime import runtime_of
 
 logger = logging.getLogger(__name__)

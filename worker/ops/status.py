@@ -1,6 +1,6 @@
 """``activities_status``: a remote-control command the worker answers with the state of its flow.
 
-``python -m worker.health`` asks it when ``activities`` has no consumer: while the API is down
+``python -m worker.ops.health`` asks it when ``activities`` has no consumer: while the API is down
 (or uploads pile up) the worker stops consuming on purpose, and a probe must not call that
 unhealthy and have the worker restarted in the middle of waiting out an outage.
 """

@@ -1,9 +1,9 @@
 """Decoding a source message: its body (or Celery task message) into routed events.
 
-The consumer's first step (:mod:`worker.ingest`). It does the cheap work only: a body that is
+The consumer's first step (:mod:`worker.ingest.pipeline`). It does the cheap work only: a body that is
 one JSON object is parsed once with orjson and its event forwarded as the very text it arrived
-in; anything else goes through the strict parser (:func:`worker.parsing.parse_body`), which
-explains what is wrong (:class:`~worker.parsing.MalformedBody`). Each event comes out with its
+in; anything else goes through the strict parser (:func:`worker.events.parsing.parse_body`), which
+explains what is wrong (:class:`~worker.events.parsing.MalformedBody`). Each event comes out with its
 routing key (``asset_id``, None when it cannot be routed), its JSON text and its size.
 """
 
@@ -13,12 +13,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from worker import jsonutil
+from worker.events import jsonutil
 from worker.broker.messages import INGEST_TASK
-from worker.parsing import ACCEPTED_ENCODINGS, JSON_CONTENT_TYPE, MAX_MESSAGE_BYTES, MalformedBody, parse_body
-from worker.validation import routing_key_of
+from worker.events.parsing import ACCEPTED_ENCODINGS, JSON_CONTENT_TYPE, MAX_MESSAGE_BYTES, MalformedBody, parse_body
+from worker.events.validation import routing_key_of
 
-#: Header of an event replayed from the dead-letter queue (worker.dlq): how many times it was
+#: Header of an event replayed from the dead-letter queue (worker.deadletter.cli): how many times it was
 #: replayed. It travels with each event to its next dead letter, whichever stage writes it.
 REPLAYS_HEADER = "x-replays"
 

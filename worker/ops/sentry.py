@@ -15,7 +15,7 @@ Three jobs, kept in one place so that a reviewer can check them together:
   URLs, and personal data (identity, email, mobile, annonid, phone, email addresses and phone
   numbers inside text). sentry-sdk's own scrubber only knows a flat list of key names and does
   not read text, so it is kept but not relied on.
-  (:mod:`worker.scrubbing`).
+  (:mod:`worker.ops.scrubbing`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from collections.abc import Callable
 from typing import Any
 
 from config.settings import Settings
-from worker import deadletter
-from worker.scrubbing import REDACTED, Scrubber, secrets_of  # noqa: F401 (REDACTED: re-exported)
+from worker.deadletter import envelopes as deadletter
+from worker.ops.scrubbing import REDACTED, Scrubber, secrets_of  # noqa: F401 (REDACTED: re-exported)
 
 #: Where failure records are logged: they tell delivery's story, so they carry its name.
 failure_logger = logging.getLogger("worker.delivery")

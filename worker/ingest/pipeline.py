@@ -3,13 +3,13 @@
 Runs on the worker's event loop, on every message of the ``activities`` queue (plain JSON)
 and of Celery's default queue (``activities.ingest`` task messages). It does the cheap work
 only, because the event loop is the throughput bottleneck: decode the body once
-(:mod:`worker.decoding`), dead-letter what cannot be read or routed, group the rest by
-``asset_id`` (:mod:`worker.batching`). An event travels on as the text it arrived in; strict
+(:mod:`worker.ingest.decoding`), dead-letter what cannot be read or routed, group the rest by
+``asset_id`` (:mod:`worker.ingest.batching`). An event travels on as the text it arrived in; strict
 parsing, validation and the upload run on the upload threads (:mod:`worker.upload.delivery`).
 
 A message is acknowledged once each of its events is handed on: published, broker-confirmed,
-in an upload-task message or in the dead-letter queue (:class:`~worker.batching.Ticket`,
-:mod:`worker.handoff`), in order and many at a time (:class:`~worker.acks.Acker`).
+in an upload-task message or in the dead-letter queue (:class:`~worker.ingest.batching.Ticket`,
+:mod:`worker.ingest.handoff`), in order and many at a time (:class:`~worker.ingest.acks.Acker`).
 
 What can go wrong costs one message at most, never the consumer:
 
@@ -32,17 +32,18 @@ from typing import Any
 import amqp
 
 from config.settings import Settings
-from worker import deadletter, metrics
-from worker.acks import Acker
-from worker.batching import Batch, Batcher, Ticket
+from worker.deadletter import envelopes as deadletter
+from worker.ops import metrics
+from worker.ingest.acks import Acker
+from worker.ingest.batching import Batch, Batcher, Ticket
 from worker.broker.messages import Bundle, UploadBatch
 from worker.clock import Clock
-from worker.decoding import Message, Routed, delivery_count, events_of, replays_of
+from worker.ingest.decoding import Message, Routed, delivery_count, events_of, replays_of
 from worker.errors import PublishError
-from worker.handoff import HandOff, Renderer
-from worker.parsing import MalformedBody
-from worker.publisher import Outgoing, PublishFn
-from worker.validation import validate_event
+from worker.ingest.handoff import HandOff, Renderer
+from worker.events.parsing import MalformedBody
+from worker.broker.publisher import Outgoing, PublishFn
+from worker.events.validation import validate_event
 
 logger = logging.getLogger(__name__)
 

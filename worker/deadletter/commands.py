@@ -1,12 +1,12 @@
-"""The dead-letter commands as functions: count, read, replay and purge (:mod:`worker.dlq` runs them).
+"""The dead-letter commands as functions: count, read, replay and purge (:mod:`worker.deadletter.cli` runs them).
 
-Each reads the dead-letter queue through one :class:`~worker.dlq_select.Reader`, which holds
+Each reads the dead-letter queue through one :class:`~worker.deadletter.reader.Reader`, which holds
 every dead letter it read unacknowledged until its channel closes, and takes the parts of a
-large body as one dead letter (:class:`~worker.dlq_select.Letters`). Each removes a dead letter
+large body as one dead letter (:class:`~worker.deadletter.reader.Letters`). Each removes a dead letter
 only by acknowledging it (every part of it), and only once what replaces it (a replayed event
 or body) is confirmed by the broker, or once the operator confirmed its removal (purge). Raises
-:class:`~worker.dlq_select.NoDeadLetterQueue` when there is no dead-letter queue yet. See
-:mod:`worker.dlq`.
+:class:`~worker.deadletter.reader.NoDeadLetterQueue` when there is no dead-letter queue yet. See
+:mod:`worker.deadletter.cli`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from config.settings import Settings
-from worker import deadletter, jsonutil
-from worker.dlq_select import Counts, Envelope, Letter, Letters, Progress, Reader, Selection, replayable, replays_of
-from worker.decoding import REPLAYS_HEADER  # on replayed events; it travels with them to their next dead letter
-from worker.publisher import Outgoing, Publisher
+from worker.deadletter import envelopes as deadletter
+from worker.events import jsonutil
+from worker.deadletter.reader import Counts, Envelope, Letter, Letters, Progress, Reader, Selection, replayable, replays_of
+from worker.ingest.decoding import REPLAYS_HEADER  # on replayed events; it travels with them to their next dead letter
+from worker.broker.publisher import Outgoing, Publisher
 from worker.broker.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def replay(
     """Publish the selected dead letters to ``settings.queue`` as producers send them, then acknowledge them.
 
     What is published: an event, alone, as JSON; a ``poison`` message's body, byte for byte
-    (its parts joined). Nothing else is replayable (:func:`~worker.dlq_select.replayable`).
+    (its parts joined). Nothing else is replayable (:func:`~worker.deadletter.reader.replayable`).
     Each group is published and confirmed before any of its dead letters is acknowledged,
     so an error (raised to the caller) or a crash leaves each event in ``activities``, in the
     dead-letter queue, or both. ``on_replay`` sees each envelope replayed (every part).

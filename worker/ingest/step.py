@@ -20,15 +20,15 @@ from typing import Any
 from celery import bootsteps
 from kombu import Consumer
 
-from worker import metrics
-from worker.acks import Acker
-from worker.batching import Batcher
+from worker.ops import metrics
+from worker.ingest.acks import Acker
+from worker.ingest.batching import Batcher
 from worker.broker.messages import Bundle, upload_message
 from worker.broker.topology import declare
 from worker.clock import SystemClock
 from worker.errors import PublishError
-from worker.ingest import Ingest
-from worker.publisher import Outgoing, Publisher
+from worker.ingest.pipeline import Ingest
+from worker.broker.publisher import Outgoing, Publisher
 from worker.runtime import runtime_of
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 TICKS_PER_WAIT = 10
 
 #: The longest interval between two ticks, whatever the wait: stragglers are acknowledged
-#: on ticks (worker.acks), and a long wait must not leave them unacknowledged for long.
+#: on ticks (worker.ingest.acks), and a long wait must not leave them unacknowledged for long.
 MAX_TICK = 0.25
 
 
@@ -158,7 +158,7 @@ class IngestStep(bootsteps.ConsumerStep):
 
 class QuarantineStep(bootsteps.ConsumerStep):
     """Consumes the quarantine queue one message at a time, on a channel of its own, handing each
-    to :meth:`~worker.ingest.Ingest.handle_alone` (see :mod:`worker.ingest`)."""
+    to :meth:`~worker.ingest.Ingest.handle_alone` (see :mod:`worker.ingest.pipeline`)."""
 
     name = "netcore.Quarantine"
     requires = (IngestStep,)

@@ -1,10 +1,10 @@
-"""Reading and selecting dead letters, for the commands of :mod:`worker.dlq`.
+"""Reading and selecting dead letters, for the commands of :mod:`worker.deadletter.cli`.
 
 :class:`Reader` fetches the dead-letter queue's messages with ``basic_get`` and holds every
 one unacknowledged on its channel until it closes: closing (or a crash) hands each back to its
 place in the queue. What a command removes, it acknowledges itself, by delivery tag.
 :class:`Letters` turns those messages into the dead letters a person means: one envelope, or
-every part of one large body (:mod:`worker.deadletter`), counted, selected, replayed and
+every part of one large body (:mod:`worker.deadletter.envelopes`), counted, selected, replayed and
 purged together. :class:`Selection` says which dead letters a command acts on (reason,
 asset_id, time range of ``failed_at``), :func:`replayable` which of them replay can publish,
 :class:`Counts` tallies them and :class:`Progress` reports long runs.
@@ -25,7 +25,8 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from config.settings import Settings
-from worker import deadletter, jsonutil
+from worker.deadletter import envelopes as deadletter
+from worker.events import jsonutil
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``python -m worker.supervisor [NAME...]``: run the Procfile's processes, and stop them all.
+"""``python -m worker.ops.supervisor [NAME...]``: run the Procfile's processes, and stop them all.
 
 ``make run`` runs the worker, Flower and the sandbox through this module rather than a generic
 Procfile runner, because of one common way of using it: ``make run 2>&1 | tee run.log``, then
@@ -274,7 +274,7 @@ class Supervisor:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.supervisor",
+        prog="python -m worker.ops.supervisor",
         description="Run the Procfile's processes in the foreground; Ctrl-C stops them all "
                     "(twice: kills them), whatever this command's output is piped into.",
     )
@@ -290,10 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         specs = select_processes(read_procfile(args.procfile), args.names)
     except (OSError, ValueError) as error:
-        print(f"python -m worker.supervisor: {error}", file=sys.stderr)
+        print(f"python -m worker.ops.supervisor: {error}", file=sys.stderr)
         return 2
     if not specs:
-        print(f"python -m worker.supervisor: {args.procfile} lists no process", file=sys.stderr)
+        print(f"python -m worker.ops.supervisor: {args.procfile} lists no process", file=sys.stderr)
         return 2
     output = Output(sys.stdout.buffer, [spec.name for spec in specs])
     return Supervisor(specs, output=output, grace=args.grace, cwd=args.procfile.resolve().parent).run()

@@ -5,7 +5,7 @@ contexts, request headers, at any depth) and removes the API key, ``Authorizatio
 values, the broker's password and the userinfo of URLs, and personal data (identity, email,
 mobile, annonid, phone, email addresses and phone numbers inside text). sentry-sdk's own
 scrubber only knows a flat list of key names and does not read text, so it is kept but not
-relied on. Used by :mod:`worker.observability`.
+relied on. Used by :mod:`worker.ops.sentry`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Batching: events grouped per ``asset_id`` until a batch is full, too big, or old enough.
 
-Pure bookkeeping, no I/O: the consumer step (:mod:`worker.ingest`) feeds events in and
+Pure bookkeeping, no I/O: the consumer step (:mod:`worker.ingest.pipeline`) feeds events in and
 publishes what comes out. Time comes from an injectable :class:`~worker.clock.Clock`, so
 every rule here is tested without sleeping.
 

@@ -16,7 +16,9 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_i
 from kombu import Connection
 
 from config.settings import Settings, load_or_exit
-from worker import logs, metrics, observability
+from worker.ops import logs
+from worker.ops import metrics
+from worker.ops import sentry as observability
 from worker.broker.topology import Topology
 
 logger = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def connect_signals(app: Celery) -> None:
     @after_setup_logger.connect(weak=False)
     @after_setup_task_logger.connect(weak=False)
     def on_setup_logger(sender: Any = None, **kwargs: Any) -> None:
-        # LOG_FORMAT=json: one JSON object per line (worker.logs)
+        # LOG_FORMAT=json: one JSON object per line (worker.ops.logs)
         configured = kwargs.get("logger")
         if isinstance(configured, logging.Logger) and load_or_exit(require_api=False).log_format == "json":
             logs.install(configured)

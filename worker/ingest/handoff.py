@@ -1,6 +1,6 @@
 """Handing batches and dead letters to the broker, confirmed, without ever stalling the consumer.
 
-The consumer (:mod:`worker.ingest`) hands on what it made of each message: dead letters, and
+The consumer (:mod:`worker.ingest.pipeline`) hands on what it made of each message: dead letters, and
 batches to upload. A hand-off counts once the broker confirmed every message of it; only then
 are its callbacks run (they acknowledge the source messages). The hand-off
 
@@ -21,11 +21,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from worker.batching import Batch
+from worker.ingest.batching import Batch
 from worker.broker.messages import Bundle, UploadBatch, bundles
 from worker.clock import Clock
 from worker.errors import PublishError
-from worker.publisher import Outgoing, PublishFn
+from worker.broker.publisher import Outgoing, PublishFn
 
 logger = logging.getLogger(__name__)
 

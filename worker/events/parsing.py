@@ -2,8 +2,8 @@
 
 A body is UTF-8 JSON: one event object or a non-empty array of them, the body one would POST
 to the Activity API. Anything else raises :class:`MalformedBody`, and the whole message is
-dead-lettered (reason ``malformed``, the body kept whole by :mod:`worker.deadletter`). Each
-event's *shape* is checked later by :mod:`worker.validation`, one by one, so a bad item does
+dead-lettered (reason ``malformed``, the body kept whole by :mod:`worker.deadletter.envelopes`). Each
+event's *shape* is checked later by :mod:`worker.events.validation`, one by one, so a bad item does
 not sink its neighbours.
 
 Why :mod:`json` and not orjson: orjson is three to four times faster (3.4 us against 11.5 us
@@ -293,7 +293,7 @@ def raw_text(body: bytes | str) -> str:
 
     Only a rendering: a body that really holds the four characters ``\\xff`` reads the same.
     A dead letter therefore keeps such a body's exact bytes beside it (``raw_base64``, see
-    :mod:`worker.deadletter`).
+    :mod:`worker.deadletter.envelopes`).
     """
     data = body.encode("utf-8", "backslashreplace") if isinstance(body, str) else bytes(body)
     return data.decode("utf-8", "backslashreplace")

@@ -10,7 +10,7 @@ The formatter adds nothing from the events themselves: Celery passes a task's ar
 field named like a carrier of event contents (:data:`OMITTED`). What the message text itself
 says is the caller's business; the worker's own messages never hold event contents.
 
-:func:`install` puts the formatter on every handler of a logger; :mod:`worker.startup` calls
+:func:`install` puts the formatter on every handler of a logger; :mod:`worker.ops.startup` calls
 it from Celery's ``after_setup_logger`` and ``after_setup_task_logger`` signals.
 """
 

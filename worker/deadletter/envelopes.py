@@ -18,7 +18,7 @@ whole body}``. :func:`join` puts the slices back together.
 
 The other fields, ``reason``, ``error``, ``event``, ``details``, ``asset_id``, ``attempts`` and
 ``failed_at``, are fixed by the contract; ``replays`` counts the event's replays before it died.
-Reading and replaying dead letters is :mod:`worker.dlq`'s job.
+Reading and replaying dead letters is :mod:`worker.deadletter.cli`'s job.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from worker import jsonutil
-from worker.parsing import raw_text
-from worker.publisher import Outgoing
+from worker.events import jsonutil
+from worker.events.parsing import raw_text
+from worker.broker.publisher import Outgoing
 
 #: The body could not be read: not JSON, not UTF-8, not an object or array of objects.
 MALFORMED = "malformed"

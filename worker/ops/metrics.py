@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from worker import deadletter
+from worker.deadletter import envelopes as deadletter
 
 if TYPE_CHECKING:
     from config.settings import Settings
-    from worker.batching import Batcher
+    from worker.ingest.batching import Batcher
     from worker.upload.delivery import Report
 
 logger = logging.getLogger(__name__)

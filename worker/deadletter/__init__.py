@@ -1,0 +1,1 @@
+"""The dead-letter queue: its envelopes, reading and replaying them, and the salvage of rejected tasks."""

@@ -1,0 +1,1 @@
+"""Events: reading message bodies and checking events against the API's rules. Both sides use it."""

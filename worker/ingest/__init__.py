@@ -1,0 +1,1 @@
+"""The consumer, on the worker's event loop: decode -> route -> batch -> hand off -> acknowledge."""
