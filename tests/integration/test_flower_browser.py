@@ -41,7 +41,7 @@ from worker.sandbox import Sandbox
 
 
 #: Events per batch, one batch (one asset_id) each.
-BATCH_SIZES = (3, 5, 2)
+BATCH_SIZES = (5, 3, 2)  # one full batch (ACTIVITY_BATCH_SIZE=5): a task alone; two small ones: a bundle
 
 #: How long one Chromium run may take (it renders for at most 8 s of virtual time).
 BROWSER_DEADLINE = 90.0
@@ -180,7 +180,7 @@ def test_flower_tasks_page_lists_batch_summaries_in_a_browser(
     tmp_path: Path,
 ) -> None:
     process, url = flower
-    worker = start_worker()
+    worker = start_worker(ACTIVITY_BATCH_SIZE=5)
     name = worker_name(worker)
     auth = (USER, PASSWORD)
 
@@ -205,8 +205,15 @@ def test_flower_tasks_page_lists_batch_summaries_in_a_browser(
         answer.raise_for_status()
         ours = {task_id: task for task_id, task in answer.json().items()
                 if any(asset_id in (task.get("args") or "") for asset_id in batches)}
-        done = len(ours) == len(batches) and all(task.get("state") == "SUCCESS" for task in ours.values())
+        done = len(ours) == len(expected) and all(task.get("state") == "SUCCESS" for task in ours.values())
         return ours if done else None
+
+    full, *small = batches
+    expected = {  # what each task's arguments say: a summary, never events
+        full: f"asset_id={full!r}, {batches[full]} events",
+        small[0]: f"{len(small)} batches, {sum(batches[a] for a in small)} events: "
+                  + ", ".join(repr(a) for a in small),
+    }
 
     known = poll(finished_tasks, DEADLINE)
     assert known, f"Flower never had the upload tasks; its output:\n{process.log()[-3000:]}"
@@ -222,12 +229,12 @@ def test_flower_tasks_page_lists_batch_summaries_in_a_browser(
                        f"--screenshot={shot}", "--window-size=1400,900"))
     assert page.columns == TASK_COLUMNS.split(","), page.columns
     rows = page.tasks()
-    for asset_id, size in batches.items():
+    for asset_id, summary in expected.items():
         ours = [row for row in rows if asset_id in row["args"]]
         assert len(ours) == 1, (asset_id, rows)
         row = ours[0]
         assert row["name"] == "activities.upload", row
-        assert row["args"] == f"asset_id={asset_id!r}, {size} events", row
+        assert row["args"] == summary, row
         assert row["state"] == "SUCCESS", row
         assert row["worker"] == name, row
         assert row["uuid"].startswith(tuple(known)), (row, list(known))
