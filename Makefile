@@ -43,8 +43,8 @@ test: install lint
 	$(BIN)/python -m pytest
 
 # Throughput against a bare drain, a naive design, a slow API and 7 vs 1000 asset_ids, a SIGKILL
-# mid-run and a 5-minute outage, in one run (about 15 minutes; `python -m bench --quick` for a
-# smoke test in about 3); results in bench-results/latest.json
+# mid-run and a 5-minute outage, in one run (about 10 minutes; `python -m bench --quick` for a
+# smoke test in under 2); results in bench-results/latest.json
 bench: install
 	$(BIN)/python -m bench
 

@@ -1,5 +1,5 @@
-"""``python -m bench`` / ``make bench``: every measurement, in one run, in about 15 minutes
-(``--quick``: about 3).
+"""``python -m bench`` / ``make bench``: every measurement, in one run, in about 10 minutes
+(``--quick``: under 2).
 
 The order keeps what is compared close in time: each case's bare drain runs just before the
 worker on the same backlog, so a burst of noise on the machine hits both or neither, and the
@@ -169,7 +169,7 @@ class Bench:
         if cut:
             self.results.notes.append(
                 f"{' and '.join(cut)}: {DEFAULT_MANY_ASSETS_EVENTS:,} events instead of {DEFAULT_EVENTS:,}, so "
-                "that the default run stays near a quarter of an hour (the worker uploads small batches there); "
+                "that the default run stays near ten minutes (the worker uploads small batches there); "
                 "--events or BENCH_EVENTS sets every case.")
         if args.quick:
             self.results.notes.append(

@@ -407,7 +407,8 @@ def _kill_block(k: KillResult) -> str:
             ("**duplicates** (events stored twice or more)", f"**{ledger.duplicates:,}**"),
             ("... first copy in a request in flight at the kill", f"{k.duplicates_in_flight:,}"),
             ("... first copy earlier (a batch sent before, its task not acknowledged)", f"{k.duplicates_earlier:,}"),
-            ("... first copy after the kill (not the kill's doing)", f"{k.duplicates_after:,}"),
+            ("... both copies after the kill (upload task published, source message not yet acknowledged)",
+             f"{k.duplicates_after:,}"),
             ("oldest duplicate's first copy, before the kill", f"{_num(k.earliest_duplicate_s, 2)} s"),
             ("ledger", f"{ledger.sent:,} sent = {ledger.delivered_unique:,} delivered + {ledger.dead_lettered_ids:,} "
                        f"dead-lettered; {ledger.missing:,} missing"),

@@ -283,7 +283,9 @@ class KillResult:
     little_estimate: float = 0.0  #: events_per_s_at_kill x latency: events in flight by Little's law
     duplicates_in_flight: int = 0  #: duplicates whose first copy was in a request in flight at the kill
     duplicates_earlier: int = 0  #: ... first copy earlier (a batch delivered before, its task unacked)
-    duplicates_after: int = 0  #: ... first copy after the kill (not the kill's doing)
+    #: ... both copies after the kill: an upload task already published and the source message,
+    #: not yet acknowledged, redelivered and batched again by the new worker.
+    duplicates_after: int = 0
     earliest_duplicate_s: float | None = None  #: how long before the kill the oldest one arrived
     tasks_seen: int = 0  #: upload tasks finished by either worker (the statistics below)
     batches_per_task: float | None = None  #: their batches (requests), weighted by events
@@ -297,24 +299,32 @@ class KillResult:
 
     @property
     def explanation(self) -> str:
-        """Why a kill costs what it costs, with this run's numbers."""
+        """Why a kill costs what it costs, with this run's numbers: each kind of duplicate, the
+        moment that makes it, and what does not count."""
         dup = self.ledger.duplicates if self.ledger else 0
-        held = f"{self.returned_source:,}" if self.returned_source is not None else "the"
         per_task = f"{self.batches_per_task:.1f}" if self.batches_per_task is not None else "?"
         hold = f"{self.task_seconds:.2f}" if self.task_seconds is not None else "?"
+        returned = _num(self.returned_source)
+        if self.duplicates_after:
+            source = (f"{self.duplicates_after:,} more were delivered twice after the kill: their upload task was "
+                      f"already published, but their source message not yet acknowledged, so it came back (with "
+                      f"{returned} others) and the new worker batched it again: the time from handing an event on "
+                      f"to acknowledging its source message costs the same way.")
+        else:
+            source = (f"The {returned} source messages that came back (the prefetch window) had not been handed on "
+                      f"yet: delivered once.")
         return (
-            f"Why: a SIGKILL duplicates only what the API already stored from upload tasks not yet acknowledged; "
-            f"what the dead worker held but had not sent ({held} source messages of its prefetch window, "
-            f"{_num(self.returned_uploads)} upload tasks) went back to RabbitMQ and was delivered once. A task is "
-            f"acknowledged once, after every batch of its bundle is uploaded, one after the other, so by Little's "
-            f"law the events at risk are throughput x the time a task holds its message: "
-            f"{self.events_per_s_at_kill:,.0f} events/s x {hold} s = {self.hold_estimate:,.0f} (tasks carried "
-            f"{per_task} batches here, event-weighted); measured {dup:,}: {self.duplicates_in_flight:,} in the "
-            f"{self.requests_in_flight} requests in flight (stored although nobody read the answer; throughput x "
-            f"round trip = {self.little_estimate:,.0f}) and {self.duplicates_earlier:,} in batches their task had "
-            f"sent earlier. The prefetch and the concurrency ceiling do not count; a task holding its message "
-            f"for one round trip (one batch per task, or a bundle's batches sent side by side) would bring the "
-            f"cost down to throughput x round trip."
+            f"Why: a SIGKILL duplicates what had already left for the API, or for an upload task, while RabbitMQ "
+            f"still counted its message unacknowledged; by Little's law that is throughput x the time between the "
+            f"two. {dup:,} here. {self.duplicates_in_flight:,} were in the {self.requests_in_flight} requests in "
+            f"flight (the API stores them although nobody reads the answer): throughput x round trip = "
+            f"{self.events_per_s_at_kill:,.0f} events/s x {self.api_latency:.2f} s = {self.little_estimate:,.0f}. "
+            f"{self.duplicates_earlier:,} were in batches sent earlier by tasks not yet acknowledged: a task "
+            f"uploads its bundle's batches ({per_task} here, event-weighted) one after the other and is "
+            f"acknowledged once at the end, so it holds its message {hold} s, not one round trip (throughput x "
+            f"{hold} s = {self.hold_estimate:,.0f} for both). {source} Neither the prefetch window nor the "
+            f"concurrency ceiling is what a kill costs; were every message acknowledged one round trip after "
+            f"its events left, a kill would cost about {self.little_estimate:,.0f}."
         )
 
     def to_dict(self) -> dict[str, Any]:
