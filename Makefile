@@ -44,8 +44,9 @@ run: install
 test: install lint
 	$(BIN)/python -m pytest
 
-# Throughput against a bare drain and a naive design measured in the same run (about 4 minutes;
-# BENCH_EVENTS=20000 for a quick look); results in bench-results/latest.json
+# Throughput against a bare drain, a naive design, a slow API and 7 vs 1000 asset_ids, a SIGKILL
+# mid-run and a 5-minute outage, in one run (about 10 minutes; `python -m bench --quick` for a
+# smoke test in under 2); results in bench-results/latest.json
 bench: install
 	$(BIN)/python -m bench
 

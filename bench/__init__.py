@@ -8,12 +8,19 @@ measured next to two baselines taken minutes apart on the same broker:
   does nothing else; the most any consumer of this broker could do (the limit);
 - the **naive design**: one Celery task and one HTTP request per event (the floor).
 
-The headline numbers are the ratios: the worker's events/s over each baseline. The absolute
-figures, CPU per event for the worker and the broker, peak memory and the batches the API saw
-come with them, and everything is written to ``bench-results/latest.json``.
+The headline numbers are the ratios: the worker's events/s over each baseline, the rate
+against a slow API (the sandbox's per-request latency) over the rate against an instant one,
+and the rate with 1000 asset_ids over the rate with 7. The absolute figures, CPU per event for
+the worker and the broker, peak memory and the batches the API saw come with them.
+
+Two scenarios follow, about what goes wrong rather than speed: the API down for minutes while
+events keep arriving (nothing may be dead-lettered, few requests may reach the down API), and
+a SIGKILL of the worker mid-run (how many duplicates a kill costs, and why). Everything is
+written to ``bench-results/latest.json``.
 
 Modules: :mod:`bench.events` (the messages), :mod:`bench.broker` (queues, preload, bare
 drain), :mod:`bench.procs` (spawned processes and their /proc figures), :mod:`bench.runs`
-(one measured worker run), :mod:`bench.naive` (the naive Celery app), :mod:`bench.profile`
-(py-spy), :mod:`bench.report` (tables, targets, JSON).
+(one measured worker run), :mod:`bench.scenarios` (the outage and the SIGKILL),
+:mod:`bench.naive` (the naive Celery app), :mod:`bench.profile` (py-spy), :mod:`bench.report`
+(tables, targets, JSON).
 """

@@ -1,7 +1,10 @@
-"""``python -m bench`` / ``make bench``: every measurement, in one run, in a few minutes.
+"""``python -m bench`` / ``make bench``: every measurement, in one run, in about 10 minutes
+(``--quick``: under 2).
 
 The order keeps what is compared close in time: each case's bare drain runs just before the
-worker on the same backlog, so a burst of noise on the machine hits both or neither. Every
+worker on the same backlog, so a burst of noise on the machine hits both or neither, and the
+100-asset_id backlog runs against the instant API and then against the slow one right after.
+The two scenarios come last (a SIGKILL mid-run, then an outage of several minutes). Every
 process started is killed and every queue deleted on the way out, Ctrl-C included.
 """
 
@@ -18,12 +21,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from bench import broker, events, naive, runs
+import orjson
+
+from bench import broker, events, naive, runs, scenarios
 from bench.api import API_KEY, SandboxProcess
-from bench.events import CASES, Case
+from bench.events import CASES, LATENCY_CASE, Case
 from bench.procs import kill_all
 from bench.profile import Profiler, loop_frames, render, top_functions
-from bench.report import CaseResult, Results
+from bench.report import CaseResult, LatencyResult, Results
 
 #: The project's root: where the worker runs and results are written.
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,12 +39,33 @@ DEFAULT_EVENTS = 100_000
 #: Cases with at least this many asset ids are the slow ones (small batches, many uploads).
 MANY_ASSETS = 1000
 
-#: Their default events: at 100,000 they alone would take the run past five minutes, as the
-#: worker makes batches of about ten events there (the run says so in its notes).
+#: Their default events: at 100,000 they alone would add minutes to the run, as the worker
+#: makes small batches there (the run says so in its notes).
 DEFAULT_MANY_ASSETS_EVENTS = 50_000
 
 #: The naive design is slow: at most this many events for it unless told otherwise.
 DEFAULT_NAIVE_EVENTS = 5_000
+
+#: Seconds the sandbox waits before answering each upload in the slow-API runs: the real
+#: API's round trip from a data centre nearby is 100-300 ms.
+DEFAULT_LATENCY = 0.15
+
+#: Seconds the API is down in the outage scenario, and the events published meanwhile.
+DEFAULT_OUTAGE_SECONDS = 300.0
+DEFAULT_OUTAGE_EVENTS = 100_000
+
+#: The SIGKILL scenario's backlog, and the share of it delivered when the worker is killed.
+DEFAULT_KILL_EVENTS = 50_000
+DEFAULT_KILL_AT = 0.4
+
+#: ``--quick``: events per case (and for the kill), naive events, outage seconds and events.
+QUICK_EVENTS = 5_000
+QUICK_NAIVE_EVENTS = 500
+QUICK_OUTAGE_SECONDS = 30.0
+QUICK_OUTAGE_EVENTS = 5_000
+
+#: What ``--skip`` can leave out.
+PARTS: tuple[str, ...] = ("latency", "naive", "scale-out", "kill", "outage")
 
 #: Where the results go (git-ignored).
 RESULTS = ROOT / "bench-results"
@@ -61,16 +87,50 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              f"{DEFAULT_MANY_ASSETS_EVENTS:,} for the 1000-asset cases)")
     parser.add_argument("--naive-events", type=int, default=None,
                         help=f"events for the naive design (default min(events, {DEFAULT_NAIVE_EVENTS:,}))")
-    parser.add_argument("--cases", nargs="+", choices=[c.key for c in CASES], default=[c.key for c in CASES],
+    parser.add_argument("--cases", nargs="*", choices=[c.key for c in CASES], default=[c.key for c in CASES],
                         help="run only these cases")
-    parser.add_argument("--no-scale-out", action="store_true", help="skip the scale-out table")
+    parser.add_argument("--no-scale-out", action="store_true", help="skip the scale-out table (= --skip scale-out)")
+    parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], help="leave these parts out")
+    parser.add_argument("--latency", type=float, default=DEFAULT_LATENCY, metavar="SECONDS",
+                        help=f"the slow API's latency per request, for the 100-asset_id comparison, the kill and "
+                             f"the outage (default {DEFAULT_LATENCY})")
+    parser.add_argument("--outage", type=float, default=None, metavar="SECONDS",
+                        help=f"how long the API answers 503 (default {DEFAULT_OUTAGE_SECONDS:.0f}; "
+                             f"--quick {QUICK_OUTAGE_SECONDS:.0f})")
+    parser.add_argument("--outage-events", type=int, default=None,
+                        help=f"events published during the outage (default {DEFAULT_OUTAGE_EVENTS:,}; "
+                             f"--quick {QUICK_OUTAGE_EVENTS:,})")
+    parser.add_argument("--kill-events", type=int, default=None,
+                        help=f"the SIGKILL scenario's backlog (default {DEFAULT_KILL_EVENTS:,}; --quick "
+                             f"{QUICK_EVENTS:,})")
+    parser.add_argument("--kill-at", type=float, default=DEFAULT_KILL_AT, metavar="SHARE",
+                        help=f"share of that backlog delivered when the worker is killed (default {DEFAULT_KILL_AT})")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke test of every part in a few minutes: {QUICK_EVENTS:,} events per case, "
+                             f"a {QUICK_OUTAGE_SECONDS:.0f} s outage (options given explicitly still win)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile the worker's main process (py-spy) on single-event messages")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json",
                         help="where the JSON results go (default bench-results/latest.json)")
     args = parser.parse_args(argv)
+    if args.no_scale_out and "scale-out" not in args.skip:
+        args.skip.append("scale-out")
+    if args.quick:
+        args.events = args.events or QUICK_EVENTS
+        args.naive_events = args.naive_events or QUICK_NAIVE_EVENTS
+        args.outage = args.outage if args.outage is not None else QUICK_OUTAGE_SECONDS
+        args.outage_events = args.outage_events or QUICK_OUTAGE_EVENTS
+        args.kill_events = args.kill_events or QUICK_EVENTS
+    if args.outage is None:
+        args.outage = DEFAULT_OUTAGE_SECONDS
+    args.outage_events = args.outage_events or DEFAULT_OUTAGE_EVENTS
+    args.kill_events = args.kill_events or DEFAULT_KILL_EVENTS
     if args.events is not None and args.events < 100:
         parser.error("--events must be at least 100")
+    if args.latency < 0 or args.outage <= 0 or args.outage_events < 1 or args.kill_events < 100:
+        parser.error("--latency must be >= 0, --outage > 0, --outage-events >= 1, --kill-events >= 100")
+    if not 0 < args.kill_at < 1:
+        parser.error("--kill-at must be a share between 0 and 1")
     if args.naive_events is None:
         args.naive_events = min(args.events or DEFAULT_EVENTS, DEFAULT_NAIVE_EVENTS)
     return args
@@ -99,7 +159,7 @@ class Bench:
         self.results = Results({c.key: events_for(c, args.events) for c in CASES if c.key in args.cases},
                                args.naive_events)
         self.sandbox: SandboxProcess | None = None
-        #: The scale-out runs' queues, filled by the same preload as the first case's.
+        #: The scale-out run's queues, filled by the same preload as the first case's.
         self.scale_queues: list[dict[str, str]] = []
         self.results.notes.append(
             "events/s, end to end: from the first \"ready.\" of the worker to the arrival at the API of "
@@ -109,8 +169,16 @@ class Bench:
         if cut:
             self.results.notes.append(
                 f"{' and '.join(cut)}: {DEFAULT_MANY_ASSETS_EVENTS:,} events instead of {DEFAULT_EVENTS:,}, so "
-                "that the default run stays under five minutes (the worker uploads small batches there); "
+                "that the default run stays near ten minutes (the worker uploads small batches there); "
                 "--events or BENCH_EVENTS sets every case.")
+        if args.quick:
+            self.results.notes.append(
+                "--quick: a smoke test that every part runs. At these sizes the fixed costs (the first batch "
+                "waits ACTIVITY_BATCH_WAIT, the adaptive concurrency ramps up) dominate: the rates and ratios "
+                "mean nothing; run without --quick to judge the targets.")
+        self.results.notes.append(
+            "The four cases, the bare drains and the scale-out run against the instant API; the 100-asset_id "
+            "comparison, the SIGKILL and the outage against the API with --latency (per request, 503s too).")
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:5.0f} s] {text}", flush=True)
@@ -124,8 +192,9 @@ class Bench:
         self.sandbox = SandboxProcess(ROOT, self.logs / "sandbox.log", dict(os.environ)).start()
         counts = ", ".join(f"{key} {n:,}" for key, n in self.results.events.items())
         self.say(f"sandbox API on {self.sandbox.url}; events per case: {counts}; run {self.queues.run_id}")
-        if not self.args.no_scale_out:
-            self.scale_queues = [self.queues.worker_env("scale1"), self.queues.worker_env("scale2")]
+        skip = set(self.args.skip)
+        if "scale-out" not in skip:
+            self.scale_queues = [self.queues.worker_env("scale2")]
         scale_bodies: list[bytes] = []
         for case in (c for c in CASES if c.key in self.args.cases):
             bodies = events.bodies(self.queues.run_id, case, self.results.events[case.key])
@@ -133,11 +202,20 @@ class Bench:
             self.results.cases.append(self._case(case, bodies, extra))
             if case == SCALE_CASE:
                 scale_bodies = bodies
-        self._naive()
+            del bodies
+        if "latency" not in skip:
+            self._latency()
+        if "naive" not in skip:
+            self._naive()
         if self.scale_queues:
             self._scale_out(scale_bodies)
         if self.args.profile:
             self._profile(scale_bodies or self._scale_bodies())
+        del scale_bodies
+        if "kill" not in skip:
+            self._kill()
+        if "outage" not in skip:
+            self._outage()
         self.results.total_seconds = time.monotonic() - self.started
         return self.results
 
@@ -154,23 +232,38 @@ class Bench:
         drain = broker.bare_drain(drain_queue, len(bodies))
         self.say(f"{case.title}: bare drain {drain.messages_per_s:,.0f} msg/s "
                  f"({drain.messages_per_s * case.per_message:,.0f} events/s)")
-        worker = self._worker(case.key, env, [runs.celery_worker("worker.app", 2)], self.results.events[case.key])
+        worker = self._worker(case.key, env, [runs.celery_worker("worker.app")], self.results.events[case.key])
         return CaseResult(case, len(bodies), events.mean_event_bytes(bodies[:1000], case.per_message),
                           preload_s, drain, worker)
 
     def _worker(self, label: str, queues: dict[str, str], commands: list[list[str]], expected: int,
-                profiler: Profiler | None = None) -> runs.RunResult:
+                profiler: Profiler | None = None, faults: list[dict[str, float]] | None = None) -> runs.RunResult:
         assert self.sandbox is not None
         result = runs.measure(
             label=label, commands=commands, env=runs.worker_env(os.environ, queues, self.sandbox, API_KEY),
             sandbox=self.sandbox, expected=expected, root=ROOT, logs=self.logs,
             source_queue=queues["ACTIVITY_QUEUE"], upload_queue=queues["ACTIVITY_UPLOAD_QUEUE"],
             dead_letter_queue=queues["ACTIVITY_DEAD_LETTER_QUEUE"],
-            profiler=profiler,
+            profiler=profiler, faults=faults or [],
         )
         self.say(f"{label}: worker {result.events_per_s:,.0f} events/s in {result.seconds:.1f} s, "
                  f"{result.uploads:,} uploads" + "".join(f"\n      WARNING: {w}" for w in result.warnings))
         return result
+
+    def _latency(self) -> None:
+        """The same backlog of 100 asset_ids against the instant API, then the slow one."""
+        case, latency = LATENCY_CASE, self.args.latency
+        count = events_for(case, self.args.events)
+        bodies = events.bodies(self.queues.run_id, case, count)
+        instant_env, slow_env = self.queues.worker_env(f"{case.key}-instant"), self.queues.worker_env(f"{case.key}-slow")
+        preload_s = broker.preload([instant_env["ACTIVITY_QUEUE"], slow_env["ACTIVITY_QUEUE"]], bodies)
+        self.say(f"{case.title}: preloaded {len(bodies):,} messages into 2 queues in {preload_s:.1f} s")
+        del bodies
+        instant = self._worker(f"{case.key}-instant", instant_env, [runs.celery_worker("worker.app")], count)
+        slow = self._worker(f"{case.key}-latency", slow_env, [runs.celery_worker("worker.app")], count,
+                            faults=[{"latency": latency}] if latency > 0 else [])
+        self.results.latency = LatencyResult(case, latency, instant, slow)
+        self.say(f"{case.title}: {latency * 1000:.0f} ms API at {self.results.latency.ratio:.2f} x the instant API")
 
     def _naive(self) -> None:
         assert self.sandbox is not None
@@ -187,20 +280,53 @@ class Bench:
         self.say(f"naive: {result.events_per_s:,.0f} events/s")
 
     def _scale_out(self, bodies: list[bytes]) -> None:
-        """One process, two processes, of one pool process each; the backlogs are preloaded."""
-        one, two = self.scale_queues
-        if not bodies:  # the first case did not run: preload here
+        """Two worker processes on one backlog, next to the one process of the first case (the
+        same backlog, preloaded with it); each process has its UPLOAD_CONCURRENCY threads."""
+        (two,) = self.scale_queues
+        reference = next((c.worker for c in self.results.cases if c.case == SCALE_CASE), None)
+        if not bodies:  # the first case did not run: preload here, and measure one process too
             bodies = self._scale_bodies()
+            one = self.queues.worker_env("scale1")
             preload_s = broker.preload([one["ACTIVITY_QUEUE"], two["ACTIVITY_QUEUE"]], bodies)
             self.say(f"scale-out: preloaded {len(bodies):,} messages into 2 queues in {preload_s:.1f} s")
-        expected = len(bodies)
-        single = self._worker("scale-1x1", one, [runs.celery_worker("worker.app", 1)], expected)
-        double = self._worker("scale-2x1", two, [runs.celery_worker("worker.app", 1) for _ in range(2)], expected)
-        self.results.scale_out = [("one process, --concurrency=1", single),
-                                  ("two processes, --concurrency=1 each", double)]
-        reference = next((c.worker for c in self.results.cases if c.case == SCALE_CASE), None)
-        if reference is not None:
-            self.results.scale_out.append(("one process, --concurrency=2 (the case above)", reference))
+            reference = self._worker("scale-1", one, [runs.celery_worker("worker.app")], len(bodies))
+        assert reference is not None
+        double = self._worker("scale-2", two, [runs.celery_worker("worker.app") for _ in range(2)], len(bodies))
+        self.results.scale_out = [("one worker process (the first case)", reference),
+                                  ("two worker processes", double)]
+
+    def _kill(self) -> None:
+        """A backlog against the slow API; SIGKILL the worker mid-run, let a new one finish."""
+        assert self.sandbox is not None
+        case = Case("kill", 1, scenarios.SCENARIO_ASSETS)
+        stream = list(events.events(self.queues.run_id, case, self.args.kill_events))
+        sent = [e["activity_params"]["event_id"] for e in stream]
+        queues = self.queues.worker_env("kill")
+        preload_s = broker.preload([queues["ACTIVITY_QUEUE"]], [orjson.dumps(e) for e in stream])
+        del stream
+        self.say(f"kill: preloaded {len(sent):,} single-event messages ({case.assets} asset_ids) in {preload_s:.1f} s; "
+                 f"SIGKILL at {self.args.kill_at:.0%} delivered, API latency {self.args.latency * 1000:.0f} ms")
+        result = scenarios.run_kill(
+            sandbox=self.sandbox, env=runs.worker_env(os.environ, queues, self.sandbox, API_KEY), queues=queues,
+            sent=sent, latency=self.args.latency, share=self.args.kill_at, root=ROOT, logs=self.logs, say=self.say)
+        self.results.kill = result
+        ledger = result.ledger
+        self.say(f"kill: {ledger.duplicates if ledger else '?'} duplicates, {result.events_in_flight:,} events in "
+                 f"flight at the kill" + "".join(f"\n      WARNING: {w}" for w in result.warnings))
+
+    def _outage(self) -> None:
+        """The API down for minutes while events keep coming; default worker settings."""
+        assert self.sandbox is not None
+        queues = self.queues.worker_env("outage")
+        result = scenarios.run_outage(
+            sandbox=self.sandbox, env=runs.worker_env(os.environ, queues, self.sandbox, API_KEY), queues=queues,
+            run_id=self.queues.run_id, events_count=self.args.outage_events, seconds=self.args.outage,
+            latency=self.args.latency, root=ROOT, logs=self.logs, say=self.say)
+        self.results.outage = result
+        ledger = result.ledger
+        self.say(f"outage: {ledger.dead_lettered if ledger else '?'} dead-lettered, {result.requests_down} requests "
+                 f"to the down API (bound {result.requests_bound}), drained in {_fmt(result.drain_s)} s, "
+                 f"peak RSS {result.rss_peak_mb:.0f} MB" + "".join(f"\n      WARNING: {w}" for w in result.warnings))
 
     def _profile(self, bodies: list[bytes]) -> None:
         env = self.queues.worker_env("profile")
@@ -209,7 +335,7 @@ class Bench:
         raw.unlink(missing_ok=True)
         profiler = Profiler(raw)
         self.say("profile: a run of its own, with py-spy on the worker's main process")
-        self._worker("profile", env, [runs.celery_worker("worker.app", 2)], len(bodies), profiler=profiler)
+        self._worker("profile", env, [runs.celery_worker("worker.app")], len(bodies), profiler=profiler)
         if not raw.exists():
             self.results.notes.append(f"py-spy wrote no profile: {profiler.log.decode(errors='replace')[-500:]}")
             return
@@ -236,6 +362,10 @@ def _code_version() -> str:
             return ""
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     return commit + (" + uncommitted changes" if git("status", "--porcelain", "worker", "config") else "")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

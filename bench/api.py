@@ -4,10 +4,15 @@ It runs apart from the benchmark so that its CPU is measured apart too (it compe
 worker for the same cores, as a real API would not), and it is started ``--quiet``: a log line
 per upload would be work the real API never makes the worker's machine do.
 
-Progress is read from ``/_sandbox/requests``: one record per upload with its status, event
-count and arrival time. The arrival times, not the moment the benchmark happened to look,
-date the last delivery, so polling gently (every 0.2 s, less often as the list grows long)
-costs no precision.
+Progress is read from ``/_sandbox/requests?since=N``: one record per upload with its status,
+event count and arrival time, and only the records not read yet (the benchmark keeps the
+others), so a poll costs the same at the 100th upload and at the 100,000th. The arrival
+times, not the moment the benchmark happened to look, date the last delivery, so polling
+gently costs no precision.
+
+Faults (a per-request latency, an outage answering 503) are set through ``/_sandbox/faults``
+on the one sandbox process, so every run of a benchmark talks to the same server and the
+only thing that differs between two runs compared is the fault.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from __future__ import annotations
 import re
 import sys
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +50,12 @@ class Progress:
 
     records: list[dict[str, Any]]
 
-    @property
+    @cached_property
     def ok(self) -> list[dict[str, Any]]:
-        """Uploads answered 200, in arrival order."""
+        """Uploads answered 200, in arrival order (computed once: a snapshot does not change)."""
         return sorted((r for r in self.records if r.get("status") == 200), key=lambda r: r["at"])
 
-    @property
+    @cached_property
     def delivered(self) -> int:
         """Events in uploads answered 200."""
         return sum(int(r.get("events", 0)) for r in self.records if r.get("status") == 200)
@@ -103,6 +110,10 @@ class SandboxProcess:
             {**env, "PYTHONUNBUFFERED": "1"}, log_path, root,
         )
         self.session = requests.Session()
+        #: Every record read since the last reset, in the sandbox's order (``since`` = its length).
+        self._records: list[dict[str, Any]] = []
+        #: Events in those records answered 200, summed as they arrive.
+        self._delivered = 0
 
     def start(self) -> SandboxProcess:
         self.process.start("listening on")
@@ -114,14 +125,53 @@ class SandboxProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    def reset(self) -> None:
-        """Forget every event and record (between runs)."""
+    def reset(self, faults: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Forget every event, record and fault (between runs), then set ``faults``."""
         self.session.post(f"{self.url}/_sandbox/reset", timeout=CONTROL_TIMEOUT).raise_for_status()
+        self._records, self._delivered = [], 0
+        if faults:
+            self.add_faults(faults)
+
+    def add_faults(self, faults: Sequence[Mapping[str, Any]]) -> None:
+        """Append fault rules (``{"latency": 0.15}``, ``{"status": 503}``: worker.sandbox.faults)."""
+        answer = self.session.post(f"{self.url}/_sandbox/faults", data=orjson.dumps(list(faults)),
+                                   headers={"Content-Type": "application/json"}, timeout=CONTROL_TIMEOUT)
+        answer.raise_for_status()
+
+    def set_faults(self, faults: Sequence[Mapping[str, Any]]) -> None:
+        """Replace every fault rule by ``faults`` (none: the API answers normally again)."""
+        self.session.delete(f"{self.url}/_sandbox/faults", timeout=CONTROL_TIMEOUT).raise_for_status()
+        if faults:
+            self.add_faults(faults)
+
+    def poll(self) -> int:
+        """Read the records that arrived since the last poll; return the events delivered so far."""
+        answer = self.session.get(f"{self.url}/_sandbox/requests", params={"since": len(self._records)},
+                                  timeout=CONTROL_TIMEOUT)
+        answer.raise_for_status()
+        new: list[dict[str, Any]] = orjson.loads(answer.content)
+        self._records.extend(new)
+        self._delivered += sum(int(r.get("events", 0)) for r in new if r.get("status") == 200)
+        return self._delivered
+
+    @property
+    def delivered(self) -> int:
+        """Events delivered as of the last :meth:`poll`."""
+        return self._delivered
+
+    @property
+    def records_read(self) -> int:
+        """Records read so far (the position the next poll starts at)."""
+        return len(self._records)
+
+    def records_since(self, position: int) -> list[dict[str, Any]]:
+        """Records already read, from ``position`` on (no request: call :meth:`poll` first)."""
+        return self._records[position:]
 
     def progress(self) -> Progress:
-        answer = self.session.get(f"{self.url}/_sandbox/requests", timeout=CONTROL_TIMEOUT)
-        answer.raise_for_status()
-        return Progress(orjson.loads(answer.content))
+        """A snapshot of every record since the last reset (polls first)."""
+        self.poll()
+        return Progress(list(self._records))
 
     def event_ids(self) -> Counter[str]:
         """How many times each accepted event's ``event_id`` was stored (duplicates > 1).
@@ -129,9 +179,34 @@ class SandboxProcess:
         The ids are picked out of the answer's bytes: building 100,000 dicts to read one field
         of each would double the time this check takes.
         """
+        return Counter(self.accepted_ids())
+
+    def accepted_ids(self) -> list[str]:
+        """The ``event_id`` of every stored event, in the order the sandbox stored them."""
         answer = self.session.get(f"{self.url}/_sandbox/accepted", timeout=CONTROL_TIMEOUT)
         answer.raise_for_status()
-        return Counter(match.decode() for match in EVENT_ID_RE.findall(answer.content))
+        return [match.decode() for match in EVENT_ID_RE.findall(answer.content)]
+
+    def deliveries(self) -> list[tuple[float, list[str]]] | None:
+        """Each accepted upload as (arrival time, the event ids it stored), in the order stored.
+
+        The sandbox stores an upload's events and its record together, under one lock, so the
+        records answered 200 and the stored events come in the same order: each record takes
+        as many ids as it holds events. None when the counts do not match (the sandbox dropped
+        some events of an accepted upload, which the benchmark's events never make it do).
+        """
+        ids = self.accepted_ids()
+        self.poll()
+        accepted = [r for r in self._records if r.get("status") == 200]
+        if sum(int(r.get("events", 0)) for r in accepted) != len(ids):
+            return None
+        out: list[tuple[float, list[str]]] = []
+        position = 0
+        for record in accepted:
+            count = int(record.get("events", 0))
+            out.append((float(record["at"]), ids[position:position + count]))
+            position += count
+        return out
 
     def stop(self) -> None:
         self.session.close()

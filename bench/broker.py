@@ -2,7 +2,11 @@
 
 Every queue name starts with this run's prefix and is deleted at the end, whatever happens,
 so a benchmark never reads or leaves anyone else's messages (the tests' ``QueueSet`` idea;
-the test harness itself is not imported: it prepares a broker user of the tests' own).
+the test harness itself is not imported: it prepares a broker user of the tests' own). A
+worker declares more queues than the four it is given names for (the delay ladder of its
+retries, the ``.unhandled`` queue of its dead letters): :meth:`Queues.worker_env` notes every
+one of them, as the worker's own topology names them, for the longest ladder any setting
+allows (a shorter ladder is the start of the longest one).
 
 The preload publishes the way a careful producer does (persistent, confirmed, in groups),
 and the worker starts only once the whole backlog is in the queue: what is timed is the
@@ -20,13 +24,15 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import amqp
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
+from config.settings import MAX_BACKOFF, Settings
+from worker.broker.topology import Topology, delay_ladder
 from worker.broker.publisher import Outgoing, Publisher
 
 #: The broker, as the worker finds it.
@@ -55,6 +61,10 @@ DRAIN_ACK_EVERY = 1000
 #: Seconds without a message after which the bare drain gives up (the queue should be full).
 DRAIN_IDLE_TIMEOUT = 30.0
 
+#: Messages read at most from a dead-letter queue for the ledger (a run that dead-letters
+#: more than this is broken anyway; the count comes from the queue's depth, not from this).
+DEAD_LETTERS_READ_MAX = 200_000
+
 
 @dataclass
 class Queues:
@@ -64,9 +74,10 @@ class Queues:
     names: set[str] = field(default_factory=set)
 
     def worker_env(self, label: str) -> dict[str, str]:
-        """Fresh queues for one worker run: its source, dead-letter, task and upload queues."""
+        """Fresh queues for one worker run: its source, dead-letter, task and upload queues (and
+        every queue the worker derives from them, noted for :meth:`delete_all`)."""
         env = {name: f"bench-{self.run_id}-{label}.{role}" for name, role in QUEUE_ROLES.items()}
-        self.names.update(env.values())
+        self.names.update(worker_queues(env))
         return env
 
     def single(self, label: str) -> str:
@@ -89,6 +100,38 @@ class Queues:
                     except Exception:  # a channel error closes the channel: open another
                         channel = connection.channel()
         self.names.clear()
+
+
+def worker_queues(env: Mapping[str, str]) -> list[str]:
+    """Every queue a worker with these queue settings may declare: the four named, the
+    ``.unhandled`` queue and the delay ladder of the longest backoff a setting allows."""
+    topology = Topology.of(Settings.from_env({"CELERY_BROKER_URL": BROKER_URL, **env}, require_api=False))
+    return [topology.source, topology.task_source, topology.upload, topology.dead_letter, topology.unhandled,
+            *(topology.delay_name(rung) for rung in delay_ladder(MAX_BACKOFF))]
+
+
+def delay_queues(env: Mapping[str, str]) -> list[str]:
+    """The delay queues of the ladder a worker run with environment ``env`` declares."""
+    topology = Topology.of(Settings.from_env({"CELERY_BROKER_URL": BROKER_URL, **env}, require_api=False))
+    return [topology.delay_name(rung) for rung in topology.rungs]
+
+
+def read_all(queue: str, limit: int = DEAD_LETTERS_READ_MAX) -> list[bytes]:
+    """Take every message out of ``queue`` (one of the run's own; they are removed) and return
+    the bodies; nothing when it does not exist."""
+    bodies: list[bytes] = []
+    try:
+        with Connection(BROKER_URL, connect_timeout=5) as connection:
+            channel = connection.channel()
+            while len(bodies) < limit:
+                message = channel.basic_get(queue, no_ack=True)
+                if message is None:
+                    break
+                body = message.body
+                bodies.append(body if isinstance(body, bytes) else str(body).encode())
+    except amqp.exceptions.NotFound:
+        pass
+    return bodies
 
 
 def preload(queues: Sequence[str], bodies: Sequence[bytes]) -> float:

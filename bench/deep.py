@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -20,6 +19,7 @@ from bench import events
 from bench.api import API_KEY, SandboxProcess
 from bench.broker import Queues, depth, preload
 from bench.procs import Spawned, children_of, kill_all, peak_rss_mb
+from bench.runs import celery_worker
 
 #: The project's root, where processes run.
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def main() -> int:
         sandbox = SandboxProcess(ROOT, logs / "sandbox.log", {}).start()
         worker = Spawned(
             "worker",
-            [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--concurrency=2", "--loglevel=INFO"],
+            celery_worker("worker.app"),
             {**os.environ, **env, "NETCORE_API_URL": sandbox.url, "NETCORE_API_KEY": API_KEY,
              "METRICS_PORT": "0", "PYTHONUNBUFFERED": "1"},
             logs / "worker.log", ROOT,

@@ -58,6 +58,10 @@ CASES: tuple[Case, ...] = (
     Case("array50-1000", ARRAY_SIZE, 1000),
 )
 
+#: The case run twice, against the instant API and against a slow one (``--latency``): how
+#: much of the instant rate a worker keeps when each upload takes a real round trip.
+LATENCY_CASE = Case("single-100", 1, 100)
+
 
 def asset_ids(count: int) -> list[str]:
     """``count`` asset ids shaped like Netcore's (20 lowercase alphanumerics), stable per index."""

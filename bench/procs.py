@@ -181,9 +181,24 @@ def peak_rss_mb(pid: int) -> float | None:
 
 
 def broker_pid() -> int | None:
-    """The RabbitMQ node's Erlang VM (``beam.smp``) on this machine, if there is one."""
+    """The RabbitMQ node's Erlang VM (``beam.smp``) on this machine, if there is one.
+
+    ``rabbitmqctl`` and ``rabbitmq-diagnostics`` run a ``beam.smp`` of their own for a moment:
+    the node is the one that started first (the lowest start time in ``/proc/<pid>/stat``).
+    """
     out = subprocess.run(["pgrep", "-x", "beam.smp"], capture_output=True, text=True).stdout.split()
-    return int(out[0]) if out else None
+    started = {pid: _start_ticks(pid) for pid in map(int, out)}
+    running = {pid: ticks for pid, ticks in started.items() if ticks is not None}
+    return min(running, key=running.__getitem__) if running else None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks after boot (field 22 of stat(5)); None once gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[19])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
 
 
 class CpuMeter:

@@ -16,6 +16,7 @@ from typing import Any
 from bench.broker import DrainResult
 from bench.events import Case
 from bench.runs import RunResult
+from bench.scenarios import KillResult, OutageResult
 
 #: A single-event case must reach this share of the bare drain's events/s.
 TARGET_DRAIN_RATIO = 0.8
@@ -28,6 +29,19 @@ TARGET_RSS_MB = 300.0
 
 #: Events/s for messages of 50 events.
 TARGET_ARRAY_EVENTS_PER_S = 25_000.0
+
+#: 100 asset_ids: the rate against the slow API (``--latency``) over the rate against the instant one.
+TARGET_LATENCY_RATIO = 0.8
+
+#: The rate with 1000 asset_ids over the rate with 7, for the same shape of message.
+TARGET_MANY_ASSETS_RATIO = 0.5
+
+#: A SIGKILL may duplicate at most this many times the events in requests in flight at the kill
+#: (throughput x round trip): more requests in flight must not mean many more duplicates.
+TARGET_KILL_DUPLICATES_RATIO = 2.0
+
+#: Case keys compared by that ratio: (7 asset_ids, 1000 asset_ids).
+ASSET_PAIRS: tuple[tuple[str, str], ...] = (("single-7", "single-1000"), ("array50-7", "array50-1000"))
 
 
 @dataclass
@@ -56,6 +70,39 @@ class CaseResult:
 
 
 @dataclass
+class LatencyResult:
+    """One backlog against the instant API, then against the slow one."""
+
+    case: Case
+    latency: float  #: seconds per request of the slow run
+    instant: RunResult
+    slow: RunResult
+
+    @property
+    def ratio(self) -> float:
+        return self.slow.events_per_s / self.instant.events_per_s if self.instant.events_per_s else 0.0
+
+    @property
+    def steady_ratio(self) -> float | None:
+        a, b = self.instant.steady_events_per_s, self.slow.steady_events_per_s
+        return b / a if a and b else None
+
+
+@dataclass
+class AssetRatio:
+    """The same shape of message with 7 and with 1000 asset_ids."""
+
+    shape: str
+    few: CaseResult
+    many: CaseResult
+
+    @property
+    def ratio(self) -> float:
+        few = self.few.worker.events_per_s
+        return self.many.worker.events_per_s / few if few else 0.0
+
+
+@dataclass
 class Target:
     """One goal, for one case or setup, and whether the run met it."""
 
@@ -81,9 +128,55 @@ class Results:
     notes: list[str] = field(default_factory=list)
     total_seconds: float = 0.0
     environment: dict[str, Any] = field(default_factory=dict)
+    latency: LatencyResult | None = None
+    kill: KillResult | None = None
+    outage: OutageResult | None = None
+
+    def asset_ratios(self) -> list[AssetRatio]:
+        by_key = {c.case.key: c for c in self.cases}
+        return [AssetRatio("single-event messages" if few == "single-7" else "50-event arrays", by_key[few], by_key[many])
+                for few, many in ASSET_PAIRS if few in by_key and many in by_key]
 
     def targets(self) -> list[Target]:
         out: list[Target] = []
+        if self.latency is not None:
+            lat = self.latency
+            out.append(_at_least(f"{lat.latency * 1000:.0f} ms API >= {TARGET_LATENCY_RATIO} x the instant API",
+                                 lat.case.title, lat.ratio, TARGET_LATENCY_RATIO,
+                                 f"{lat.ratio:.2f} x ({lat.slow.events_per_s:,.0f} vs {lat.instant.events_per_s:,.0f} "
+                                 "events/s)"))
+            for name, run in (("instant API", lat.instant), (f"{lat.latency * 1000:.0f} ms API", lat.slow)):
+                out.append(_exactly_once(f"{lat.case.title}, {name}", run))
+        for pair in self.asset_ratios():
+            out.append(_at_least(f"1000 asset_ids >= {TARGET_MANY_ASSETS_RATIO} x 7 asset_ids", pair.shape, pair.ratio,
+                                 TARGET_MANY_ASSETS_RATIO,
+                                 f"{pair.ratio:.2f} x ({pair.many.worker.events_per_s:,.0f} vs "
+                                 f"{pair.few.worker.events_per_s:,.0f} events/s)"))
+        if self.outage is not None and self.outage.ledger is not None:
+            o, ledger = self.outage, self.outage.ledger
+            subject = f"outage of {o.seconds:.0f} s, {o.events:,} events"
+            out.append(Target("nothing dead-lettered in an outage", subject, ledger.dead_lettered, 0,
+                              ledger.dead_lettered == 0, f"{ledger.dead_lettered:,} dead-lettered"))
+            out.append(Target("every event delivered after the outage", subject, ledger.delivered_unique, ledger.sent,
+                              ledger.balanced and ledger.missing == 0,
+                              f"{ledger.delivered_unique:,} of {ledger.sent:,} delivered, {ledger.missing:,} missing, "
+                              f"{ledger.duplicates:,} duplicates"))
+            out.append(Target("requests to the down API within the probe schedule", subject, o.requests_down,
+                              o.requests_bound, o.requests_down <= o.requests_bound,
+                              f"{o.requests_down} <= {o.requests_bound}" if o.requests_down <= o.requests_bound
+                              else f"{o.requests_down} > {o.requests_bound}"))
+            out.append(Target("peak RSS < 300 MB", subject, o.rss_peak_mb, TARGET_RSS_MB, o.rss_peak_mb < TARGET_RSS_MB,
+                              f"{o.rss_peak_mb:.0f} MB"))
+        if self.kill is not None and self.kill.ledger is not None:
+            k, ledger = self.kill, self.kill.ledger
+            subject = f"SIGKILL at {k.kill_share:.0%} of {k.events:,} events"
+            out.append(Target("nothing lost after a SIGKILL", subject, ledger.missing, 0, ledger.missing == 0,
+                              f"{ledger.delivered_unique:,} of {ledger.sent:,} delivered"))
+            bound = TARGET_KILL_DUPLICATES_RATIO * k.events_in_flight
+            out.append(Target(f"a SIGKILL duplicates <= {TARGET_KILL_DUPLICATES_RATIO:g} x the events in requests in "
+                              "flight", subject, ledger.duplicates, bound, ledger.duplicates <= bound,
+                              f"{ledger.duplicates:,} duplicates, {k.events_in_flight:,} events in "
+                              f"{k.requests_in_flight} requests in flight"))
         for c in self.cases:
             title, w = c.case.title, c.worker
             if c.case.per_message == 1:
@@ -98,17 +191,22 @@ class Results:
             rss = max(w.rss_main_mb, w.rss_child_mb)
             out.append(Target("peak RSS < 300 MB", title, rss, TARGET_RSS_MB, rss < TARGET_RSS_MB,
                               f"{rss:.0f} MB"))
-            exact = w.delivered == w.expected and w.unique in (None, w.expected) and not w.duplicates
-            out.append(Target("every event delivered exactly once", title, w.delivered, w.expected, exact,
-                              f"{w.delivered:,} delivered, {w.unique if w.unique is not None else '?'} distinct "
-                              f"of {w.expected:,}"))
+            out.append(_exactly_once(title, w))
         return out
 
     def warnings(self) -> list[str]:
         runs = [(c.case.title, c.worker) for c in self.cases] + [(f"scale-out: {n}", r) for n, r in self.scale_out]
+        if self.latency is not None:
+            runs += [(f"{self.latency.case.title}, instant API", self.latency.instant),
+                     (f"{self.latency.case.title}, slow API", self.latency.slow)]
         if self.naive is not None:
             runs.append(("naive", self.naive))
-        return [f"{name}: {warning}" for name, run in runs for warning in run.warnings]
+        out = [f"{name}: {warning}" for name, run in runs for warning in run.warnings]
+        if self.kill is not None:
+            out += [f"SIGKILL scenario: {w}" for w in self.kill.warnings]
+        if self.outage is not None:
+            out += [f"outage scenario: {w}" for w in self.outage.warnings]
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +226,14 @@ class Results:
                 "ratio_to_naive": _round(c.ratio_to_naive(self.naive), 2),
             } for c in self.cases},
             "naive": self.naive.to_dict() if self.naive else None,
+            "latency": None if self.latency is None else {
+                "case": self.latency.case.key, "latency_seconds": self.latency.latency,
+                "instant": self.latency.instant.to_dict(), "slow": self.latency.slow.to_dict(),
+                "ratio": round(self.latency.ratio, 3), "steady_ratio": _round(self.latency.steady_ratio, 3)},
+            "asset_ratios": [{"shape": r.shape, "few": r.few.case.key, "many": r.many.case.key,
+                              "ratio": round(r.ratio, 3)} for r in self.asset_ratios()],
+            "kill": self.kill.to_dict() if self.kill else None,
+            "outage": self.outage.to_dict() if self.outage else None,
             "scale_out": [{"setup": name, **run.to_dict()} for name, run in self.scale_out],
             "targets": [t.__dict__ for t in self.targets()],
             "warnings": self.warnings(),
@@ -145,6 +251,10 @@ class Results:
         parts = [f"## Benchmark: worker {env.get('worker_code', '?')}, {env.get('cpus', '?')} CPUs, "
                  f"worker settings: {settings}"]
         parts += [self._case_table(c) for c in self.cases]
+        if self.asset_ratios():
+            parts.append(self._asset_table())
+        if self.latency is not None:
+            parts.append(self._latency_table(self.latency))
         if self.naive is not None:
             n = self.naive
             parts.append(f"### Naive design (one task and one new-connection POST per event)\n\n"
@@ -153,6 +263,10 @@ class Results:
                          f"{n.uploads:,} uploads, {n.delivered:,} delivered")
         if self.scale_out:
             parts.append(self._scale_table())
+        if self.kill is not None:
+            parts.append(_kill_block(self.kill))
+        if self.outage is not None:
+            parts.append(_outage_block(self.outage))
         parts.append(self._targets_block())
         warnings = self.warnings()
         if warnings:
@@ -177,13 +291,10 @@ class Results:
             ("ratio to bare drain", f"**{c.ratio_to_drain:.2f}**",
              f">= {TARGET_DRAIN_RATIO}" if single else ""),
             ("ratio to naive", f"**{naive:.1f} x**" if naive is not None else "-", f">= {TARGET_NAIVE_RATIO:.0f} x"),
-            ("worker CPU (main + pool)",
-             f"{w.worker_cpu_us:,.0f} us/event ({w.main_cpu_us:,.0f} main, "
-             f"{w.worker_cpu_us - w.main_cpu_us:,.0f} pool)", ""),
+            ("worker CPU", _cpu(w), ""),
             ("broker CPU", f"{_num(w.broker_cpu_us)} us/event", ""),
             ("sandbox API CPU", f"{w.sandbox_cpu_us:,.0f} us/event", ""),
-            ("peak RSS main / largest pool child", f"{w.rss_main_mb:,.0f} / {w.rss_child_mb:,.0f} MB",
-             f"< {TARGET_RSS_MB:.0f} MB"),
+            ("peak RSS", _rss(w), f"< {TARGET_RSS_MB:.0f} MB"),
             ("uploads", f"{w.uploads:,}" + (f" (+{w.failed_uploads:,} not 200)" if w.failed_uploads else ""), ""),
             ("mean batch size", f"{w.mean_batch:,.1f} events", ""),
             ("delivered", f"{w.delivered:,} of {w.expected:,}, {_num(w.unique)} distinct, "
@@ -198,10 +309,42 @@ class Results:
                 "| metric | value | target |\n| --- | ---: | --- |")
         return head + "\n" + "\n".join(f"| {a} | {b} | {t} |" for a, b, t in rows)
 
+    def _asset_table(self) -> str:
+        lines = ["### 1000 asset_ids against 7 asset_ids (instant API)", "",
+                 "| messages | 7 asset_ids | 1000 asset_ids | ratio | target |", "| --- | ---: | ---: | ---: | --- |"]
+        for r in self.asset_ratios():
+            lines.append(f"| {r.shape} | {r.few.worker.events_per_s:,.0f} events/s ({r.few.worker.expected:,}) | "
+                         f"{r.many.worker.events_per_s:,.0f} events/s ({r.many.worker.expected:,}) | "
+                         f"**{r.ratio:.2f} x** | >= {TARGET_MANY_ASSETS_RATIO} x |")
+        return "\n".join(lines)
+
+    def _latency_table(self, lat: LatencyResult) -> str:
+        ms = f"{lat.latency * 1000:.0f} ms"
+        a, b = lat.instant, lat.slow
+        rows = [
+            ("events/s, end to end", f"**{a.events_per_s:,.0f}**", f"**{b.events_per_s:,.0f}**"),
+            ("events/s, steady (10-90 %)", _num(a.steady_events_per_s), _num(b.steady_events_per_s)),
+            ("uploads (mean batch)", f"{a.uploads:,} ({a.mean_batch:,.1f})", f"{b.uploads:,} ({b.mean_batch:,.1f})"),
+            ("worker CPU", _cpu(a), _cpu(b)),
+            ("peak RSS", _rss(a), _rss(b)),
+            ("delivered", f"{a.delivered:,}, {_num(a.duplicates)} duplicates",
+             f"{b.delivered:,}, {_num(b.duplicates)} duplicates"),
+            ("first upload after ready / last 1 % / longest pause",
+             f"{_num(a.first_upload_s, 2)} s / {_num(a.tail_s, 2)} s / {a.longest_gap_s:.2f} s",
+             f"{_num(b.first_upload_s, 2)} s / {_num(b.tail_s, 2)} s / {b.longest_gap_s:.2f} s"),
+            ("upload tasks waiting, peak", _num(a.upload_backlog_peak), _num(b.upload_backlog_peak)),
+        ]
+        steady = f", steady {lat.steady_ratio:.2f} x" if lat.steady_ratio is not None else ""
+        head = (f"### {lat.case.title}: instant API against a {ms} API\n\n{a.expected:,} events, the same backlog "
+                f"twice, UPLOAD_CONCURRENCY={b.concurrency}: the {ms} API at **{lat.ratio:.2f} x** the instant "
+                f"API's rate{steady} (target >= {TARGET_LATENCY_RATIO} x)\n\n"
+                f"| metric | instant API | {ms} API |\n| --- | ---: | ---: |")
+        return head + "\n" + "\n".join(f"| {m} | {x} | {y} |" for m, x, y in rows)
+
     def _scale_table(self) -> str:
         base = self.scale_out[0][1].events_per_s or 1.0
         lines = ["### Scale-out (single-event messages, 7 asset_ids)", "",
-                 "| setup | events/s | vs one process, --concurrency=1 | worker CPU us/event | delivered |",
+                 "| setup | events/s | vs one process | worker CPU us/event | delivered |",
                  "| --- | ---: | ---: | ---: | ---: |"]
         for name, run in self.scale_out:
             lines.append(f"| {name} | {run.events_per_s:,.0f} | {run.events_per_s / base:.2f} x | "
@@ -219,6 +362,97 @@ class Results:
 
 def _at_least(goal: str, subject: str, value: float, limit: float, text: str) -> Target:
     return Target(goal, subject, value, limit, value >= limit, text)
+
+
+def _exactly_once(subject: str, w: RunResult) -> Target:
+    exact = w.delivered == w.expected and w.unique in (None, w.expected) and not w.duplicates
+    return Target("every event delivered exactly once", subject, w.delivered, w.expected, exact,
+                  f"{w.delivered:,} delivered, {w.unique if w.unique is not None else '?'} distinct of {w.expected:,}")
+
+
+def _cpu(w: RunResult) -> str:
+    """Worker CPU per event; split into main and pool only when there are pool processes."""
+    pool = w.worker_cpu_us - w.main_cpu_us
+    if w.rss_child_mb:
+        return f"{w.worker_cpu_us:,.0f} us/event ({w.main_cpu_us:,.0f} main, {pool:,.0f} pool)"
+    return f"{w.worker_cpu_us:,.0f} us/event" + (f" ({w.processes} processes)" if w.processes > 1 else "")
+
+
+def _rss(w: RunResult) -> str:
+    if w.rss_child_mb:
+        return f"{w.rss_main_mb:,.0f} MB main / {w.rss_child_mb:,.0f} MB largest pool process"
+    return f"{w.rss_main_mb:,.0f} MB"
+
+
+def _kill_block(k: KillResult) -> str:
+    ledger = k.ledger
+    ms = f"{k.api_latency * 1000:.0f} ms"
+    rows: list[tuple[str, str]] = [
+        ("backlog", f"{k.events:,} single-event messages, {k.asset_ids} asset_ids, {ms} API"),
+        ("SIGKILL when", f"{k.delivered_at_kill:,} events delivered ({k.kill_share:.0%} due)"),
+        ("adaptive limit / uploads in flight at the kill (worker's metrics)",
+         f"{_num(k.limit_at_kill)} / {_num(k.uploads_in_flight_metric)}"),
+        ("requests in flight at the kill (the API held them)", f"{k.requests_in_flight} ({k.events_in_flight:,} events)"),
+        ("throughput at the kill x round trip (Little's law)",
+         f"{k.events_per_s_at_kill:,.0f} events/s x {k.api_latency:.2f} s = {k.little_estimate:,.0f} events"),
+        ("upload tasks (both workers): batches per task / seconds holding the message (event-weighted)",
+         f"{k.tasks_seen:,}: {_num(k.batches_per_task, 1)} / {_num(k.task_seconds, 2)} s"),
+        ("events in unacknowledged tasks: throughput x seconds a task holds its message",
+         f"{k.hold_estimate:,.0f} events"),
+        ("returned to RabbitMQ by the kill", f"{_num(k.returned_source)} source messages, "
+                                             f"{_num(k.returned_uploads)} upload tasks"),
+    ]
+    if ledger is not None:
+        rows += [
+            ("**duplicates** (events stored twice or more)", f"**{ledger.duplicates:,}**"),
+            ("... first copy in a request in flight at the kill", f"{k.duplicates_in_flight:,}"),
+            ("... first copy earlier (a batch sent before, its task not acknowledged)", f"{k.duplicates_earlier:,}"),
+            ("... both copies after the kill (upload task published, source message not yet acknowledged)",
+             f"{k.duplicates_after:,}"),
+            ("oldest duplicate's first copy, before the kill", f"{_num(k.earliest_duplicate_s, 2)} s"),
+            ("ledger", f"{ledger.sent:,} sent = {ledger.delivered_unique:,} delivered + {ledger.dead_lettered_ids:,} "
+                       f"dead-lettered; {ledger.missing:,} missing"),
+        ]
+    rows.append(("from the kill to the last delivery (restart included)", f"{_num(k.restart_to_done_s, 1)} s"))
+    table = "| metric | value |\n| --- | ---: |\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
+    return f"### SIGKILL of the worker mid-run\n\n{table}\n\n{k.explanation}"
+
+
+def _outage_block(o: OutageResult) -> str:
+    ledger = o.ledger
+    rows: list[tuple[str, str]] = [
+        ("the API answered 503 for", f"{o.seconds:.0f} s ({o.api_latency * 1000:.0f} ms per answer, as before and after)"),
+        ("events published during it", f"{o.events:,} ({o.asset_ids} asset_ids), the last confirmed at "
+                                        f"{_num(o.published_by, 0)} s"),
+    ]
+    if ledger is not None:
+        rows += [
+            ("**dead-lettered**", f"**{ledger.dead_lettered:,}**"),
+            ("ledger", f"{ledger.sent:,} sent = {ledger.delivered_unique:,} delivered + {ledger.dead_lettered_ids:,} "
+                       f"dead-lettered; {ledger.missing:,} missing, {ledger.duplicates:,} duplicates"),
+        ]
+    rows += [
+        ("**requests to the down API**", f"**{o.requests_down}**: {o.requests_before_open} until the circuit opened "
+                                         f"(at {_num(o.circuit_opened_at, 1)} s), {o.probes} probes"),
+        ("bound: FAILURES_TO_OPEN + UPLOAD_CONCURRENCY + probes",
+         f"{o.requests_bound} = {o.failures_to_open} + {o.upload_concurrency} + {o.probes_allowed} (every {o.probe_base:g} s doubling "
+         f"to {o.probe_max:g} s, over {o.seconds:.0f} s)"),
+        ("circuit OPEN / CLOSED log lines", f"{o.circuit_opened} / {o.circuit_closed}"),
+        ("events accepted while down", f"{o.delivered_during:,}"),
+        ("**peak RSS of the worker** (VmHWM)", f"**{o.rss_peak_mb:.0f} MB**"),
+        ("most ready at one look: source queue / upload tasks / delay queues",
+         f"{o.source_peak:,} / {o.upload_peak:,} / {o.delayed_peak:,}"),
+        ("upload tasks in delay queues when the API came back",
+         ", ".join(f"{n:,} in {rung}" for rung, n in o.delayed_at_recovery.items()) or "none"),
+        ("first delivery after the API came back", f"{_num(o.first_delivery_after, 1)} s (the next probe)"),
+        ("**backlog drained after recovery in**",
+         f"**{_num(o.drain_s, 1)} s** ({_num(o.drain_events_per_s)} events/s); "
+         f"{_num(o.drain_after_close_s, 1)} s after the circuit closed; 99 % of it in {_num(o.drain_99_s, 1)} s"),
+    ]
+    if o.left_in_queues:
+        rows.append(("left in queues", str(o.left_in_queues)))
+    return "### Outage of the API\n\n| metric | value |\n| --- | ---: |\n" + "\n".join(
+        f"| {a} | {b} |" for a, b in rows)
 
 
 def _num(value: float | int | None, digits: int = 0) -> str:

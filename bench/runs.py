@@ -9,6 +9,10 @@ because on a short run those two ends weigh a lot.
 CPU is the kernel's accounting of every process concerned between the same two moments, and
 the run also checks what a benchmark must not take on faith: every event delivered once,
 nothing dead-lettered, nothing left in the queue, no upload mixing asset_ids.
+
+The worker is one process: its event loop consumes and batches, its thread pool uploads, as
+many threads as ``UPLOAD_CONCURRENCY``. It is started as the Procfile starts it, without
+``--concurrency`` (which would cap those threads); the naive design keeps its prefork pool.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from bench.api import Progress, SandboxProcess
 from bench.procs import CpuMeter, Spawned, peak_rss_mb
 from bench.procs import broker_pid as broker_pid_of
 from bench.profile import Profiler
+from config.settings import Settings
 
 #: The line a Celery worker prints once it consumes.
 READY = " ready."
@@ -56,7 +61,7 @@ class RunResult:
 
     label: str
     processes: int
-    concurrency: int
+    concurrency: int  #: uploads (threads) or pool processes per worker process
     expected: int
     delivered: int = 0
     unique: int | None = None
@@ -85,16 +90,26 @@ class RunResult:
     log_problems: dict[str, list[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     timeline: list[int] = field(default_factory=list)  #: events delivered in each second
+    api_faults: list[dict[str, Any]] = field(default_factory=list)  #: the sandbox's faults (a latency)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def celery_worker(app: str, concurrency: int) -> list[str]:
-    """The command of one Celery worker, as the Procfile runs it (INFO logs, prefork)."""
+def celery_worker(app: str, concurrency: int | None = None) -> list[str]:
+    """The command of one Celery worker, as the Procfile runs it (INFO logs).
+
+    ``concurrency`` only for an app with a process pool (the naive design): the worker's own
+    pool is threads, as many as ``UPLOAD_CONCURRENCY``, and ``--concurrency`` would override it.
+    """
     return [sys.executable, "-m", "celery", "-A", app, "worker", "--loglevel=INFO",
-            f"--concurrency={concurrency}", "--without-gossip", "--without-mingle",
-            f"--hostname=bench-{uuid.uuid4().hex[:8]}@%h"]
+            *([f"--concurrency={concurrency}"] if concurrency is not None else []),
+            "--without-gossip", "--without-mingle", f"--hostname=bench-{uuid.uuid4().hex[:8]}@%h"]
+
+
+def upload_concurrency(env: Mapping[str, str]) -> int:
+    """``UPLOAD_CONCURRENCY`` as a worker started with ``env`` reads it (its default when unset)."""
+    return Settings.from_env(env, require_api=False).upload_concurrency
 
 
 def measure(
@@ -111,10 +126,16 @@ def measure(
     dead_letter_queue: str | None = None,
     check_ids: bool = True,
     profiler: Profiler | None = None,
+    faults: Sequence[dict[str, Any]] = (),
 ) -> RunResult:
-    """Start ``commands`` on a preloaded backlog of ``expected`` events; measure until delivered."""
-    result = RunResult(label, len(commands), int(_arg(commands[0], "--concurrency=")), expected)
-    sandbox.reset()
+    """Start ``commands`` on a preloaded backlog of ``expected`` events; measure until delivered.
+
+    ``faults``: the sandbox's fault rules for this run (``{"latency": 0.15}``: a slow API).
+    """
+    flag = _arg(commands[0], "--concurrency=")
+    result = RunResult(label, len(commands), int(flag) if flag else upload_concurrency(env), expected,
+                       api_faults=list(faults))
+    sandbox.reset(faults)
     workers = [Spawned(f"{label}-{i}", argv, env, logs / f"{label}-{i}.log", root).start(READY)
                for i, argv in enumerate(commands)]
     try:
@@ -155,7 +176,7 @@ def measure(
     result.broker_cpu_us = broker_seconds * per_event if broker_pid else None
     result.sandbox_cpu_us = sandbox_seconds * per_event
     _tally(result, sandbox, check_ids)
-    result.log_problems = _problems(workers)
+    result.log_problems = log_problems_of(workers)
     _judge(result)
     return result
 
@@ -192,8 +213,8 @@ def _tally(result: RunResult, sandbox: SandboxProcess, check_ids: bool) -> None:
         result.duplicates = sum(ids.values()) - len(ids)
 
 
-def _arg(argv: list[str], prefix: str) -> str:
-    return next(a for a in argv if a.startswith(prefix))[len(prefix):]
+def _arg(argv: list[str], prefix: str) -> str | None:
+    return next((a[len(prefix):] for a in argv if a.startswith(prefix)), None)
 
 
 def _tree(workers: Sequence[Spawned]) -> list[int]:
@@ -215,11 +236,10 @@ def _wait_for_delivery(workers: Sequence[Spawned], sandbox: SandboxProcess, expe
         upload_depth = depths.get(upload_queue) if upload_queue else None
         if upload_depth is not None:
             result.upload_backlog_peak = max(result.upload_backlog_peak or 0, upload_depth)
-        progress = sandbox.progress()
+        count = sandbox.poll()
         cost = time.monotonic() - asked
-        count = progress.delivered
         if count >= expected:
-            return progress
+            return sandbox.progress()
         now = time.monotonic()
         if count != last_count:
             last_count, last_change = count, now
@@ -227,15 +247,15 @@ def _wait_for_delivery(workers: Sequence[Spawned], sandbox: SandboxProcess, expe
             result.stalled = True
             result.warnings.append(f"STALLED: no upload for {STALL_SECONDS:.0f} s at {count:,} of "
                                    f"{expected:,} events")
-            return progress
+            return sandbox.progress()
         dead = [w.name for w in workers if not w.alive()]
         if dead:
             result.warnings.append(f"worker process exited during the run: {', '.join(dead)}")
-            return progress
+            return sandbox.progress()
         time.sleep(max(POLL_INTERVAL, cost / POLL_COST_SHARE))
 
 
-def _problems(workers: Sequence[Spawned]) -> dict[str, list[str]]:
+def log_problems_of(workers: Sequence[Spawned]) -> dict[str, list[str]]:
     """The first few log lines of each problem kind, with their count, from every process."""
     found: dict[str, list[str]] = {}
     counts: dict[str, int] = {}
@@ -271,10 +291,14 @@ def _judge(result: RunResult) -> None:
 
 
 def worker_env(base: Mapping[str, str], queues: Mapping[str, str], sandbox: SandboxProcess,
-               key: str) -> dict[str, str]:
-    """The environment of a worker run: the caller's, this run's queues, the sandbox."""
+               key: str, *, metrics_port: int = 0) -> dict[str, str]:
+    """The environment of a worker run: the caller's, this run's queues, the sandbox.
+
+    The metrics endpoint is off unless a port is given: its default port is one per machine,
+    and another worker there (or a second one of the same run) may hold it.
+    """
     return {**base, "CELERY_BROKER_URL": broker.BROKER_URL, "PYTHONUNBUFFERED": "1", **queues,
-            "NETCORE_API_URL": sandbox.url, "NETCORE_API_KEY": key}
+            "NETCORE_API_URL": sandbox.url, "NETCORE_API_KEY": key, "METRICS_PORT": str(metrics_port)}
 
 
 def tuning_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
