@@ -17,7 +17,7 @@ import pytest
 
 from tests.test_ingest import FakeMessage, Rig
 from tests.test_ingest import event as ingest_event
-from worker.deadletter.envelopes import envelopes as deadletter
+from worker.deadletter import envelopes as deadletter
 from worker.events import jsonutil
 from worker.events.parsing import MAX_EVENTS_PER_MESSAGE, raw_text
 

@@ -29,9 +29,9 @@ from config.settings import Settings
 from tests.harness import VHOSTS
 from tests.test_ingest import Rig
 from tests.test_ingest import event as ingest_event
-from worker.deadletter.envelopes import envelopes as deadletter
-from worker.deadletter.envelopes import cli as dlq
-from worker.deadletter.envelopes import reader as dlq_select
+from worker.deadletter import envelopes as deadletter
+from worker.deadletter import cli as dlq
+from worker.deadletter import reader as dlq_select
 from worker.events import jsonutil
 from worker.__main__ import main as worker_main
 from worker.broker.publisher import Publisher
@@ -391,7 +391,7 @@ CRASHING_REPLAY = """
 import os, signal, sys
 import amqp
 from config.settings import Settings
-from worker.deadletter.envelopes import cli as dlq
+from worker.deadletter import cli as dlq
 from worker.broker.publisher import Publisher
 
 point, after = sys.argv[1], int(sys.argv[2])
@@ -844,7 +844,7 @@ CRASHING_PURGE = """
 import os, signal, sys
 import amqp
 from config.settings import Settings
-from worker.deadletter.envelopes import cli as dlq
+from worker.deadletter import cli as dlq
 
 after = int(sys.argv[1])
 acked = 0

@@ -25,7 +25,7 @@ from celery import Celery
 from kombu.serialization import dumps as kombu_dumps
 
 from config.settings import Settings
-from worker.deadletter.envelopes import envelopes as deadletter
+from worker.deadletter import envelopes as deadletter
 from worker.ingest.acks import MAX_ACK_ALONE_DEPTH, Acker
 from worker.ingest.batching import Batch, Batcher
 from worker.clock import ManualClock

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from worker.deadletter.envelopes import cli as dlq
+from worker.deadletter import cli as dlq
 
 #: Each command's ``main(argv) -> exit status``.
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {

@@ -24,8 +24,8 @@ from kombu import Connection
 from config.settings import Settings
 from tests.harness import ROOT, QueueSet, event, event_id_of, publish_events, publish_raw, require_broker
 from tests.integration.test_quorum import QUORUM, die_holding_it
-from worker.deadletter.envelopes import envelopes as deadletter
-from worker.deadletter.envelopes import cli as dlq
+from worker.deadletter import envelopes as deadletter
+from worker.deadletter import cli as dlq
 from worker.deadletter.reader import Letters
 from worker.events.parsing import MAX_EVENTS_PER_MESSAGE
 from worker.broker.topology import Topology

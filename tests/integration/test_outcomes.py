@@ -78,7 +78,7 @@ def test_retry_after_is_honoured(start_worker, queues: QueueSet, sandbox: Sandbo
 def test_retries_exhausted_then_replay_delivers(
     start_worker, queues: QueueSet, sandbox: Sandbox, dead_letters: DeadLetters
 ) -> None:
-    from worker.deadletter.envelopes import cli as dlq
+    from worker.deadletter import cli as dlq
 
     sandbox.add_fault(status=503)  # down until cleared
     ids = [f"x{i}" for i in range(30)]

@@ -24,7 +24,7 @@ import sentry_sdk
 
 from config.settings import Settings
 from tests.harness import DeadLetters, QueueSet, WorkerProcess, event, publish_events
-from worker.deadletter.envelopes import envelopes as deadletter
+from worker.deadletter import envelopes as deadletter
 from worker.ops.sentry import REDACTED, failure_fingerprint, report_failure, setup_sentry
 
 #: An API key that must never reach Sentry.

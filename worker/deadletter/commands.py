@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from config.settings import Settings
-from worker.deadletter.envelopes import envelopes as deadletter
+from worker.deadletter import envelopes as deadletter
 from worker.events import jsonutil
 from worker.deadletter.reader import Counts, Envelope, Letter, Letters, Progress, Reader, Selection, replayable, replays_of
 from worker.ingest.decoding import REPLAYS_HEADER  # on replayed events; it travels with them to their next dead letter

@@ -25,7 +25,7 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from config.settings import Settings
-from worker.deadletter.envelopes import envelopes as deadletter
+from worker.deadletter import envelopes as deadletter
 from worker.events import jsonutil
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Any
 from celery import bootsteps
 from kombu import Consumer
 
-from worker.deadletter.envelopes import envelopes as deadletter
+from worker.deadletter import envelopes as deadletter
 
 from worker.events import jsonutil
 from worker.broker.messages import UPLOAD_TASK, read_bundle

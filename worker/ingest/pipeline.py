@@ -32,7 +32,7 @@ from typing import Any
 import amqp
 
 from config.settings import Settings
-from worker.deadletter.envelopes import envelopes as deadletter
+from worker.deadletter import envelopes as deadletter
 from worker.ops import metrics
 from worker.ingest.acks import Acker
 from worker.ingest.batching import Batch, Batcher, Ticket

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from config.settings import Settings
-from worker.deadletter.envelopes import envelopes as deadletter
+from worker.deadletter import envelopes as deadletter
 from worker.ops.scrubbing import REDACTED, Scrubber, secrets_of  # noqa: F401 (REDACTED: re-exported)
 
 #: Where failure records are logged: they tell delivery's story, so they carry its name.

@@ -25,7 +25,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from worker.deadletter.envelopes import envelopes as deadletter
+from worker.deadletter import envelopes as deadletter
 
 from worker.events import jsonutil
 from worker.errors import Permanent, Transient

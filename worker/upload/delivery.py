@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker.deadletter.envelopes import envelopes as deadletter
+from worker.deadletter import envelopes as deadletter
 
 from worker.events import jsonutil
 from worker.broker.messages import Bundle, UploadBatch, bundles
