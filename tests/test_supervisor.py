@@ -58,7 +58,24 @@ subprocess.Popen([sys.executable, str(pathlib.Path(__file__).with_name("stubborn
 print("up", flush=True)
 signal.pause()
 """,
-    "crashing": "raise SystemExit(3)\n",
+    # like polite, then tells "crashing" (through a FIFO) that its SIGTERM handler is in place
+    "ready": """
+import pathlib, signal, sys
+def bye(*args):
+    print("bye", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+print("up", flush=True)
+with open(pathlib.Path(__file__).with_name("ready.fifo"), "w") as fifo:
+    fifo.write("ready")
+signal.pause()
+""",
+    # exits with status 3 once "ready" is ready (opening the FIFO blocks until it is)
+    "crashing": """
+import pathlib
+pathlib.Path(__file__).with_name("ready.fifo").read_text()
+raise SystemExit(3)
+""",
 }
 
 
@@ -72,6 +89,8 @@ class Job:
         """``procfile`` maps process names to names of :data:`PROGRAMS`."""
         for program, code in PROGRAMS.items():
             (tmp_path / f"{program}.py").write_text(code)
+        if not (tmp_path / "ready.fifo").exists():
+            os.mkfifo(tmp_path / "ready.fifo")
         (tmp_path / "Procfile").write_text(
             "".join(f"{name}: {sys.executable} {tmp_path / program}.py\n" for name, program in procfile.items()))
         supervisor = f"{sys.executable} -m worker.ops.supervisor --procfile {tmp_path / 'Procfile'} {' '.join(args)}"
@@ -179,7 +198,7 @@ def test_the_grace_period_ends_in_sigkill(jobs: list[Job], tmp_path: Path) -> No
 
 
 def test_one_process_exiting_stops_the_others(jobs: list[Job], tmp_path: Path) -> None:
-    job = start(jobs, tmp_path, {"steady": "polite", "crashing": "crashing"})
+    job = start(jobs, tmp_path, {"steady": "ready", "crashing": "crashing"})
 
     assert job.wait_for(r"crashing exited with status 3: stopping steady"), job.output.text()
     assert job.wait_for(r"steady stopped \(status 0\)")
