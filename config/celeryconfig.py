@@ -14,6 +14,10 @@ from config.settings import load_or_exit
 #: the dead-letter command and producers can load this module without one.
 SETTINGS = load_or_exit(require_api=False)
 
+#: The settings themselves, read once per process: the worker's parts take them from the app's
+#: configuration (``app.conf.netcore_settings``) instead of reading the environment again.
+netcore_settings = SETTINGS
+
 broker_url = SETTINGS.broker_url
 broker_connection_retry_on_startup = True
 #: Wait for RabbitMQ's confirm on every publish Celery makes (our own publisher groups them).

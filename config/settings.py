@@ -1,6 +1,6 @@
 """Every setting of the worker, read from the environment and checked once at start-up.
 
-A bad value raises :class:`SettingsError` whose message names the setting, so that
+A bad value raises :class:`~worker.errors.SettingsError` whose message names the setting, so that
 ``ACTIVITY_BATCH_SIZE=5000`` stops the worker with "ACTIVITY_BATCH_SIZE=5000: must be 1..1000"
 instead of failing later, somewhere else. Nothing else in the project reads ``os.environ``.
 """
@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+from worker.errors import SettingsError
 
 #: The API's base URL for each Netcore data centre (``NETCORE_REGION``).
 REGIONS: dict[str, str] = {
@@ -39,10 +41,6 @@ MAX_UPLOAD_CONCURRENCY = 256
 UPLOAD_PATH = "/v1/activity/upload"
 
 T = TypeVar("T", int, float)
-
-
-class SettingsError(ValueError):
-    """A setting is missing or has a value the worker cannot run with."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +103,15 @@ class Settings:
         """The broker URL with its password masked, for logs."""
         return redact_url(self.broker_url)
 
+    def check_api_key(self) -> None:
+        """Raise :class:`SettingsError` unless there is a key to upload with (the worker needs
+        one; the dead-letter command and producers do not)."""
+        if not self.api_key:
+            raise SettingsError(
+                "NETCORE_API_KEY is not set: the worker has no key to upload with "
+                "(for a local try-out, `make run` starts the sandbox API instead)"
+            )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, require_api: bool = True) -> Settings:
         """Read and check every setting; raise :class:`SettingsError` naming the first bad one.
@@ -120,11 +127,6 @@ class Settings:
         if api_url and urlsplit(api_url).scheme not in ("http", "https"):
             raise SettingsError(f"NETCORE_API_URL={api_url}: must be an http:// or https:// URL")
         api_key = get.text("NETCORE_API_KEY", "")
-        if require_api and not api_key:
-            raise SettingsError(
-                "NETCORE_API_KEY is not set: the worker has no key to upload with "
-                "(for a local try-out, `make run` starts the sandbox API instead)"
-            )
         backoff = get.number("UPLOAD_RETRY_BACKOFF", float, 1.0, low=0.0, high=MAX_BACKOFF)
         settings = cls(
             broker_url=get.text("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//"),
@@ -158,6 +160,8 @@ class Settings:
             log_format=get.choice("LOG_FORMAT", ("text", "json")),
             naive_timestamps=get.choice("ACTIVITY_NAIVE_TIMESTAMPS", ("forward", "reject")),
         )
+        if require_api:
+            settings.check_api_key()
         if settings.prefetch < settings.batch_size:
             raise SettingsError(
                 f"ACTIVITY_PREFETCH={settings.prefetch}: must be at least ACTIVITY_BATCH_SIZE="

@@ -31,9 +31,9 @@ BROKER_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # RabbitMQ 4's default (3.x: 128 Mi
 
 def kept(raw: bytes | str, **kwargs: Any) -> list[dict[str, Any]]:
     """The envelopes of a malformed body, as they come back out of the queue (JSON)."""
-    envelopes = deadletter.body_envelopes(reason=deadletter.MALFORMED, error="not events", failed_at=FAILED_AT,
-                                          raw=raw, details={"problem": "not_json"}, replays=2, **kwargs)
-    return [jsonutil.loads(message.body) for message in deadletter.messages("dead", envelopes)]
+    made = deadletter.body_envelopes(reason=deadletter.MALFORMED, error="not events", failed_at=FAILED_AT,
+                                    raw=raw, details={"problem": "not_json"}, replays=2, **kwargs)
+    return [jsonutil.loads(message.body) for message in deadletter.messages("dead", made)]
 
 
 def array_of(count: int) -> bytes:

@@ -23,7 +23,7 @@ from worker.events import jsonutil
 from worker.broker.messages import UPLOAD_TASK, Bundle, UploadBatch, read_bundle, upload_message
 from worker.broker.topology import Topology
 from worker.clock import ManualClock
-from worker.errors import Permanent, PublishError, Transient
+from worker.errors import PublishError, Refused, Rejected, Transient, Unauthorized
 from worker.broker.publisher import Outgoing
 from worker.upload.circuit import Circuit, State
 from worker.upload.concurrency import AdaptiveConcurrency
@@ -66,7 +66,7 @@ Script = Callable[[list[Any]], None]
 def rejects_bad(events: list[Any]) -> None:
     """The API's answer: 400 for the whole request if any event in it is bad."""
     if any(e["activity_params"].get("bad") for e in events):
-        raise Permanent("the API rejected the event (400 Bad Request)", reason="rejected", status=400,
+        raise Rejected("the API rejected the event (400 Bad Request)", status=400,
                         body='{"status":"fail"}')
 
 
@@ -242,7 +242,7 @@ def test_bisection_bound_and_accounting_random(seed: int) -> None:
 def test_413_splits_then_refuses_the_one_too_big() -> None:
     def too_big(events: list[Any]) -> None:
         if any(e["activity_params"].get("huge") for e in events):
-            raise Permanent("the API refused the request (413)", reason="refused", status=413)
+            raise Refused("the API refused the request (413)", status=413)
 
     events = [event(i) for i in range(6)]
     events[4]["activity_params"]["huge"] = "x"
@@ -255,7 +255,7 @@ def test_413_splits_then_refuses_the_one_too_big() -> None:
 
 def test_401_dead_letters_every_event_after_one_request() -> None:
     def unauthorized(events: list[Any]) -> None:
-        raise Permanent("the API refused the API key (401 Unauthorized)", reason="unauthorized", status=401)
+        raise Unauthorized("the API refused the API key (401 Unauthorized)", status=401)
 
     events = [event(i) for i in range(50)]
     h = harness(unauthorized)
@@ -269,7 +269,7 @@ def test_401_dead_letters_every_event_after_one_request() -> None:
 @pytest.mark.parametrize("status", [403, 404, 405, 422])
 def test_other_permanent_statuses_are_refused_without_splitting(status: int) -> None:
     def refuse(events: list[Any]) -> None:
-        raise Permanent(f"the API refused the request ({status})", reason="refused", status=status)
+        raise Refused(f"the API refused the request ({status})", status=status)
 
     h = harness(refuse)
     report = h.deliver([event(i) for i in range(10)])

@@ -104,21 +104,27 @@ def test_install_formats_every_handler_of_a_logger() -> None:
 
 
 @pytest.mark.parametrize("log_format", ["json", "text"])
-def test_celery_logging_signals_install_it_when_log_format_is_json(
+def test_celery_logging_signals_make_the_lines_json_when_log_format_is_json(
     log_format: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import worker.app  # noqa: F401  (connects the signals, as the worker does)
+    from config.settings import Settings
+    from worker.app import app  # connects the signals, as the worker does
 
-    monkeypatch.setenv("LOG_FORMAT", log_format)
+    monkeypatch.setitem(app.conf, "netcore_settings", Settings.from_env({"LOG_FORMAT": log_format},
+                                                                        require_api=False))
     for signal in (after_setup_logger, after_setup_task_logger):
-        logger = logging.getLogger(f"test-logs-signal-{log_format}")
-        handler = logging.StreamHandler(io.StringIO())
-        text_formatter = logging.Formatter("%(message)s")
-        handler.setFormatter(text_formatter)
-        logger.handlers = [handler]
+        logger = logging.getLogger(f"test-logs-signal-{log_format}-{signal.name}")
+        logger.propagate = False
+        stream = io.StringIO()
+        logger.handlers = [logging.StreamHandler(stream)]
+        logger.handlers[0].setFormatter(logging.Formatter("%(levelname)s %(message)s"))  # Celery's text lines
         try:
             signal.send(sender=None, logger=logger, loglevel=logging.INFO, logfile=None, format="", colorize=False)
+            logger.warning("Dead-lettering %d events", 2)
         finally:
             logger.handlers = []
-        expected = JsonFormatter if log_format == "json" else logging.Formatter
-        assert type(handler.formatter) is expected
+        line = stream.getvalue().strip()
+        if log_format == "json":
+            assert json.loads(line)["message"] == "Dead-lettering 2 events", line
+        else:
+            assert line == "WARNING Dead-lettering 2 events"  # untouched

@@ -25,7 +25,7 @@ from worker.ingest.batching import Batcher, Ticket
 from worker.broker.messages import Bundle, UploadBatch, read_bundle, upload_message
 from worker.broker.topology import Topology
 from worker.clock import ManualClock
-from worker.errors import Permanent, PublishError, Transient
+from worker.errors import PublishError, Rejected, Transient
 from worker.ingest.pipeline import Ingest
 from worker.broker.publisher import Outgoing
 from worker.upload.circuit import Circuit, Permit
@@ -44,21 +44,28 @@ FRESH, STALE = "2025-12-31T18:00:00Z", "2025-12-01T00:00:00Z"
 
 @pytest.fixture(autouse=True)
 def fresh() -> Iterator[metrics.Metrics]:
-    """Every test counts from zero in metrics of its own."""
-    before = metrics.current
-    yield metrics.use(metrics.Metrics())
-    metrics.use(before)
+    """Every test counts from zero in metrics of its own, fed through the listener, as the
+    runtime wires it."""
+    global CURRENT, LISTENER
+    CURRENT = metrics.Metrics()
+    LISTENER = metrics.MetricsListener(CURRENT)
+    yield CURRENT
+
+
+#: This test's metrics, and the listener the worker's parts report to.
+CURRENT = metrics.Metrics()
+LISTENER = metrics.MetricsListener(CURRENT)
 
 
 def value(name: str, **labels: str) -> float:
     """One sample as a scrape would show it (0 when absent)."""
-    return metrics.current.registry.get_sample_value(metrics.PREFIX + name, labels) or 0.0
+    return CURRENT.registry.get_sample_value(metrics.PREFIX + name, labels) or 0.0
 
 
 def total(name: str, **labels: str) -> float:
     """The sum of a labelled counter's samples matching ``labels``."""
     found = 0.0
-    for family in metrics.current.registry.collect():
+    for family in CURRENT.registry.collect():
         for sample in family.samples:
             if sample.name == metrics.PREFIX + name and labels.items() <= sample.labels.items():
                 found += sample.value
@@ -95,7 +102,7 @@ class Api:
             self.fail_first = False
             raise Transient("the API answered 503", status=503)
         if any(jsonutil.loads(e)["activity_params"].get("reject") for e in events):
-            raise Permanent("the API rejected the event (400 Bad Request)", reason="rejected", status=400)
+            raise Rejected("the API rejected the event (400 Bad Request)", status=400)
 
 
 def delivery(api: Any, clock: ManualClock, publish: Any) -> Delivery:
@@ -105,7 +112,7 @@ def delivery(api: Any, clock: ManualClock, publish: Any) -> Delivery:
         concurrency=AdaptiveConcurrency(ceiling=4, clock=clock),
         policy=RetryPolicy(max_retries=3, backoff=0.0, backoff_max=0.0), topology=TOPOLOGY, publish=publish,
         retry_message=lambda queue, bundle: upload_message(app, queue, bundle), clock=clock,
-        listener=metrics.MetricsListener(metrics.current),
+        listener=LISTENER,
     )
 
 
@@ -122,7 +129,7 @@ def run_pipeline() -> tuple[Api, list[Outgoing]]:
 
     ingest = Ingest(settings=SETTINGS, batcher=batcher, acker=Acker(lambda tag, multiple: None),
                     publish=published.extend, upload_message=upload, clock=clock, max_outstanding=10_000,
-                    quarantine_queue=TOPOLOGY.quarantine)
+                    quarantine_queue=TOPOLOGY.quarantine, listener=LISTENER)
     good = [event(f"a{i}") for i in range(6)] + [event("s1", timestamp=STALE), event("s2", timestamp=STALE)]
     good.append(event("r1", activity_params={"event_id": "r1", "reject": True}))
     bodies: list[tuple[bytes, dict[str, Any]]] = [
@@ -137,7 +144,7 @@ def run_pipeline() -> tuple[Api, list[Outgoing]]:
         ingest.on_message(Message(body, tag, headers))
     clock.advance(1.5)
     ingest.tick()
-    metrics.observe_batcher(batcher)
+    LISTENER.observe_batcher(batcher)
     api = Api(fail_first=True)
     uploader = delivery(api, clock, published.extend)
     done = 0
@@ -190,7 +197,7 @@ def test_requests_are_counted_by_status_whatever_the_answer() -> None:
 
     clock = ManualClock()
     answers: list[BaseException | None] = [None, Transient("timeout"), Transient("500", status=500),
-                                           Permanent("400", reason="rejected", status=400), RuntimeError("a bug")]
+                                           Rejected("400", status=400), RuntimeError("a bug")]
     uploader = delivery(Script(answers), clock, lambda messages: None)
     texts = [jsonutil.dumps(event(f"e{i}")).decode() for i in range(1000)]
     for size in (1000, 3, 2, 1, 1):
@@ -208,30 +215,30 @@ def test_oldest_event_age_follows_the_oldest_open_batch() -> None:
     clock = ManualClock()
     batcher = Batcher(max_events=1000, max_wait=1.0, max_bytes=1 << 20, max_buffered=10_000, clock=clock)
     ticket = Ticket(lambda: None)
-    metrics.observe_batcher(batcher)
+    LISTENER.observe_batcher(batcher)
     assert value("oldest_event_age_seconds") == 0
     batcher.add("asset-a", "{}", 2, ticket)
     clock.advance(0.5)
     batcher.add("asset-b", "{}", 2, ticket)
     batcher.add("asset-b", "{}", 2, ticket)
     clock.advance(0.25)
-    metrics.observe_batcher(batcher)
+    LISTENER.observe_batcher(batcher)
     assert value("oldest_event_age_seconds") == pytest.approx(0.75)
     assert value("events_buffered") == 3
     clock.advance(0.3)
     assert [b.asset_id for b in batcher.due()] == ["asset-a"]  # what the tick does first
-    metrics.observe_batcher(batcher)
+    LISTENER.observe_batcher(batcher)
     assert value("oldest_event_age_seconds") == pytest.approx(0.55)
     batcher.drain()
-    metrics.observe_batcher(batcher)
+    LISTENER.observe_batcher(batcher)
     assert value("oldest_event_age_seconds") == 0 and value("events_buffered") == 0
 
 
 def test_the_circuit_is_seen_in_the_metrics() -> None:
     clock = ManualClock()
-    listener = metrics.MetricsListener(metrics.current)
+    listener = LISTENER
     circuit = Circuit(clock=clock, probe_base=1.0, probe_max=8.0, listeners=[listener])
-    metrics.watch(metrics.current.circuit_state, lambda: metrics.CIRCUIT_STATES[circuit.state.value])
+    metrics.watch(CURRENT.circuit_state, lambda: metrics.CIRCUIT_STATES[circuit.state.value])
     assert value("circuit_state") == 0
     for n in range(5):
         circuit.failed(Permit(), batch=n, error="503")
@@ -252,7 +259,7 @@ def test_the_circuit_is_seen_in_the_metrics() -> None:
 
 
 def test_metrics_port_0_turns_the_endpoint_off() -> None:
-    assert metrics.setup(Settings.from_env({"METRICS_PORT": "0"}, require_api=False)) is None
+    assert metrics.setup(Settings.from_env({"METRICS_PORT": "0"}, require_api=False), CURRENT) is None
 
 
 def test_a_port_in_use_is_reported_and_the_worker_runs_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -262,10 +269,10 @@ def test_a_port_in_use_is_reported_and_the_worker_runs_on(caplog: pytest.LogCapt
         port = taken.getsockname()[1]
         settings = Settings.from_env({"METRICS_PORT": str(port)}, require_api=False)
         with caplog.at_level(logging.ERROR, logger="worker.ops.metrics"):
-            assert metrics.setup(settings) is None
+            assert metrics.setup(settings, CURRENT) is None
     assert "METRICS_PORT" in caplog.text and str(port) in caplog.text
-    metrics.events_read(received=1, batched=1)  # still counts, in memory
-    metrics.flush()
+    LISTENER.events_read(received=1, batched=1)  # still counts, in memory
+    CURRENT.flush()
     assert value("events_received_total") == 1
 
 

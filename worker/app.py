@@ -1,30 +1,42 @@
-"""The Celery app: configured by name from :mod:`config.celeryconfig`, nothing else.
+"""The Celery app: configured by name from :mod:`config.celeryconfig`, and wired here.
 
 ``celery -A worker.app worker`` runs the worker, one process:
 
-- its event loop runs the consumer of ``activities`` (:class:`worker.ingest.step.IngestStep`),
-  the upload flow that steers it (:class:`worker.upload.step.UploadFlowStep`), the salvage of
-  rejected messages (:class:`worker.deadletter.salvage.SalvageStep`) and Celery's own task consumer;
+- its event loop runs the consumer of ``activities`` (:class:`worker.ingest.step.IngestStep`)
+  and of the quarantine, the upload flow that steers uploads and the consumer
+  (:class:`worker.upload.step.UploadFlowStep`), the salvage of rejected tasks
+  (:class:`worker.deadletter.salvage.SalvageStep`) and Celery's own task consumer;
 - its thread pool runs the ``activities.upload`` tasks, many uploads in flight at once.
+
+The steps and tasks are handed this app, explicitly, and ask it for the process's runtime
+(:meth:`ActivityApp.runtime`): none of them imports another side's code.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
-from worker.ingest.step import IngestStep, QuarantineStep
-from worker.runtime import runtime_of
 from worker.deadletter.salvage import SalvageStep
+from worker.ingest.step import IngestStep, QuarantineStep
 from worker.ops.startup import connect_signals
 from worker.ops.status import COMMAND as STATUS_COMMAND  # noqa: F401  (registers the command)
+from worker.runtime import Runtime, runtime_of
 from worker.upload.step import UploadFlowStep
 from worker.upload.task import register
 
-app = Celery("netcore_activity")
+
+class ActivityApp(Celery):  # type: ignore[misc]  # Celery ships no type information
+    """The worker's Celery app: it also gives each part the process's :class:`Runtime`."""
+
+    def runtime(self) -> Runtime:
+        return runtime_of(self)
+
+
+app = ActivityApp("netcore_activity")
 app.config_from_object("config.celeryconfig")
-register(app, runtime_of)
+register(app)
 app.steps["consumer"].add(IngestStep)
 app.steps["consumer"].add(QuarantineStep)
 app.steps["consumer"].add(UploadFlowStep)
 app.steps["consumer"].add(SalvageStep)
-connect_signals(app)
+connect_signals(app, lambda: app.runtime().metrics)

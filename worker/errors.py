@@ -1,9 +1,23 @@
-"""The worker's errors, split by what to do about them.
+"""Every error of the worker, split by what to do about it.
 
-- :class:`Transient`: try again later (backoff); the API or the network had a bad moment.
-- :class:`Permanent`: the events can never be accepted as they are; dead-letter them.
-- :class:`PublishError`: the broker did not confirm a hand-off; acknowledge nothing and let
-  the message come back.
+::
+
+    WorkerError
+    ├── SettingsError        a setting the worker cannot run with: stop at start-up, name it
+    ├── InputError           the data is bad: dead-letter it with a sentence, go on
+    │   └── MalformedBody    a message body that holds no events we can read
+    ├── BrokerError          RabbitMQ did not do what was asked: acknowledge nothing
+    │   ├── PublishError     a hand-off not confirmed: keep it, try again later (split if too large)
+    │   └── DeadLetterError  the dead-letter queue cannot be read
+    │       └── NoDeadLetterQueue  it does not exist yet: there are no dead letters
+    └── UploadError          the API did not take a request
+        ├── Transient        try again later (backoff, in a delay queue)
+        └── Permanent        never worth sending again as is: dead-letter
+            ├── Rejected     400: split the batch until the rejected events stand alone
+            ├── Unauthorized 401: the API key
+            └── Refused      403, 404, 405, 413, 422, TLS: the endpoint or the account
+
+The sandbox (``worker.sandbox``) has errors of its own: it shares no code with the worker.
 """
 
 from __future__ import annotations
@@ -16,7 +30,33 @@ class WorkerError(Exception):
     """Base of the worker's own errors."""
 
 
-class PublishError(WorkerError):
+class SettingsError(WorkerError, ValueError):
+    """A setting is missing or has a value the worker cannot run with; the message names it."""
+
+
+class InputError(WorkerError):
+    """What a producer sent cannot be delivered as it is: dead-letter it, with a sentence."""
+
+
+class MalformedBody(InputError):
+    """The message body holds no events we can read. Dead-lettered whole.
+
+    ``error`` is one sentence a person can act on. ``details`` is machine-readable: it always
+    has ``problem`` (one word, such as ``not_json``) and never a value from the body, which
+    may be personal data.
+    """
+
+    def __init__(self, error: str, details: dict[str, Any]) -> None:
+        super().__init__(error)
+        self.error = error
+        self.details = details
+
+
+class BrokerError(WorkerError):
+    """RabbitMQ did not do what was asked: acknowledge nothing, the messages stay."""
+
+
+class PublishError(BrokerError):
     """The broker did not confirm (or could not route) messages we handed to it.
 
     ``messages`` are the messages of that hand-off (the caller may keep them to try again).
@@ -30,6 +70,15 @@ class PublishError(WorkerError):
         self.too_large = too_large
 
 
+class DeadLetterError(BrokerError):
+    """The dead-letter queue cannot be read: the broker is unreachable, or the queue missing."""
+
+
+class NoDeadLetterQueue(DeadLetterError):
+    """The dead-letter queue does not exist: no worker ever started, so there are no dead
+    letters yet (or its name is mistyped)."""
+
+
 class UploadError(WorkerError):
     """An upload did not succeed. ``status`` is the HTTP status, or None without one."""
 
@@ -40,7 +89,7 @@ class UploadError(WorkerError):
 
 
 class Transient(UploadError):
-    """Worth retrying: 408, 425, 429, 5xx, timeouts, connection errors.
+    """Worth retrying: 408, 425, 429, 5xx, timeouts, connection errors, an odd 200.
 
     ``retry_after`` is the server's ``Retry-After`` in seconds, when it gave one.
     """
@@ -51,13 +100,23 @@ class Transient(UploadError):
         super().__init__(message, status=status, body=body)
         self.retry_after = retry_after
 
+    @property
+    def rate_limited(self) -> bool:
+        """A 429: the API asks every upload to slow down, not this one to give up."""
+        return self.status == 429
+
 
 class Permanent(UploadError):
-    """Never worth retrying as is: 400, 401, 403, 404, 405, 413, 422, a TLS error, ...
+    """Never worth sending again as is; the subclass says why (the dead letter's reason)."""
 
-    ``reason`` is the dead-letter reason word (``rejected``, ``unauthorized``, ``refused``).
-    """
 
-    def __init__(self, message: str, *, reason: str, status: int | None = None, body: str = "") -> None:
-        super().__init__(message, status=status, body=body)
-        self.reason = reason
+class Rejected(Permanent):
+    """400: events of the request break the API's rules. Split until they stand alone."""
+
+
+class Unauthorized(Permanent):
+    """401: the API key is not accepted (or not for this region)."""
+
+
+class Refused(Permanent):
+    """Another permanent answer (403, 404, 405, 413, 422) or a TLS failure."""

@@ -14,11 +14,11 @@ from celery import Celery
 
 from config.settings import Settings
 from worker.events import jsonutil
-from worker.ops import metrics
 from worker.broker.messages import Bundle, upload_message
 from worker.broker.topology import Topology
 from worker.clock import Clock, SystemClock
 from worker.gate import Gate
+from worker.ops.metrics import CIRCUIT_STATES, Metrics, MetricsListener, watch
 from worker.ops.sentry import LogListener
 from worker.broker.publisher import Outgoing, PublisherPool
 from worker.upload.circuit import Circuit
@@ -44,7 +44,9 @@ class Runtime:
     concurrency: AdaptiveConcurrency
     delivery: Delivery
     publishers: PublisherPool
-    metrics: metrics.Metrics
+    metrics: Metrics
+    #: Every hook of the consumer, delivery, the circuit and the flow: metrics, logs, Sentry.
+    listener: Fanout
     #: Outcomes the broker did not confirm, by task id: a redelivered task publishes them
     #: instead of uploading its events again.
     unpublished: dict[str, tuple[int, list[Outgoing]]] = field(default_factory=dict)
@@ -66,17 +68,18 @@ class Runtime:
 
 
 def build_runtime(app: Celery, settings: Settings, *, clock: Clock | None = None,
-                  registry: metrics.Metrics | None = None) -> Runtime:
+                  metrics: Metrics | None = None) -> Runtime:
     """Wire a runtime from settings (tests call this with their own settings and clock)."""
     clock = clock or SystemClock()
     topology = Topology.of(settings)
-    counted = registry or metrics.current
-    hooks = Fanout([metrics.MetricsListener(counted), LogListener()])
+    counted = metrics or Metrics()
+    hooks = Fanout([MetricsListener(counted), LogListener()])
     circuit = Circuit(clock=clock, probe_base=max(settings.retry_backoff, 0.1), probe_max=settings.probe_interval_max,
                       listeners=[hooks])
     concurrency = AdaptiveConcurrency(ceiling=settings.upload_concurrency, clock=clock)
     publishers = PublisherPool(settings.broker_url, size=min(PUBLISHERS, settings.upload_concurrency),
                                declare=topology.publish_targets())
+    gate = Gate()
 
     def retry_message(queue: str, bundle: Bundle) -> Outgoing:
         return upload_message(app, queue, bundle)
@@ -97,12 +100,11 @@ def build_runtime(app: Celery, settings: Settings, *, clock: Clock | None = None
         naive_timestamps="reject" if settings.naive_timestamps == "reject" else "forward",
         listener=hooks,
     )
-    metrics.watch(counted.in_flight, lambda: concurrency.in_flight)
-    metrics.watch(counted.limit, lambda: concurrency.limit)
-    metrics.watch(counted.circuit_state, lambda: metrics.CIRCUIT_STATES[circuit.state.value])
-    metrics.watch(counted.ingest_paused, lambda: 0.0 if gate_.is_open else 1.0)
-    gate_ = Gate()
-    return Runtime(settings, topology, gate_, circuit, concurrency, delivery, publishers, counted)
+    watch(counted.in_flight, lambda: concurrency.in_flight)
+    watch(counted.limit, lambda: concurrency.limit)
+    watch(counted.circuit_state, lambda: CIRCUIT_STATES[circuit.state.value])
+    watch(counted.ingest_paused, lambda: 0.0 if gate.is_open else 1.0)
+    return Runtime(settings, topology, gate, circuit, concurrency, delivery, publishers, counted, hooks)
 
 
 _lock = threading.Lock()
@@ -110,9 +112,10 @@ _runtimes: dict[int, Runtime] = {}
 
 
 def runtime_of(app: Celery) -> Runtime:
-    """This process's runtime for ``app``, built on first use from the environment's settings."""
+    """This process's runtime for ``app``, built on first use from the settings the app was
+    configured with (read once, by :mod:`config.celeryconfig`)."""
     with _lock:
         runtime = _runtimes.get(id(app))
         if runtime is None:
-            runtime = _runtimes[id(app)] = build_runtime(app, Settings.from_env())
+            runtime = _runtimes[id(app)] = build_runtime(app, app.conf.netcore_settings)
         return runtime

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from config.settings import Settings
-from worker.deadletter import envelopes as deadletter
+from worker.deadletter import envelopes
 from worker.events import jsonutil
 from worker.deadletter.reader import Counts, Envelope, Letter, Letters, Progress, Reader, Selection, replayable, replays_of
 from worker.ingest.decoding import REPLAYS_HEADER  # on replayed events; it travels with them to their next dead letter
@@ -173,7 +173,7 @@ def replay(
 def _replayed(queue: str, letter: Letter) -> Outgoing:
     """The message that replays a (replayable) dead letter, counting the replay in ``x-replays``."""
     headers = {REPLAYS_HEADER: replays_of(letter.envelope) + 1}
-    if deadletter.replays_body(letter.envelope):
+    if envelopes.replays_body(letter.envelope):
         body = letter.body()
         assert body is not None  # replayable
         return Outgoing(queue, body, headers, content_encoding=None)  # the bytes it was: not re-encoded

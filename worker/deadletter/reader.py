@@ -25,7 +25,8 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from config.settings import Settings
-from worker.deadletter import envelopes as deadletter
+from worker.deadletter import envelopes
+from worker.errors import DeadLetterError, NoDeadLetterQueue
 from worker.events import jsonutil
 
 logger = logging.getLogger(__name__)
@@ -43,15 +44,6 @@ TOP_ASSETS = 20
 PROGRESS_EVERY = 1000
 
 Envelope = dict[str, Any]
-
-
-class DeadLetterError(Exception):
-    """The dead-letter queue cannot be read: the broker is unreachable."""
-
-
-class NoDeadLetterQueue(DeadLetterError):
-    """The dead-letter queue does not exist: nothing was ever dead-lettered there (a fresh
-    deployment), or its name has a typo. Not an error for the commands: there is nothing to do."""
 
 
 def parse_when(text: str) -> datetime:
@@ -316,7 +308,7 @@ def envelope_of(body: bytes | str) -> Envelope:
     if isinstance(value, dict):
         return value
     return {"reason": UNREADABLE, "error": "this dead letter is not a JSON envelope", "event": None,
-            **deadletter.raw_fields(body)}
+            **envelopes.raw_fields(body)}
 
 
 @dataclass
@@ -341,8 +333,8 @@ class Letter:
         """The body it keeps, exactly (parts joined); None if it keeps none, or not all of it."""
         if self._body is None and self.complete:
             try:
-                self._body = (deadletter.join(self.envelopes) if deadletter.part_of(self.envelope)
-                              else deadletter.raw_body(self.envelope))
+                self._body = (envelopes.join(self.envelopes) if envelopes.part_of(self.envelope)
+                              else envelopes.raw_body(self.envelope))
             except ValueError:
                 self.complete = False
         return self._body
@@ -371,7 +363,7 @@ class Letters:
 
     def __iter__(self) -> Iterator[Letter]:
         for delivery_tag, envelope in self.messages:
-            part = deadletter.part_of(envelope)
+            part = envelopes.part_of(envelope)
             if part is None:
                 yield self._give(Letter([envelope], [delivery_tag], complete="part" not in envelope))
                 continue
@@ -405,6 +397,6 @@ def replayable(letter: Letter) -> bool:
     of it is here, and so is a producer's message a bug set aside (``unhandled``). A
     ``malformed`` body holds no events: it is there to be fixed by hand.
     """
-    if deadletter.replays_body(letter.envelope):
+    if envelopes.replays_body(letter.envelope):
         return letter.body() is not None
     return isinstance(letter.envelope.get("event"), dict)

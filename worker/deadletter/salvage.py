@@ -20,14 +20,13 @@ from typing import Any
 from celery import bootsteps
 from kombu import Consumer
 
-from worker.deadletter import envelopes as deadletter
+from worker.deadletter import envelopes
 
 from worker.events import jsonutil
 from worker.broker.messages import UPLOAD_TASK, read_bundle
 from worker.clock import Clock, SystemClock
 from worker.errors import PublishError
 from worker.broker.publisher import Outgoing, Publisher, PublishFn
-from worker.runtime import runtime_of
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ logger = logging.getLogger(__name__)
 PREFETCH = 4
 
 
-def envelopes(body: bytes | str, headers: dict[str, Any], *, queue: str, clock: Clock) -> list[Outgoing]:
+def dead_letters(body: bytes | str, headers: dict[str, Any], *, queue: str, clock: Clock) -> list[Outgoing]:
     """The dead letters for one dead-lettered message (see the module docstring)."""
     death = _first_death(headers)
     where = f"{death.get('queue', 'the upload queue')} ({death.get('reason', 'rejected')})"
@@ -51,8 +50,8 @@ def envelopes(body: bytes | str, headers: dict[str, Any], *, queue: str, clock: 
     if bundle is None:
         error = (f"RabbitMQ dead-lettered this message from {where}: the worker could not handle it and could "
                  "not read events out of it. Its whole body is in raw; see the worker's log at failed_at.")
-        return deadletter.messages(queue, deadletter.body_envelopes(
-            reason=deadletter.UNHANDLED, error=error, raw=body, details=details, failed_at=clock.now()))
+        return envelopes.messages(queue, envelopes.body_envelopes(
+            reason=envelopes.UNHANDLED, error=error, raw=body, details=details, failed_at=clock.now()))
     error = (f"RabbitMQ dead-lettered this upload task from {where}: the worker failed on it without handling "
              "the failure (see its log and Sentry at failed_at). The event may or may not have reached Netcore; "
              "replay it once the cause is fixed.")
@@ -60,8 +59,8 @@ def envelopes(body: bytes | str, headers: dict[str, Any], *, queue: str, clock: 
     for batch in bundle.batches:
         for index, text in enumerate(batch.events):
             event, raw = _event_of(text)
-            out.append(deadletter.message(queue, deadletter.envelope(
-                reason=deadletter.UNHANDLED, error=error, event=event, raw=raw, details=details,
+            out.append(envelopes.message(queue, envelopes.envelope(
+                reason=envelopes.UNHANDLED, error=error, event=event, raw=raw, details=details,
                 asset_id=batch.asset_id, attempts=batch.attempts, failed_at=clock.now(),
                 replays=batch.replays_of(index))))
     return out
@@ -97,11 +96,11 @@ class Salvage:
     def on_message(self, message: Any) -> None:
         headers = dict(message.headers or {})
         try:
-            letters = envelopes(message.body, headers, queue=self.dead_letter_queue, clock=self.clock)
+            letters = dead_letters(message.body, headers, queue=self.dead_letter_queue, clock=self.clock)
         except Exception:  # a bug here: keep the message whole rather than lose it
             logger.exception("Salvage: could not read a dead-lettered message; writing it whole")
-            letters = deadletter.messages(self.dead_letter_queue, deadletter.body_envelopes(
-                reason=deadletter.UNHANDLED, error="The worker could not read this dead-lettered message.",
+            letters = envelopes.messages(self.dead_letter_queue, envelopes.body_envelopes(
+                reason=envelopes.UNHANDLED, error="The worker could not read this dead-lettered message.",
                 raw=message.body, failed_at=self.clock.now()))
         try:
             self.publish(letters)
@@ -121,7 +120,7 @@ class SalvageStep(bootsteps.ConsumerStep):
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
-        runtime = runtime_of(c.app)
+        runtime = c.app.runtime()
         self.topology = runtime.topology
         self.publisher = Publisher(runtime.settings.broker_url, declare=[self.topology.dead_letter_queue()])
         self.salvage = Salvage(publish=self.publisher.publish, dead_letter_queue=self.topology.dead_letter,

@@ -23,6 +23,8 @@ import math
 import re
 from typing import Any
 
+from worker.errors import MalformedBody
+
 #: Largest body accepted, in bytes: ten times the largest upload the API takes (1000 events
 #: of about 1 KB). Anything bigger is a producer bug; refusing it bounds memory and time.
 MAX_MESSAGE_BYTES: int = 10 * 1024 * 1024
@@ -49,20 +51,6 @@ _EXPECTED: str = "Send UTF-8 JSON: one event object or an array of them."
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 #: Every escape sequence, so the second backslash of ``\\\\`` never starts one.
 _ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)")
-
-
-class MalformedBody(Exception):
-    """The message body holds no events we can read. Dead-lettered whole, with ``raw``.
-
-    ``error`` is one sentence a person can act on. ``details`` is machine-readable: it always
-    has ``problem`` (one word, such as ``not_json``) and never a value from the body, which
-    may be personal data.
-    """
-
-    def __init__(self, error: str, details: dict[str, Any]) -> None:
-        super().__init__(error)
-        self.error = error
-        self.details = details
 
 
 def _malformed(problem: str, error: str, **details: Any) -> MalformedBody:

@@ -15,7 +15,8 @@ import orjson
 
 from worker.events import jsonutil
 from worker.broker.messages import INGEST_TASK
-from worker.events.parsing import ACCEPTED_ENCODINGS, JSON_CONTENT_TYPE, MAX_MESSAGE_BYTES, MalformedBody, parse_body
+from worker.errors import MalformedBody
+from worker.events.parsing import ACCEPTED_ENCODINGS, JSON_CONTENT_TYPE, MAX_MESSAGE_BYTES, parse_body
 from worker.events.validation import routing_key_of
 
 #: Header of an event replayed from the dead-letter queue (worker.deadletter.cli): how many times it was

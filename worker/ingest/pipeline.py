@@ -27,21 +27,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import amqp
 
 from config.settings import Settings
-from worker.deadletter import envelopes as deadletter
-from worker.ops import metrics
+from worker.deadletter import envelopes
 from worker.ingest.acks import Acker
 from worker.ingest.batching import Batch, Batcher, Ticket
 from worker.broker.messages import Bundle, UploadBatch
 from worker.clock import Clock
 from worker.ingest.decoding import Message, Routed, delivery_count, events_of, replays_of
-from worker.errors import PublishError
+from worker.errors import MalformedBody, PublishError
 from worker.ingest.handoff import HandOff, Renderer
-from worker.events.parsing import MalformedBody
 from worker.broker.publisher import Outgoing, PublishFn
 from worker.events.validation import validate_event
 
@@ -66,6 +64,32 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (amqp.exceptions.Connection
 UploadMessageFn = Callable[[Bundle], Outgoing]
 
 
+class IngestListener(Protocol):
+    """What the consumer tells the outside (metrics): hooks, so that it imports none of them."""
+
+    def events_read(self, *, received: int, batched: int) -> None:
+        """A message held ``received`` events; ``batched`` of them went into batches."""
+
+    def refused_in_ingest(self, invalid_reason: str) -> None:
+        """One event dead-lettered ``invalid`` here (``unroutable``, ``too_large``)."""
+
+    def unreadable(self, reason: str) -> None:
+        """A whole message dead-lettered as ``reason`` (``malformed``, ``poison``, ``unhandled``)."""
+
+
+class _Silent:
+    """The listener when nobody listens."""
+
+    def events_read(self, *, received: int, batched: int) -> None:
+        pass
+
+    def refused_in_ingest(self, invalid_reason: str) -> None:
+        pass
+
+    def unreadable(self, reason: str) -> None:
+        pass
+
+
 class Ingest:
     """Turns source messages into upload-task messages and dead letters."""
 
@@ -81,8 +105,10 @@ class Ingest:
         max_outstanding: int,
         release_slack: int = 0,
         quarantine_queue: str | None = None,
+        listener: IngestListener | None = None,
     ) -> None:
         self.settings = settings
+        self.listener: IngestListener = listener or _Silent()
         self.batcher = batcher
         self.acker = acker
         self.clock = clock
@@ -153,7 +179,7 @@ class Ingest:
                 dead.append(self._too_large(event, asset_id, size, replays))
             else:
                 ready += self.batcher.add(asset_id, text, size, ticket, replays)
-        metrics.events_read(received=len(events), batched=len(events) - len(dead))
+        self.listener.events_read(received=len(events), batched=len(events) - len(dead))
         return dead, ready
 
     def tick(self) -> None:
@@ -233,7 +259,7 @@ class Ingest:
                     load.events.append(text)
                     if load.replays is not None:
                         load.replays.append(replays)
-            metrics.events_read(received=len(events), batched=len(events) - len(dead))
+            self.listener.events_read(received=len(events), batched=len(events) - len(dead))
             batches = [_as_batch(load, ticket) for load in loads.values()]
             self._send(dead, batches, [ticket.release])
         except CONNECTION_ERRORS:
@@ -247,38 +273,38 @@ class Ingest:
 
     def _malformed(self, message: Message, error: str, details: dict[str, Any], hold: _Once) -> None:
         self.counts["malformed"] += 1
-        metrics.unreadable(deadletter.MALFORMED)
+        self.listener.unreadable(envelopes.MALFORMED)
         logger.warning("Dead-lettering an unreadable message: %s", error)
-        dead = deadletter.body_envelopes(reason=deadletter.MALFORMED, error=error, raw=message.body, details=details,
+        dead = envelopes.body_envelopes(reason=envelopes.MALFORMED, error=error, raw=message.body, details=details,
                                          failed_at=self.clock.now(), replays=replays_of(message))
-        self._send(deadletter.messages(self.settings.dead_letter_queue, dead), [], [hold])
+        self._send(envelopes.messages(self.settings.dead_letter_queue, dead), [], [hold])
 
     def _poison(self, message: Message, deliveries: int, hold: _Once) -> None:
         """Proven to kill the worker: never read again, set aside whole."""
         self.counts["malformed"] += 1
-        metrics.unreadable(deadletter.POISON)
+        self.listener.unreadable(envelopes.POISON)
         error = (
             f"This message was delivered {deliveries} times and the worker died each time before handling it, "
             "the last times while it was the only message in hand. It was set aside so that it cannot crash the "
             "worker again: look at the worker's logs around failed_at, then replay it once the cause is fixed."
         )
         logger.error("Dead-lettering a message delivered %d times (poison)", deliveries)
-        dead = deadletter.body_envelopes(reason=deadletter.POISON, error=error, raw=message.body,
+        dead = envelopes.body_envelopes(reason=envelopes.POISON, error=error, raw=message.body,
                                          details={"deliveries": deliveries}, attempts=deliveries,
                                          failed_at=self.clock.now(), replays=replays_of(message))
-        self._send(deadletter.messages(self.settings.dead_letter_queue, dead), [], [hold])
+        self._send(envelopes.messages(self.settings.dead_letter_queue, dead), [], [hold])
 
     def _unhandled(self, message: Message, exc: Exception, hold: _Once) -> None:
         """A bug met this message: keep it whole (replayable when it is a producer's body)."""
-        metrics.unreadable(deadletter.UNHANDLED)
+        self.listener.unreadable(envelopes.UNHANDLED)
         error = (f"The worker failed on this message ({type(exc).__name__}) and set it aside whole so the rest "
                  "could go on; see its log at failed_at. Replay it once the cause is fixed.")
         details = {"problem": "internal_error", "exception": type(exc).__name__,
                    "replay_body": "task" not in (message.headers or {})}
-        dead = deadletter.body_envelopes(reason=deadletter.UNHANDLED, error=error, raw=message.body,
+        dead = envelopes.body_envelopes(reason=envelopes.UNHANDLED, error=error, raw=message.body,
                                          details=details, failed_at=self.clock.now(), replays=replays_of(message))
         try:
-            self.handoff.send(deadletter.messages(self.settings.dead_letter_queue, dead), [], [hold])
+            self.handoff.send(envelopes.messages(self.settings.dead_letter_queue, dead), [], [hold])
         except CONNECTION_ERRORS:
             raise
         except Exception:  # the hand-off itself is broken: leave the message unacknowledged
@@ -286,38 +312,38 @@ class Ingest:
 
     def _invalid(self, event: Any, replays: int = 0) -> Outgoing:
         self.counts["invalid"] += 1
-        metrics.refused_in_ingest("unroutable")
+        self.listener.refused_in_ingest("unroutable")
         errors = validate_event(event) or {"asset_id": ["asset_id is missing or not a string."]}
-        body = deadletter.envelope(
-            reason=deadletter.INVALID,
+        body = envelopes.envelope(
+            reason=envelopes.INVALID,
             error=f"The event cannot be routed: {'; '.join(m for ms in errors.values() for m in ms)}",
             event=event, details=errors, failed_at=self.clock.now(), replays=replays,
         )
-        return deadletter.message(self.settings.dead_letter_queue, body)
+        return envelopes.message(self.settings.dead_letter_queue, body)
 
     def _too_large(self, event: Any, asset_id: str, size: int, replays: int = 0) -> Outgoing:
         self.counts["invalid"] += 1
-        metrics.refused_in_ingest("too_large")
-        body = deadletter.envelope(
-            reason=deadletter.INVALID,
+        self.listener.refused_in_ingest("too_large")
+        body = envelopes.envelope(
+            reason=envelopes.INVALID,
             error=f"The event is {size} bytes of JSON, over the {MAX_EVENT_BYTES}-byte limit per event: "
             "send large data by reference, not inside activity_params.",
             event=event, details={"_schema": ["event too large"], "size": size, "max_bytes": MAX_EVENT_BYTES},
             asset_id=asset_id, failed_at=self.clock.now(), replays=replays,
         )
-        return deadletter.message(self.settings.dead_letter_queue, body)
+        return envelopes.message(self.settings.dead_letter_queue, body)
 
     def _oversized(self, batch: UploadBatch, limit: int) -> list[Outgoing]:
         """One event whose upload message is over the broker's ``max_message_size``: it cannot
         travel through this broker; kept whole in dead letters of parts under the limit."""
-        metrics.refused_in_ingest("too_large")
+        self.listener.refused_in_ingest("too_large")
         error = (f"The event's upload message is over the broker's max_message_size ({limit} bytes): it cannot be "
                  "uploaded through this RabbitMQ. Send large data by reference, or raise max_message_size.")
-        dead = deadletter.body_envelopes(reason=deadletter.INVALID, error=error, raw=batch.events[0],
+        dead = envelopes.body_envelopes(reason=envelopes.INVALID, error=error, raw=batch.events[0],
                                          details={"_schema": ["event too large for the broker"], "max_bytes": limit},
                                          asset_id=batch.asset_id, failed_at=self.clock.now(),
                                          replays=batch.replays_of(0), part_bytes=max(1024, limit // 4))
-        return deadletter.messages(self.settings.dead_letter_queue, dead)
+        return envelopes.messages(self.settings.dead_letter_queue, dead)
 
 
 class _Once:

@@ -20,7 +20,6 @@ from typing import Any
 from celery import bootsteps
 from kombu import Consumer
 
-from worker.ops import metrics
 from worker.ingest.acks import Acker
 from worker.ingest.batching import Batcher
 from worker.broker.messages import Bundle, upload_message
@@ -29,7 +28,6 @@ from worker.clock import SystemClock
 from worker.errors import PublishError
 from worker.ingest.pipeline import Ingest
 from worker.broker.publisher import Outgoing, Publisher
-from worker.runtime import runtime_of
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +46,7 @@ class IngestStep(bootsteps.ConsumerStep):
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
-        self.runtime = runtime_of(c.app)
+        self.runtime = c.app.runtime()
         self.settings = self.runtime.settings
         self.topology = self.runtime.topology
         self.publisher = Publisher(self.settings.broker_url, declare=self.topology.publish_targets())
@@ -85,6 +83,7 @@ class IngestStep(bootsteps.ConsumerStep):
             max_outstanding=max(1, settings.prefetch - settings.batch_size),
             release_slack=settings.prefetch // 20,
             quarantine_queue=topology.quarantine,
+            listener=self.runtime.listener,
         )
         self.runtime.ingest = self.ingest  # the quarantine step hands its messages to the same pipeline
         self._consuming = True
@@ -117,7 +116,7 @@ class IngestStep(bootsteps.ConsumerStep):
         if self.ingest is not None:
             self.ingest.tick()
             self._follow_gate()
-            metrics.observe_batcher(self.ingest.batcher)
+            self.runtime.listener.observe_batcher(self.ingest.batcher)
 
     def _follow_gate(self) -> None:
         """Stop or resume taking messages as the gate says, and while a hand-off waits for the
@@ -165,7 +164,7 @@ class QuarantineStep(bootsteps.ConsumerStep):
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
-        self.runtime = runtime_of(c.app)
+        self.runtime = c.app.runtime()
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         channel.auto_decode = False

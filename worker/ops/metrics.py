@@ -12,8 +12,8 @@ How they add up (``dead`` is ``events_dead_lettered_total``)::
     so       received = delivered + dead (every reason and stage)
 
 Redelivered messages (a crash, a lost connection) are counted again, like the duplicates they
-are. The data path never imports this module's objects directly: delivery and the circuit
-report through listeners (:class:`MetricsListener`), the consumer through the functions below.
+are. The data path never imports this module: the consumer, delivery, the circuit and the flow
+report through hooks, which :class:`MetricsListener` implements; the runtime wires them.
 """
 
 from __future__ import annotations
@@ -21,16 +21,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from worker.deadletter import envelopes as deadletter
-
-if TYPE_CHECKING:
-    from config.settings import Settings
-    from worker.ingest.batching import Batcher
-    from worker.upload.delivery import Report
+from config.settings import Settings
+from worker.deadletter import envelopes
+from worker.ingest.batching import Batcher
+from worker.upload.delivery import Report
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +38,12 @@ PREFIX = "netcore_activity_"
 INGEST, DELIVERY = "ingest", "delivery"
 
 #: (stage, reason) of every invalid-event series, made at zero so that each one exists.
-INVALID_SERIES = ((INGEST, "unroutable"), (INGEST, "too_large"), (INGEST, deadletter.MALFORMED),
-                  (DELIVERY, deadletter.INVALID), (DELIVERY, deadletter.MALFORMED))
+INVALID_SERIES = ((INGEST, "unroutable"), (INGEST, "too_large"), (INGEST, envelopes.MALFORMED),
+                  (DELIVERY, envelopes.INVALID), (DELIVERY, envelopes.MALFORMED))
 
 #: (stage, reason) of every dead-letter series, made at zero too.
-DEAD_SERIES = tuple((INGEST, r) for r in (deadletter.INVALID, deadletter.MALFORMED, deadletter.POISON)) + tuple(
-    (DELIVERY, r) for r in deadletter.REASONS if r != deadletter.POISON)
+DEAD_SERIES = tuple((INGEST, r) for r in (envelopes.INVALID, envelopes.MALFORMED, envelopes.POISON)) + tuple(
+    (DELIVERY, r) for r in envelopes.REASONS if r != envelopes.POISON)
 
 #: Events per upload request: bisection makes small ones, full batches hold 1000.
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 750, 1000)
@@ -122,12 +119,12 @@ class Metrics:
 
     def refused_in_ingest(self, invalid_reason: str) -> None:
         self.invalid.labels(INGEST, invalid_reason).inc()
-        self.dead.labels(INGEST, deadletter.INVALID).inc()
+        self.dead.labels(INGEST, envelopes.INVALID).inc()
 
     def unreadable(self, reason: str) -> None:
         self.received.inc()
         self.dead.labels(INGEST, reason).inc()
-        if reason == deadletter.MALFORMED:
+        if reason == envelopes.MALFORMED:
             self.invalid.labels(INGEST, reason).inc()
 
     def observe_batcher(self, batcher: Batcher) -> None:
@@ -143,10 +140,28 @@ class Metrics:
 
 
 class MetricsListener:
-    """Counts what delivery and the circuit report (see their ``...Listener`` protocols)."""
+    """Counts what the consumer, delivery, the circuit and the flow report, through their hooks
+    (the ``...Listener`` protocols of :mod:`worker.ingest.pipeline`, :mod:`worker.upload.delivery`,
+    :mod:`worker.upload.circuit` and :mod:`worker.upload.flow`)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
+
+    # the consumer
+
+    def events_read(self, *, received: int, batched: int) -> None:
+        self.m.events_read(received=received, batched=batched)
+
+    def refused_in_ingest(self, invalid_reason: str) -> None:
+        self.m.refused_in_ingest(invalid_reason)
+
+    def unreadable(self, reason: str) -> None:
+        self.m.unreadable(reason)
+
+    def observe_batcher(self, batcher: Batcher) -> None:
+        self.m.observe_batcher(batcher)
+
+    # delivery
 
     def request_done(self, *, status: str, outcome: str, events: int, seconds: float) -> None:
         self.m.uploads.labels(status, outcome).inc()
@@ -158,7 +173,7 @@ class MetricsListener:
         m.delivered.inc(report.delivered)
         m.stale.inc(report.stale)
         m.naive.inc(report.naive)
-        invalid = report.dead.get(deadletter.INVALID, 0) + report.dead.get(deadletter.MALFORMED, 0)
+        invalid = report.dead.get(envelopes.INVALID, 0) + report.dead.get(envelopes.MALFORMED, 0)
         m.valid.inc(max(0, first_attempt_events - invalid))
         for reason, count in report.dead.items():
             m.dead.labels(DELIVERY, reason).inc(count)
@@ -169,6 +184,8 @@ class MetricsListener:
 
     def gave_up(self, *, reason: str, status: int | None, asset_id: str, events: int, error: str) -> None:
         """Counted by :meth:`bundle_done`; Sentry and the logs hear of it elsewhere."""
+
+    # the circuit
 
     def circuit_opened(self, *, failures: int, batches: int, last_error: str, probe_in: float) -> None:
         self.m.circuit_opened.inc()
@@ -182,36 +199,13 @@ class MetricsListener:
     def probe_done(self, *, ok: bool, next_in: float | None) -> None:
         self.m.probes.labels("ok" if ok else "failed").inc()
 
+    # the flow
 
-#: The worker's metrics (the consumer's functions below write here).
-current = Metrics()
+    def upload_queue_ready(self, count: int) -> None:
+        self.m.upload_queue.set(count)
 
-
-def use(metrics: Metrics) -> Metrics:
-    """Make ``metrics`` the current ones (tests start from zero); return it."""
-    global current
-    current = metrics
-    return metrics
-
-
-def events_read(*, received: int, batched: int) -> None:
-    current.events_read(received=received, batched=batched)
-
-
-def flush() -> None:
-    current.flush()
-
-
-def refused_in_ingest(invalid_reason: str) -> None:
-    current.refused_in_ingest(invalid_reason)
-
-
-def unreadable(reason: str) -> None:
-    current.unreadable(reason)
-
-
-def observe_batcher(batcher: Batcher) -> None:
-    current.observe_batcher(batcher)
+    def retries_waiting(self, count: int) -> None:
+        self.m.retries_waiting.set(count)
 
 
 def watch(gauge: Gauge, read: Callable[[], float]) -> None:
@@ -219,13 +213,12 @@ def watch(gauge: Gauge, read: Callable[[], float]) -> None:
     gauge.set_function(read)
 
 
-def setup(settings: Settings, metrics: Metrics | None = None) -> str | None:
+def setup(settings: Settings, metrics: Metrics) -> str | None:
     """Serve ``/metrics``; return its URL (None: off, or the port was taken).
 
     A port already taken does not stop the worker: delivering events matters more than
     counting them, so it says so at ERROR and runs on without the endpoint.
     """
-    metrics = metrics or current
     if not settings.metrics_port:
         logger.info("Metrics: off (METRICS_PORT=0)")
         return None

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from config.settings import Settings
-from worker.deadletter import envelopes as deadletter
+from worker.deadletter import envelopes
 from worker.ops.scrubbing import REDACTED, Scrubber, secrets_of  # noqa: F401 (REDACTED: re-exported)
 
 #: Where failure records are logged: they tell delivery's story, so they carry its name.
@@ -48,25 +48,25 @@ FINGERPRINT_PREFIX = "netcore-activity"
 #: Reasons that mean "the data is bad": the dead-letter queue holds the events and the
 #: producer must fix them; an operator paged at night could do nothing. Logged as warnings:
 #: breadcrumbs in Sentry, never events.
-DATA_REASONS = frozenset({deadletter.MALFORMED, deadletter.INVALID, deadletter.REJECTED})
+DATA_REASONS = frozenset({envelopes.MALFORMED, envelopes.INVALID, envelopes.REJECTED})
 
 #: For each reason, what most likely went wrong: the first thing the person paged reads.
 LIKELY_CAUSES: dict[str, str] = {
-    deadletter.UNAUTHORIZED: (
+    envelopes.UNAUTHORIZED: (
         "the API key is the likely cause: Netcore did not accept NETCORE_API_KEY (check the key, "
         "and NETCORE_REGION: a key only works in its own data centre)"
     ),
-    deadletter.REFUSED: (
+    envelopes.REFUSED: (
         "the endpoint or the account is the likely cause: check NETCORE_REGION / NETCORE_API_URL "
         "and that the account may use the Activity API"
     ),
-    deadletter.RETRIES_EXHAUSTED: (
+    envelopes.RETRIES_EXHAUSTED: (
         "the API or the network has been failing for longer than the retry budget "
         "(UPLOAD_MAX_RETRIES)"
     ),
-    deadletter.REJECTED: "the API rejected these events although they pass the documented rules",
-    deadletter.INVALID: "the producer sent events that break the API's rules",
-    deadletter.MALFORMED: "the producer sent a body that is not JSON events",
+    envelopes.REJECTED: "the API rejected these events although they pass the documented rules",
+    envelopes.INVALID: "the producer sent events that break the API's rules",
+    envelopes.MALFORMED: "the producer sent a body that is not JSON events",
 }
 
 def failure_fingerprint(reason: str, status: int | None) -> list[str]:

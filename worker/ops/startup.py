@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import amqp
-from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_shutdown
 from kombu import Connection
 
-from config.settings import Settings, load_or_exit
-from worker.ops import logs
-from worker.ops import metrics
-from worker.ops import sentry as observability
+from config.settings import Settings
 from worker.broker.topology import Topology
+from worker.errors import SettingsError
+from worker.ops import logs, sentry
+from worker.ops.metrics import Metrics
+from worker.ops.metrics import setup as serve_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -47,28 +48,34 @@ def declare_queues(settings: Settings) -> None:
                     pass
 
 
-def connect_signals(app: Celery) -> None:
-    """Hook start-up checks into the worker."""
+def connect_signals(app: Any, metrics_of: Callable[[], Metrics]) -> None:
+    """Hook start-up checks into the worker. ``app.conf.netcore_settings`` holds the settings,
+    read once; ``metrics_of()`` gives the process's metrics, to serve."""
 
     @worker_init.connect(weak=False)
     def on_worker_init(sender: Any = None, **kwargs: Any) -> None:
-        settings = load_or_exit()
-        observability.setup_sentry(settings)
+        settings: Settings = app.conf.netcore_settings
+        try:
+            settings.check_api_key()
+        except SettingsError as exc:
+            print(f"netcore-activity-worker: configuration error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        sentry.setup_sentry(settings)
         logging.getLogger("amqp").setLevel(logging.WARNING)
         logging.getLogger("urllib3").setLevel(logging.WARNING)
         logger.info("Settings: %r (broker %s)", settings, settings.broker_url_redacted)
         declare_queues(settings)
-        metrics.setup(settings)
+        serve_metrics(settings, metrics_of())
 
     @after_setup_logger.connect(weak=False)
     @after_setup_task_logger.connect(weak=False)
     def on_setup_logger(sender: Any = None, **kwargs: Any) -> None:
         # LOG_FORMAT=json: one JSON object per line (worker.ops.logs)
         configured = kwargs.get("logger")
-        if isinstance(configured, logging.Logger) and load_or_exit(require_api=False).log_format == "json":
+        if isinstance(configured, logging.Logger) and app.conf.netcore_settings.log_format == "json":
             logs.install(configured)
 
     @worker_shutdown.connect(weak=False)
     def on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
         # the last errors queued for Sentry (often the ones explaining why the worker stops)
-        observability.flush_sentry()
+        sentry.flush_sentry()

@@ -11,7 +11,6 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
-from worker.runtime import runtime_of
 
 #: The command's name (``celery inspect activities_status``).
 COMMAND = "activities_status"
@@ -20,7 +19,7 @@ COMMAND = "activities_status"
 @inspect_command(name=COMMAND)  # type: ignore[misc]  # celery's decorator is untyped
 def activities_status(state: Any) -> dict[str, Any]:
     """The circuit's state, whether the consumer takes messages, and why not."""
-    runtime = runtime_of(state.consumer.app)
+    runtime = state.consumer.app.runtime()
     return {
         "circuit": runtime.circuit.state.value,
         "consuming": runtime.gate.is_open,

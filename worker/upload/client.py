@@ -25,10 +25,9 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-from worker.deadletter import envelopes as deadletter
 
 from worker.events import jsonutil
-from worker.errors import Permanent, Transient
+from worker.errors import Refused, Rejected, Transient, Unauthorized
 
 #: Statuses worth retrying.
 TRANSIENT_STATUSES = frozenset({408, 425, 429}) | frozenset(range(500, 600))
@@ -72,10 +71,9 @@ class ApiClient:
         try:
             response = self.session.post(self.url, data=body, headers=self._headers, timeout=self.timeout)
         except requests.exceptions.SSLError as exc:
-            raise Permanent(
+            raise Refused(
                 f"TLS failed talking to {self.url}: {type(exc).__name__}. Not retried: check the "
                 "URL and the certificate store",
-                reason=deadletter.REFUSED,
             ) from None
         except requests.exceptions.Timeout:
             raise Transient(f"no answer from the API within {self.timeout[1]} s") from None
@@ -114,20 +112,15 @@ def classify(status: int, body: str, retry_after: str | None = None) -> None:
             f"the API answered {status}", status=status, body=excerpt, retry_after=parse_retry_after(retry_after)
         )
     if status == 400:
-        raise Permanent(
-            "the API rejected the event (400 Bad Request)", reason=deadletter.REJECTED, status=status, body=excerpt
-        )
+        raise Rejected("the API rejected the event (400 Bad Request)", status=status, body=excerpt)
     if status == 401:
-        raise Permanent(
+        raise Unauthorized(
             "the API refused the API key (401 Unauthorized): check NETCORE_API_KEY and "
             "NETCORE_REGION, then replay the reason 'unauthorized'",
-            reason=deadletter.UNAUTHORIZED,
             status=status,
             body=excerpt,
         )
-    raise Permanent(
-        f"the API refused the request ({status})", reason=deadletter.REFUSED, status=status, body=excerpt
-    )
+    raise Refused(f"the API refused the request ({status})", status=status, body=excerpt)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

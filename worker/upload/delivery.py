@@ -29,14 +29,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker.deadletter import envelopes as deadletter
+from worker.deadletter import envelopes
 
 from worker.events import jsonutil
 from worker.broker.messages import Bundle, UploadBatch, bundles
 from worker.broker.topology import Topology
 from worker.clock import Clock
-from worker.errors import Permanent, Transient
-from worker.events.parsing import MalformedBody, parse_body
+from worker.errors import MalformedBody, Permanent, Refused, Rejected, Transient, Unauthorized
+from worker.events.parsing import parse_body
 from worker.broker.publisher import Outgoing, PublishFn
 from worker.upload.circuit import Circuit
 from worker.upload.concurrency import AdaptiveConcurrency
@@ -44,6 +44,11 @@ from worker.upload.retry import RetryPolicy
 from worker.events.validation import NaiveTimestamps, has_naive_timestamp, is_stale, validate_event
 
 logger = logging.getLogger(__name__)
+
+#: The dead-letter reason of each kind of permanent answer.
+PERMANENT_REASONS: dict[type[Permanent], str] = {
+    Rejected: envelopes.REJECTED, Unauthorized: envelopes.UNAUTHORIZED, Refused: envelopes.REFUSED,
+}
 
 #: (queue, bundle) -> the task message that carries ``bundle`` to ``queue``.
 RetryMessageFn = Callable[[str, Bundle], Outgoing]
@@ -151,7 +156,7 @@ class Delivery:
                 retries.append(_Retry(batch, True, f"unexpected {type(exc).__name__} in the worker"))
         messages = dead + self.retry_messages(retries, report, dead)
         for message in dead:
-            report.dead[message.headers.get(deadletter.REASON_HEADER, "unknown")] += 1
+            report.dead[message.headers.get(envelopes.REASON_HEADER, "unknown")] += 1
         self.publish(messages)
         if self.listener is not None:
             self.listener.bundle_done(report, first_attempt_events=first_attempt_events)
@@ -168,12 +173,12 @@ class Delivery:
             event, problem = _read(text)
             if problem is not None:
                 report.invalid += 1
-                dead.append(self._dead(deadletter.MALFORMED, problem.error, batch, index, problem.details, raw=text))
+                dead.append(self._dead(envelopes.MALFORMED, problem.error, batch, index, problem.details, raw=text))
                 continue
             errors = validate_event(event, naive_timestamps=self.naive_timestamps)
             if errors:
                 report.invalid += 1
-                dead.append(self._dead(deadletter.INVALID, _invalid_sentence(errors), batch, index, errors,
+                dead.append(self._dead(envelopes.INVALID, _invalid_sentence(errors), batch, index, errors,
                                        event=event))
                 continue
             valid.append(index)
@@ -195,7 +200,7 @@ class Delivery:
                     self.client.post([batch.events[i] for i in part])
                 except Transient as exc:
                     self._request_done(began, exc.status, "transient", len(part), congested=True)
-                    rate_limited = exc.status == 429
+                    rate_limited = exc.rate_limited
                     self.circuit.failed(permit, batch=batch.id, error=str(exc),
                                         retry_after=exc.retry_after if rate_limited else None)
                     left = sorted(part + [i for chunk in pending for i in chunk])
@@ -207,15 +212,16 @@ class Delivery:
                     self._request_done(began, exc.status, "permanent", len(part), congested=False)
                     self.circuit.succeeded(permit)  # the API answered: it is up
                     report.statuses.append(exc.status)
-                    if exc.status in (400, 413) and len(part) > 1:
+                    if (isinstance(exc, Rejected) or exc.status == 413) and len(part) > 1:
                         half = len(part) // 2
                         pending += [part[half:], part[:half]]
                         continue
                     details = {"status": exc.status, "response": exc.body}
-                    dead.extend(self._dead(exc.reason, str(exc), batch, i, details, attempts=batch.attempts + 1)
+                    reason = PERMANENT_REASONS.get(type(exc), envelopes.REFUSED)
+                    dead.extend(self._dead(reason, str(exc), batch, i, details, attempts=batch.attempts + 1)
                                 for i in part)
                     if self.listener is not None:
-                        self.listener.gave_up(reason=exc.reason, status=exc.status, asset_id=batch.asset_id,
+                        self.listener.gave_up(reason=reason, status=exc.status, asset_id=batch.asset_id,
                                               events=len(part), error=str(exc))
                 except BaseException:
                     self._request_done(began, None, "error", len(part), congested=False)
@@ -246,10 +252,10 @@ class Delivery:
             gave_up = self._give_up_sentence(retry, attempts, since, now)
             if gave_up is not None:
                 details = {"status": retry.status, "response": retry.body}
-                dead.extend(self._dead(deadletter.RETRIES_EXHAUSTED, gave_up, batch, i, details, attempts=attempts)
+                dead.extend(self._dead(envelopes.RETRIES_EXHAUSTED, gave_up, batch, i, details, attempts=attempts)
                             for i in range(len(batch)))
                 if self.listener is not None:
-                    self.listener.gave_up(reason=deadletter.RETRIES_EXHAUSTED, status=retry.status,
+                    self.listener.gave_up(reason=envelopes.RETRIES_EXHAUSTED, status=retry.status,
                                           asset_id=batch.asset_id, events=len(batch), error=gave_up)
                 continue
             if retry.counted:
@@ -291,12 +297,12 @@ class Delivery:
             event, problem = _read(batch.events[index])
             if problem is not None:  # kept whole as text: the strict parser refused it
                 raw = batch.events[index]
-        body = deadletter.envelope(
+        body = envelopes.envelope(
             reason=reason, error=error, event=event, raw=raw, details=details, asset_id=batch.asset_id,
             attempts=batch.attempts if attempts is None else attempts, failed_at=self.clock.now(),
             replays=batch.replays_of(index),
         )
-        return deadletter.message(self.topology.dead_letter, body)
+        return envelopes.message(self.topology.dead_letter, body)
 
 
 def _read(item: Any) -> tuple[Any, MalformedBody | None]:

@@ -26,7 +26,6 @@ from kombu.exceptions import OperationalError
 from worker.broker.topology import Topology
 from worker.clock import Clock
 from worker.gate import Gate
-from worker.ops.metrics import Metrics
 from worker.upload.circuit import Circuit, State
 from worker.upload.concurrency import AdaptiveConcurrency
 
@@ -61,6 +60,14 @@ class UploadConsumer(Protocol):
     def set_prefetch(self, count: int) -> None: ...
 
 
+class FlowListener(Protocol):
+    """What the flow reads, for the metrics."""
+
+    def upload_queue_ready(self, count: int) -> None: ...
+
+    def retries_waiting(self, count: int) -> None: ...
+
+
 class Depths(Protocol):
     """Ready messages in the worker's queues, or None when they cannot be read right now."""
 
@@ -81,7 +88,7 @@ class UploadFlow:
         consumer: UploadConsumer,
         depths: Depths,
         clock: Clock,
-        metrics: Metrics | None = None,
+        listener: FlowListener | None = None,
     ) -> None:
         self.circuit = circuit
         self.concurrency = concurrency
@@ -89,7 +96,7 @@ class UploadFlow:
         self.consumer = consumer
         self.depths = depths
         self.clock = clock
-        self.metrics = metrics
+        self.listener = listener
         self._state = circuit.state
         self._backlogged = False
         self._next_delay_read = 0.0
@@ -100,8 +107,8 @@ class UploadFlow:
             self.concurrency.restart()  # after an outage: ramp up from one again
         self._state = state
         ready = self.depths.upload_ready()
-        if self.metrics is not None and ready is not None:
-            self.metrics.upload_queue.set(ready)
+        if self.listener is not None and ready is not None:
+            self.listener.upload_queue_ready(ready)
         self._steer_uploads(state)
         self._steer_ingest(state, ready)
         self._read_delays()
@@ -140,8 +147,8 @@ class UploadFlow:
             return
         self._next_delay_read = now + DELAY_READ_INTERVAL
         delayed = self.depths.delayed()
-        if self.metrics is not None and delayed is not None:
-            self.metrics.retries_waiting.set(delayed)
+        if self.listener is not None and delayed is not None:
+            self.listener.retries_waiting(delayed)
 
 
 class CeleryUploadConsumer:

@@ -13,7 +13,6 @@ from typing import Any
 from celery import bootsteps
 
 from worker.clock import SystemClock
-from worker.runtime import runtime_of
 from worker.upload.flow import TICK, BrokerDepths, CeleryUploadConsumer, UploadFlow
 
 logger = logging.getLogger(__name__)
@@ -31,7 +30,7 @@ class UploadFlowStep(bootsteps.StartStopStep):
         self._depths: BrokerDepths | None = None
 
     def start(self, c: Any) -> None:
-        runtime = runtime_of(c.app)
+        runtime = c.app.runtime()
         self._depths = BrokerDepths(runtime.settings.broker_url, runtime.topology)
         # Celery starts with a prefetch of UPLOAD_CONCURRENCY: take no more than the adaptive
         # limit from the first message on (the consumer has not started consuming yet)
@@ -40,7 +39,7 @@ class UploadFlowStep(bootsteps.StartStopStep):
         flow = UploadFlow(
             circuit=runtime.circuit, concurrency=runtime.concurrency, gate=runtime.gate,
             consumer=consumer, depths=self._depths, clock=SystemClock(),
-            metrics=runtime.metrics,
+            listener=runtime.listener,
         )
         c.on_decode_error = _reject_undecodable
         # the first tick comes from the timer, inside the event loop: only then has Celery given

@@ -21,15 +21,13 @@ and a worker consuming that queue the usual way still feeds the same path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from celery import Celery, Task
+from celery import Task
 from celery.exceptions import Reject
 
 from worker.broker.messages import INGEST_TASK, UPLOAD_TASK, read_bundle
 from worker.errors import PublishError
-from worker.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +39,13 @@ PUBLISH_ROUNDS = 3
 KEPT_OUTCOMES = 1000
 
 
-def register(app: Celery, runtime: Callable[[Celery], Runtime]) -> None:
-    """Register both tasks on ``app``; ``runtime(app)`` gives the process's runtime."""
+def register(app: Any) -> None:
+    """Register both tasks on ``app`` (whose ``runtime()`` gives the process's runtime)."""
 
     @app.task(name=UPLOAD_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def upload(self: Task, *args: Any) -> dict[str, Any]:
         """Upload one bundle; dead-letter or put back what fails."""
-        rt = runtime(app)
+        rt = app.runtime()
         bundle = read_bundle(args)  # not a bundle: raises, and Celery rejects it (dead-lettered)
         task_id = str(self.request.id)
         if not rt.seen.start(task_id, timeout=rt.attempt_bound(bundle)):
@@ -80,18 +78,18 @@ def register(app: Celery, runtime: Callable[[Celery], Runtime]) -> None:
     def ingest(self: Task, event_or_list: Any) -> int:
         """Hand the events on to the ``activities`` queue, where the ingest step batches them."""
         try:
-            return runtime(app).forward_to_ingest(event_or_list)
+            return app.runtime().forward_to_ingest(event_or_list)
         except PublishError as exc:
             raise Reject(str(exc), requeue=True) from None
 
 
-def _keep(rt: Runtime, task_id: str, rounds: int, messages: list[Any]) -> None:
+def _keep(rt: Any, task_id: str, rounds: int, messages: list[Any]) -> None:
     while len(rt.unpublished) >= KEPT_OUTCOMES:
         rt.unpublished.pop(next(iter(rt.unpublished)))
     rt.unpublished[task_id] = (rounds, messages)
 
 
-def _publish_kept(rt: Runtime, task_id: str, rounds: int, messages: list[Any]) -> None:
+def _publish_kept(rt: Any, task_id: str, rounds: int, messages: list[Any]) -> None:
     try:
         rt.publishers.publish(messages)
     except PublishError as exc:
