@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import amqp
-from kombu import Connection, Queue
+from kombu.connection import Connection
+from kombu.entity import Queue
 
+from worker.broker.connection import connect
 from worker.errors import PublishError
 
 logger = logging.getLogger(__name__)
@@ -178,8 +180,7 @@ class Publisher:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self.close()
-        connection = Connection(self.broker_url, heartbeat=0, connect_timeout=10)
-        connection.ensure_connection(max_retries=3)
+        connection = connect(self.broker_url)
         channel = connection.channel()
         for queue in self.declare:
             queue(channel).declare()

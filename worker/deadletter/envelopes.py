@@ -34,6 +34,7 @@ from typing import Any
 from worker.events import jsonutil
 from worker.events.parsing import raw_text
 from worker.broker.publisher import Outgoing
+from worker.clock import Clock
 
 #: The body could not be read: not JSON, not UTF-8, not an object or array of objects.
 MALFORMED = "malformed"
@@ -161,6 +162,31 @@ def message(queue: str, body: Envelope) -> Outgoing:
 def messages(queue: str, bodies: Iterable[Envelope]) -> list[Outgoing]:
     """The messages of several envelopes (the parts of one body), in order."""
     return [message(queue, body) for body in bodies]
+
+
+class DeadLetters:
+    """Writes the dead letters of one part of the worker (the consumer, delivery, the salvage):
+    one queue, one clock, the contract's two shapes. The callers only say why."""
+
+    def __init__(self, *, queue: str, clock: Clock) -> None:
+        self.queue = queue
+        self.clock = clock
+
+    def event(self, reason: str, error: str, *, event: Any = None, raw: bytes | str | None = None,
+              details: dict[str, Any] | None = None, asset_id: str | None = None, attempts: int = 0,
+              replays: int = 0) -> Outgoing:
+        """The dead letter of one event (``raw``: its text, when it could not be parsed)."""
+        return message(self.queue, envelope(reason=reason, error=error, failed_at=self.clock.now(), event=event,
+                                            raw=raw, details=details, asset_id=asset_id, attempts=attempts,
+                                            replays=replays))
+
+    def body(self, reason: str, error: str, *, raw: bytes | str, details: dict[str, Any] | None = None,
+             asset_id: str | None = None, attempts: int = 0, replays: int = 0,
+             part_bytes: int = PART_BYTES) -> list[Outgoing]:
+        """The dead letters of a whole message body, in parts when it is large."""
+        return messages(self.queue, body_envelopes(reason=reason, error=error, failed_at=self.clock.now(), raw=raw,
+                                                   details=details, asset_id=asset_id, attempts=attempts,
+                                                   replays=replays, part_bytes=part_bytes))
 
 
 def part_of(body: Envelope) -> Part | None:

@@ -21,11 +21,12 @@ from datetime import datetime, timezone
 from typing import Any, TextIO
 
 import amqp
-from kombu import Connection
+from kombu.connection import Connection
 from kombu.exceptions import OperationalError
 
 from config.settings import Settings
 from worker.deadletter import envelopes
+from worker.broker.connection import connect
 from worker.errors import DeadLetterError, NoDeadLetterQueue
 from worker.events import jsonutil
 
@@ -232,24 +233,28 @@ class Reader:
         #: Every tag below it is acknowledged; :attr:`_acked` holds those acknowledged above it.
         self._floor = 1
         self._acked: set[int] = set()
-        self._connection = Connection(settings.broker_url, heartbeat=0, connect_timeout=10)
+        self._connection: Connection | None = None
 
     def __enter__(self) -> Reader:
         where = self.settings.broker_url_redacted
         try:
-            self._connection.ensure_connection(max_retries=2)
-            self.channel: amqp.Channel = self._connection.channel()
+            self._connection = connect(self.settings.broker_url, retries=2)
+        except (OperationalError, OSError) as exc:
+            raise DeadLetterError(f"cannot reach the broker at {where}: {exc}") from None
+        connection = self._connection
+        try:
+            self.channel: amqp.Channel = connection.channel()
             # passive: reading must not create the queue (a typo in its name would look empty)
             _, self.start_count, _ = self.channel.queue_declare(self.queue, durable=True, passive=True)
         except amqp.exceptions.NotFound:
-            self._connection.release()
+            connection.release()
             raise NoDeadLetterQueue(
                 f"no dead letters yet: there is no queue {self.queue!r} on {where}. The worker creates it "
                 "when it starts; if a worker has run against this broker, check ACTIVITY_DEAD_LETTER_QUEUE "
                 "for a typo."
             ) from None
         except (OperationalError, OSError) as exc:
-            self._connection.release()
+            connection.release()
             raise DeadLetterError(f"cannot reach the broker at {where}: {exc}") from None
         logger.info("%d dead letters in %s on %s", self.start_count, self.queue, where)
         return self
@@ -295,7 +300,8 @@ class Reader:
                 self.channel.close()
         except Exception:  # a broken connection: the broker has put them back already
             pass
-        self._connection.release()
+        if self._connection is not None:
+            self._connection.release()
 
 
 def envelope_of(body: bytes | str) -> Envelope:

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 PREFETCH = 4
 
 
-def dead_letters(body: bytes | str, headers: dict[str, Any], *, queue: str, clock: Clock) -> list[Outgoing]:
+def dead_letters(body: bytes | str, headers: dict[str, Any], letters: envelopes.DeadLetters) -> list[Outgoing]:
     """The dead letters for one dead-lettered message (see the module docstring)."""
     death = _first_death(headers)
     where = f"{death.get('queue', 'the upload queue')} ({death.get('reason', 'rejected')})"
@@ -50,8 +50,7 @@ def dead_letters(body: bytes | str, headers: dict[str, Any], *, queue: str, cloc
     if bundle is None:
         error = (f"RabbitMQ dead-lettered this message from {where}: the worker could not handle it and could "
                  "not read events out of it. Its whole body is in raw; see the worker's log at failed_at.")
-        return envelopes.messages(queue, envelopes.body_envelopes(
-            reason=envelopes.UNHANDLED, error=error, raw=body, details=details, failed_at=clock.now()))
+        return letters.body(envelopes.UNHANDLED, error, raw=body, details=details)
     error = (f"RabbitMQ dead-lettered this upload task from {where}: the worker failed on it without handling "
              "the failure (see its log and Sentry at failed_at). The event may or may not have reached Netcore; "
              "replay it once the cause is fixed.")
@@ -59,10 +58,9 @@ def dead_letters(body: bytes | str, headers: dict[str, Any], *, queue: str, cloc
     for batch in bundle.batches:
         for index, text in enumerate(batch.events):
             event, raw = _event_of(text)
-            out.append(envelopes.message(queue, envelopes.envelope(
-                reason=envelopes.UNHANDLED, error=error, event=event, raw=raw, details=details,
-                asset_id=batch.asset_id, attempts=batch.attempts, failed_at=clock.now(),
-                replays=batch.replays_of(index))))
+            out.append(letters.event(envelopes.UNHANDLED, error, event=event, raw=raw, details=details,
+                                     asset_id=batch.asset_id, attempts=batch.attempts,
+                                     replays=batch.replays_of(index)))
     return out
 
 
@@ -90,18 +88,16 @@ class Salvage:
 
     def __init__(self, *, publish: PublishFn, dead_letter_queue: str, clock: Clock) -> None:
         self.publish = publish
-        self.dead_letter_queue = dead_letter_queue
-        self.clock = clock
+        self.letters = envelopes.DeadLetters(queue=dead_letter_queue, clock=clock)
 
     def on_message(self, message: Any) -> None:
         headers = dict(message.headers or {})
         try:
-            letters = dead_letters(message.body, headers, queue=self.dead_letter_queue, clock=self.clock)
+            letters = dead_letters(message.body, headers, self.letters)
         except Exception:  # a bug here: keep the message whole rather than lose it
             logger.exception("Salvage: could not read a dead-lettered message; writing it whole")
-            letters = envelopes.messages(self.dead_letter_queue, envelopes.body_envelopes(
-                reason=envelopes.UNHANDLED, error="The worker could not read this dead-lettered message.",
-                raw=message.body, failed_at=self.clock.now()))
+            letters = self.letters.body(envelopes.UNHANDLED, "The worker could not read this dead-lettered message.",
+                                        raw=message.body)
         try:
             self.publish(letters)
         except PublishError as exc:
@@ -109,7 +105,7 @@ class Salvage:
                          len(letters), exc, message.delivery_info.get("routing_key"))
             return  # unacknowledged: it comes back with the channel
         logger.error("Salvage: wrote %d events of a message RabbitMQ dead-lettered (%s) to %s as 'unhandled'",
-                     len(letters), _first_death(headers), self.dead_letter_queue)
+                     len(letters), _first_death(headers), self.letters.queue)
         message.ack()
 
 

@@ -119,6 +119,7 @@ class Ingest:
         self.release_slack = release_slack
         #: Where suspects go to be handled alone (None: set aside at once, as ``poison``).
         self.quarantine_queue = quarantine_queue
+        self.letters = envelopes.DeadLetters(queue=settings.dead_letter_queue, clock=clock)
         self.renderer = Renderer(make=upload_message, max_events=settings.batch_size,
                                  max_bytes=settings.batch_max_bytes, oversized=self._oversized)
         self.handoff = HandOff(publish=publish, render=self._render, clock=clock)
@@ -275,9 +276,9 @@ class Ingest:
         self.counts["malformed"] += 1
         self.listener.unreadable(envelopes.MALFORMED)
         logger.warning("Dead-lettering an unreadable message: %s", error)
-        dead = envelopes.body_envelopes(reason=envelopes.MALFORMED, error=error, raw=message.body, details=details,
-                                         failed_at=self.clock.now(), replays=replays_of(message))
-        self._send(envelopes.messages(self.settings.dead_letter_queue, dead), [], [hold])
+        dead = self.letters.body(envelopes.MALFORMED, error, raw=message.body, details=details,
+                                 replays=replays_of(message))
+        self._send(dead, [], [hold])
 
     def _poison(self, message: Message, deliveries: int, hold: _Once) -> None:
         """Proven to kill the worker: never read again, set aside whole."""
@@ -289,10 +290,9 @@ class Ingest:
             "worker again: look at the worker's logs around failed_at, then replay it once the cause is fixed."
         )
         logger.error("Dead-lettering a message delivered %d times (poison)", deliveries)
-        dead = envelopes.body_envelopes(reason=envelopes.POISON, error=error, raw=message.body,
-                                         details={"deliveries": deliveries}, attempts=deliveries,
-                                         failed_at=self.clock.now(), replays=replays_of(message))
-        self._send(envelopes.messages(self.settings.dead_letter_queue, dead), [], [hold])
+        dead = self.letters.body(envelopes.POISON, error, raw=message.body, details={"deliveries": deliveries},
+                                 attempts=deliveries, replays=replays_of(message))
+        self._send(dead, [], [hold])
 
     def _unhandled(self, message: Message, exc: Exception, hold: _Once) -> None:
         """A bug met this message: keep it whole (replayable when it is a producer's body)."""
@@ -301,10 +301,10 @@ class Ingest:
                  "could go on; see its log at failed_at. Replay it once the cause is fixed.")
         details = {"problem": "internal_error", "exception": type(exc).__name__,
                    "replay_body": "task" not in (message.headers or {})}
-        dead = envelopes.body_envelopes(reason=envelopes.UNHANDLED, error=error, raw=message.body,
-                                         details=details, failed_at=self.clock.now(), replays=replays_of(message))
+        dead = self.letters.body(envelopes.UNHANDLED, error, raw=message.body, details=details,
+                                 replays=replays_of(message))
         try:
-            self.handoff.send(envelopes.messages(self.settings.dead_letter_queue, dead), [], [hold])
+            self.handoff.send(dead, [], [hold])
         except CONNECTION_ERRORS:
             raise
         except Exception:  # the hand-off itself is broken: leave the message unacknowledged
@@ -314,24 +314,17 @@ class Ingest:
         self.counts["invalid"] += 1
         self.listener.refused_in_ingest("unroutable")
         errors = validate_event(event) or {"asset_id": ["asset_id is missing or not a string."]}
-        body = envelopes.envelope(
-            reason=envelopes.INVALID,
-            error=f"The event cannot be routed: {'; '.join(m for ms in errors.values() for m in ms)}",
-            event=event, details=errors, failed_at=self.clock.now(), replays=replays,
-        )
-        return envelopes.message(self.settings.dead_letter_queue, body)
+        error = f"The event cannot be routed: {'; '.join(m for ms in errors.values() for m in ms)}"
+        return self.letters.event(envelopes.INVALID, error, event=event, details=errors, replays=replays)
 
     def _too_large(self, event: Any, asset_id: str, size: int, replays: int = 0) -> Outgoing:
         self.counts["invalid"] += 1
         self.listener.refused_in_ingest("too_large")
-        body = envelopes.envelope(
-            reason=envelopes.INVALID,
-            error=f"The event is {size} bytes of JSON, over the {MAX_EVENT_BYTES}-byte limit per event: "
-            "send large data by reference, not inside activity_params.",
-            event=event, details={"_schema": ["event too large"], "size": size, "max_bytes": MAX_EVENT_BYTES},
-            asset_id=asset_id, failed_at=self.clock.now(), replays=replays,
-        )
-        return envelopes.message(self.settings.dead_letter_queue, body)
+        error = (f"The event is {size} bytes of JSON, over the {MAX_EVENT_BYTES}-byte limit per event: send large "
+                 "data by reference, not inside activity_params.")
+        details = {"_schema": ["event too large"], "size": size, "max_bytes": MAX_EVENT_BYTES}
+        return self.letters.event(envelopes.INVALID, error, event=event, details=details, asset_id=asset_id,
+                                  replays=replays)
 
     def _oversized(self, batch: UploadBatch, limit: int) -> list[Outgoing]:
         """One event whose upload message is over the broker's ``max_message_size``: it cannot
@@ -339,11 +332,9 @@ class Ingest:
         self.listener.refused_in_ingest("too_large")
         error = (f"The event's upload message is over the broker's max_message_size ({limit} bytes): it cannot be "
                  "uploaded through this RabbitMQ. Send large data by reference, or raise max_message_size.")
-        dead = envelopes.body_envelopes(reason=envelopes.INVALID, error=error, raw=batch.events[0],
-                                         details={"_schema": ["event too large for the broker"], "max_bytes": limit},
-                                         asset_id=batch.asset_id, failed_at=self.clock.now(),
-                                         replays=batch.replays_of(0), part_bytes=max(1024, limit // 4))
-        return envelopes.messages(self.settings.dead_letter_queue, dead)
+        return self.letters.body(envelopes.INVALID, error, raw=batch.events[0],
+                                 details={"_schema": ["event too large for the broker"], "max_bytes": limit},
+                                 asset_id=batch.asset_id, replays=batch.replays_of(0), part_bytes=max(1024, limit // 4))
 
 
 class _Once:

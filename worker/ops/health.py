@@ -39,9 +39,10 @@ from dataclasses import dataclass
 import amqp
 from celery import Celery
 from celery.utils.nodenames import default_nodename, host_format
-from kombu import Connection
+from kombu.connection import Connection
 from kombu.exceptions import OperationalError
 
+from worker.broker.connection import connect
 from config.settings import Settings, SettingsError
 
 #: The worker's name in the Procfile (``--hostname=activities@%h``).
@@ -82,11 +83,11 @@ def check(
 ) -> Health:
     """Is the worker ``hostname`` alive and ``settings.queue`` consumed? (see the module docstring)"""
     where, queue = settings.broker_url_redacted, settings.queue
-    with Connection(settings.broker_url, connect_timeout=timeout, heartbeat=0) as connection:
-        try:
-            connection.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
-        except (OperationalError, OSError) as exc:
-            return Health(False, f"cannot reach the broker at {where}: {exc}")
+    try:
+        connection = connect(settings.broker_url, timeout=timeout, retries=0)
+    except (OperationalError, OSError) as exc:
+        return Health(False, f"cannot reach the broker at {where}: {exc}")
+    with connection:
         try:
             _, ready, consumers = connection.default_channel.queue_declare(queue, passive=True)
         except amqp.exceptions.NotFound:

@@ -13,9 +13,9 @@ from typing import Any
 
 import amqp
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_shutdown
-from kombu import Connection
 
 from config.settings import Settings
+from worker.broker.connection import connect
 from worker.broker.topology import Topology
 from worker.errors import SettingsError
 from worker.ops import logs, sentry
@@ -30,8 +30,7 @@ def declare_queues(settings: Settings) -> None:
     start; exit with one line when one exists with other arguments (made by another version,
     or with another ACTIVITY_QUEUE_TYPE), which the broker refuses to change."""
     topology = Topology.of(settings)
-    with Connection(settings.broker_url, connect_timeout=10, heartbeat=0) as connection:
-        connection.ensure_connection(max_retries=30, interval_start=1, interval_step=1, interval_max=5)
+    with connect(settings.broker_url, retries=30) as connection:  # RabbitMQ may still be starting
         for queue in topology.all_queues():
             channel = connection.channel()
             try:

@@ -137,6 +137,7 @@ class Delivery:
         #: ACTIVITY_NAIVE_TIMESTAMPS: forward zone-less timestamps (counted), or dead-letter them.
         self.naive_timestamps: NaiveTimestamps = naive_timestamps
         self.listener = listener
+        self.letters = envelopes.DeadLetters(queue=topology.dead_letter, clock=clock)
 
     def deliver(self, bundle: Bundle) -> Report:
         """Deliver every batch of ``bundle``; publish its dead letters and retries; report."""
@@ -297,12 +298,9 @@ class Delivery:
             event, problem = _read(batch.events[index])
             if problem is not None:  # kept whole as text: the strict parser refused it
                 raw = batch.events[index]
-        body = envelopes.envelope(
-            reason=reason, error=error, event=event, raw=raw, details=details, asset_id=batch.asset_id,
-            attempts=batch.attempts if attempts is None else attempts, failed_at=self.clock.now(),
-            replays=batch.replays_of(index),
-        )
-        return envelopes.message(self.topology.dead_letter, body)
+        return self.letters.event(reason, error, event=event, raw=raw, details=details, asset_id=batch.asset_id,
+                                  attempts=batch.attempts if attempts is None else attempts,
+                                  replays=batch.replays_of(index))
 
 
 def _read(item: Any) -> tuple[Any, MalformedBody | None]:

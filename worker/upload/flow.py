@@ -20,9 +20,10 @@ import logging
 from typing import Any, Protocol
 
 import amqp
-from kombu import Connection
+from kombu.connection import Connection
 from kombu.exceptions import OperationalError
 
+from worker.broker.connection import connect
 from worker.broker.topology import Topology
 from worker.clock import Clock
 from worker.gate import Gate
@@ -221,8 +222,7 @@ class BrokerDepths:
     def _ensure(self) -> Any:
         if self._channel is None or not self._channel.is_open:
             self.close()
-            self._connection = Connection(self.broker_url, heartbeat=0, connect_timeout=5)
-            self._connection.ensure_connection(max_retries=1)
+            self._connection = connect(self.broker_url, timeout=5.0, retries=0)
             self._channel = self._connection.channel()
         return self._channel
 
