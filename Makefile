@@ -52,6 +52,7 @@ bench: install
 
 lint: install
 	$(BIN)/ruff check worker config tests bench
+	$(BIN)/mypy
 
 # 200,000 events, 5% API failures, a SIGKILL every 20 s; prints the ledger (minutes; not in CI)
 soak: install

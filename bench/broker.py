@@ -32,8 +32,8 @@ from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
 from config.settings import MAX_BACKOFF, Settings
-from worker.broker.topology import Topology, delay_ladder
 from worker.broker.publisher import Outgoing, Publisher
+from worker.broker.topology import Topology, delay_ladder
 
 #: The broker, as the worker finds it.
 BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")

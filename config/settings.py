@@ -2,7 +2,10 @@
 
 A bad value raises :class:`~worker.errors.SettingsError` whose message names the setting, so that
 ``ACTIVITY_BATCH_SIZE=5000`` stops the worker with "ACTIVITY_BATCH_SIZE=5000: must be 1..1000"
-instead of failing later, somewhere else. Nothing else in the project reads ``os.environ``.
+instead of failing later, somewhere else. Nothing else in the worker reads ``os.environ``: the
+two programs that pass the environment on unread (Flower, started with the worker's app, and
+``make run``'s supervisor) take it from :func:`process_environment`. (The sandbox, a program of
+its own that shares no code with the worker, reads its own.)
 """
 
 from __future__ import annotations
@@ -222,6 +225,11 @@ def _redact_one(url: str) -> str:
         return url
     host = parts.netloc.rsplit("@", 1)[1]  # as written: IPv6 brackets and port kept
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def process_environment() -> dict[str, str]:
+    """A copy of this process's environment, for a program that hands it on to another."""
+    return dict(os.environ)
 
 
 def load_or_exit(*, require_api: bool = True) -> Settings:

@@ -27,9 +27,9 @@ from kombu import Connection, Consumer, Queue
 
 from config.settings import MAX_BACKOFF, Settings
 from tests.vhosts import SessionVhosts
-from worker.events import jsonutil
-from worker.broker.topology import Topology, delay_ladder
 from worker.broker.publisher import Outgoing, Publisher
+from worker.broker.topology import Topology, delay_ladder
+from worker.events import jsonutil
 
 #: The machine's broker (the worker's own default, or the runner's ``CELERY_BROKER_URL``). Tests do
 #: not use its default vhost: each :class:`QueueSet` lives in a vhost of its own on it.

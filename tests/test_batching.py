@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from worker.ingest.batching import Batch, Batcher, Ticket
 from worker.clock import ManualClock
+from worker.ingest.batching import Batch, Batcher, Ticket
 
 pytestmark = pytest.mark.timeout(30)
 

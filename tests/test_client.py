@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import requests
 
+from worker.errors import Permanent, Refused, Rejected, Transient, Unauthorized, UploadError
 from worker.events import jsonutil
 from worker.upload.client import BODY_EXCERPT, ApiClient, classify, parse_retry_after
-from worker.errors import Permanent, Refused, Rejected, Transient, Unauthorized, UploadError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -380,11 +380,12 @@ def test_https_to_a_plain_http_port_is_permanent_refused(server: LocalServer) ->
 def _self_signed(tmp: Path) -> tuple[Path, Path]:
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     if importlib.util.find_spec("cryptography") is not None:
+        import ipaddress
+
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
-        import ipaddress
 
         private = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])

@@ -17,6 +17,7 @@ import pytest
 
 from tests.test_ingest import FakeMessage, Rig
 from tests.test_ingest import event as ingest_event
+from worker.broker.headers import REASON_HEADER
 from worker.deadletter import envelopes as deadletter
 from worker.events import jsonutil
 from worker.events.parsing import MAX_EVENTS_PER_MESSAGE, raw_text
@@ -166,7 +167,7 @@ def test_ingest_writes_a_body_over_the_part_size_in_parts_confirmed_together_bef
     assert len(rig.published) == 1  # one group: the broker confirms every part, then the ack
     parts = rig.dead_letters()
     assert [p["part"]["number"] for p in parts] == [1, 2] and {p["reason"] for p in parts} == {"malformed"}
-    assert all(m.headers[deadletter.REASON_HEADER] == "malformed" for m in rig.published[0])
+    assert all(m.headers[REASON_HEADER] == "malformed" for m in rig.published[0])
     assert deadletter.join(parts) == body
     assert rig.acks == [(tag, True)] and rig.position(("publish", 0)) < rig.position(("ack", tag))
 

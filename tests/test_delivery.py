@@ -19,12 +19,12 @@ import pytest
 from celery import Celery
 
 from config.settings import Settings
-from worker.events import jsonutil
 from worker.broker.messages import UPLOAD_TASK, Bundle, UploadBatch, read_bundle, upload_message
+from worker.broker.publisher import Outgoing
 from worker.broker.topology import Topology
 from worker.clock import ManualClock
 from worker.errors import PublishError, Refused, Rejected, Transient, Unauthorized
-from worker.broker.publisher import Outgoing
+from worker.events import jsonutil
 from worker.upload.circuit import Circuit, State
 from worker.upload.concurrency import AdaptiveConcurrency
 from worker.upload.delivery import Delivery, Report

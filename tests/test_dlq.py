@@ -29,12 +29,12 @@ from config.settings import Settings
 from tests.harness import VHOSTS
 from tests.test_ingest import Rig
 from tests.test_ingest import event as ingest_event
-from worker.deadletter import envelopes as deadletter
-from worker.deadletter import cli as dlq
-from worker.deadletter import reader as dlq_select
-from worker.events import jsonutil
 from worker.__main__ import main as worker_main
 from worker.broker.publisher import Publisher
+from worker.deadletter import cli as dlq
+from worker.deadletter import envelopes as deadletter
+from worker.deadletter import reader as dlq_select
+from worker.events import jsonutil
 
 pytestmark = pytest.mark.timeout(60)
 

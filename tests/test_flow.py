@@ -12,10 +12,10 @@ import pytest
 from celery import Celery
 
 from config.settings import Settings
-from worker.events import jsonutil
 from worker.broker.messages import MAX_BATCHES_PER_BUNDLE, Bundle, UploadBatch, bundles, read_bundle, upload_message
 from worker.broker.topology import Topology, delay_ladder
 from worker.clock import ManualClock
+from worker.events import jsonutil
 from worker.gate import Gate
 from worker.upload.circuit import FAILURES_TO_OPEN, Circuit, Permit, State
 from worker.upload.concurrency import AdaptiveConcurrency

@@ -13,8 +13,8 @@ from __future__ import annotations
 import base64
 import bisect
 import json
-import re
 import random
+import re
 import uuid
 from collections import Counter
 from collections.abc import Sequence
@@ -25,15 +25,15 @@ from celery import Celery
 from kombu.serialization import dumps as kombu_dumps
 
 from config.settings import Settings
-from worker.deadletter import envelopes as deadletter
-from worker.ingest.acks import MAX_ACK_ALONE_DEPTH, Acker
-from worker.ingest.batching import Batch, Batcher
-from worker.clock import ManualClock
-from worker.errors import PublishError
-from worker.ingest.handoff import RETRY_BASE
-from worker.ingest.pipeline import Ingest
+from worker.broker.headers import REASON_HEADER
 from worker.broker.messages import INGEST_TASK, Bundle
 from worker.broker.publisher import Outgoing
+from worker.clock import ManualClock
+from worker.errors import PublishError
+from worker.ingest.acks import MAX_ACK_ALONE_DEPTH, Acker
+from worker.ingest.batching import Batch, Batcher
+from worker.ingest.handoff import RETRY_BASE
+from worker.ingest.pipeline import Ingest
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -424,7 +424,7 @@ def test_a_malformed_body_is_one_dead_letter_and_acked(name: str) -> None:
     assert len(rig.published) == 1
     [letter] = rig.published[0]
     assert letter.queue == rig.settings.dead_letter_queue
-    assert letter.headers[deadletter.REASON_HEADER] == "malformed"
+    assert letter.headers[REASON_HEADER] == "malformed"
     dead = json.loads(letter.body)
     assert dead["reason"] == "malformed"
     assert dead["event"] is None

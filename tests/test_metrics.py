@@ -18,16 +18,16 @@ import pytest
 from celery import Celery
 
 from config.settings import Settings, SettingsError
-from worker.events import jsonutil
-from worker.ops import metrics
-from worker.ingest.acks import Acker
-from worker.ingest.batching import Batcher, Ticket
 from worker.broker.messages import Bundle, UploadBatch, read_bundle, upload_message
+from worker.broker.publisher import Outgoing
 from worker.broker.topology import Topology
 from worker.clock import ManualClock
 from worker.errors import PublishError, Rejected, Transient
+from worker.events import jsonutil
+from worker.ingest.acks import Acker
+from worker.ingest.batching import Batcher, Ticket
 from worker.ingest.pipeline import Ingest
-from worker.broker.publisher import Outgoing
+from worker.ops import metrics
 from worker.upload.circuit import Circuit, Permit
 from worker.upload.concurrency import AdaptiveConcurrency
 from worker.upload.delivery import Delivery

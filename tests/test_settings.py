@@ -133,12 +133,24 @@ def test_bad_number_names_the_setting_and_value(name: str, value: str) -> None:
 
 
 @pytest.mark.parametrize(("name", "value"), [(n, v) for n, (_, ok) in NUMERIC.items() for v in ok])
-def test_edge_values_are_accepted(name: str, value: str) -> None:
+def test_edge_values_are_accepted_and_read_as_given(name: str, value: str) -> None:
     extra = {
         "UPLOAD_RETRY_BACKOFF": {"UPLOAD_RETRY_BACKOFF_MAX": "3600"},
         "ACTIVITY_PREFETCH": {"ACTIVITY_BATCH_SIZE": "1"},
     }.get(name, {})
-    load(**{name: value, **extra})
+    settings = load(**{name: value, **extra})
+    read = getattr(settings, ATTRIBUTES[name])
+    assert read == (int(value) if name in INT_SETTINGS else float(value)) and isinstance(read, int if name in INT_SETTINGS else float)
+
+
+#: The attribute each numeric setting is read into.
+ATTRIBUTES = {
+    "ACTIVITY_BATCH_SIZE": "batch_size", "ACTIVITY_BATCH_WAIT": "batch_wait",
+    "ACTIVITY_BATCH_MAX_BYTES": "batch_max_bytes", "ACTIVITY_PREFETCH": "prefetch", "UPLOAD_TIMEOUT": "upload_timeout",
+    "UPLOAD_MAX_RETRIES": "max_retries", "UPLOAD_RETRY_BACKOFF": "retry_backoff",
+    "UPLOAD_RETRY_BACKOFF_MAX": "retry_backoff_max", "UPLOAD_RETRY_WINDOW": "retry_window",
+    "UPLOAD_CONCURRENCY": "upload_concurrency", "UPLOAD_PROBE_INTERVAL_MAX": "probe_interval_max",
+}
 
 
 def test_a_prefetch_below_the_batch_size_is_refused() -> None:

@@ -13,14 +13,14 @@ from typing import Any
 from celery import Celery
 
 from config.settings import Settings
-from worker.events import jsonutil
 from worker.broker.messages import Bundle, upload_message
+from worker.broker.publisher import Outgoing, PublisherPool
 from worker.broker.topology import Topology
 from worker.clock import Clock, SystemClock
+from worker.events import jsonutil
 from worker.gate import Gate
 from worker.ops.metrics import CIRCUIT_STATES, Metrics, MetricsListener, watch
 from worker.ops.sentry import LogListener
-from worker.broker.publisher import Outgoing, PublisherPool
 from worker.upload.circuit import Circuit
 from worker.upload.client import ApiClient
 from worker.upload.concurrency import AdaptiveConcurrency

@@ -13,8 +13,8 @@ from kombu import Connection
 from config.settings import Settings
 from tests.broker_settings import broker_env
 from tests.harness import DeadLetters, QueueSet, event, event_id_of, publish_events
-from worker.deadletter import commands as dlq_commands
 from worker.broker.topology import Topology
+from worker.deadletter import commands as dlq_commands
 from worker.sandbox import Sandbox
 
 

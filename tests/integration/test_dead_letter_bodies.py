@@ -24,11 +24,11 @@ from kombu import Connection
 from config.settings import Settings
 from tests.harness import ROOT, QueueSet, event, event_id_of, publish_events, publish_raw, require_broker
 from tests.integration.test_quorum import QUORUM, die_holding_it
-from worker.deadletter import envelopes as deadletter
+from worker.broker.topology import Topology
 from worker.deadletter import cli as dlq
+from worker.deadletter import envelopes as deadletter
 from worker.deadletter.reader import Letters
 from worker.events.parsing import MAX_EVENTS_PER_MESSAGE
-from worker.broker.topology import Topology
 from worker.sandbox import Sandbox
 
 #: Seconds the worker has to write its dead letters.

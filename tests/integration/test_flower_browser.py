@@ -39,7 +39,6 @@ from tests.integration.flower_support import (
 from worker.ops.flower import TASK_COLUMNS
 from worker.sandbox import Sandbox
 
-
 #: Events per batch, one batch (one asset_id) each.
 BATCH_SIZES = (5, 3, 2)  # one full batch (ACTIVITY_BATCH_SIZE=5): a task alone; two small ones: a bundle
 

@@ -14,7 +14,13 @@ import pytest
 from kombu import Connection
 
 from tests.harness import (
-    ROOT, TEST_BROKER_PASSWORD, QueueSet, WorkerProcess, event, publish_events, publish_raw,
+    ROOT,
+    TEST_BROKER_PASSWORD,
+    QueueSet,
+    WorkerProcess,
+    event,
+    publish_events,
+    publish_raw,
 )
 from worker.ops import health
 

@@ -16,9 +16,18 @@ from typing import Any
 
 import pytest
 
-from tests.harness import DeadLetters, QueueSet, WorkerProcess, event, event_id_of, publish_events, publish_raw, require_broker
-from worker.deadletter.reader import Letters
+from tests.harness import (
+    DeadLetters,
+    QueueSet,
+    WorkerProcess,
+    event,
+    event_id_of,
+    publish_events,
+    publish_raw,
+    require_broker,
+)
 from worker.deadletter import envelopes as deadletter
+from worker.deadletter.reader import Letters
 from worker.sandbox import Sandbox
 
 API_KEY = "hostile-key"

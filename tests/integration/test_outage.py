@@ -8,9 +8,9 @@ checks that ids delivered plus ids dead-lettered equal ids sent.
 from __future__ import annotations
 
 import json
-from urllib.parse import unquote, urlsplit
 import threading
 from collections import Counter
+from urllib.parse import unquote, urlsplit
 
 import pytest
 from celery import Celery
@@ -24,10 +24,10 @@ from tests.harness import (
     publish_events,
     publish_raw,
 )
-from worker.events import jsonutil
 from worker.broker.messages import Bundle, UploadBatch, upload_message
 from worker.broker.topology import Topology
 from worker.deadletter.commands import read, replay
+from worker.events import jsonutil
 from worker.sandbox import Sandbox
 from worker.upload.circuit import FAILURES_TO_OPEN
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import socket
 
 import pytest
-
 from kombu import Connection, Consumer
 
 from config.settings import Settings

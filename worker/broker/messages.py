@@ -25,8 +25,8 @@ from typing import Any
 from celery import Celery
 from kombu.serialization import register
 
-from worker.events import jsonutil
 from worker.broker.publisher import Outgoing
+from worker.events import jsonutil
 
 #: The task that uploads one bundle.
 UPLOAD_TASK = "activities.upload"

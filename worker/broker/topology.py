@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kombu import Queue
+from kombu.entity import Queue
 
 from config.settings import Settings
 

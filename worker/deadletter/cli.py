@@ -34,14 +34,22 @@ from datetime import datetime
 import amqp
 from kombu.exceptions import OperationalError
 
-from config.settings import Settings, SettingsError
-from worker.events import jsonutil
-from worker.deadletter.commands import GROUP_SIZE, REPLAYS_HEADER, PurgeReport, ReplayReport, count, purge, read, replay
+from config.settings import Settings
+from worker.broker.headers import REPLAYS_HEADER
+from worker.deadletter.commands import GROUP_SIZE, PurgeReport, ReplayReport, count, purge, read, replay
 from worker.deadletter.reader import (
-    NO_ASSET, PROGRESS_EVERY, TOP_ASSETS, UNREADABLE, Counts, DeadLetterError, Envelope, NoDeadLetterQueue, Progress,
-    Selection, parse_when,
+    NO_ASSET,
+    PROGRESS_EVERY,
+    TOP_ASSETS,
+    UNREADABLE,
+    Counts,
+    Envelope,
+    Progress,
+    Selection,
+    parse_when,
 )
-from worker.errors import PublishError
+from worker.errors import DeadLetterError, NoDeadLetterQueue, PublishError, SettingsError
+from worker.events import jsonutil
 
 __all__ = ["GROUP_SIZE", "NO_ASSET", "REPLAYS_HEADER", "UNREADABLE", "Counts", "DeadLetterError", "NoDeadLetterQueue",
            "PurgeReport", "ReplayReport", "Selection", "count", "main", "purge", "read", "replay"]

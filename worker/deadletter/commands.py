@@ -17,12 +17,22 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from config.settings import Settings
-from worker.deadletter import envelopes
-from worker.events import jsonutil
-from worker.deadletter.reader import Counts, Envelope, Letter, Letters, Progress, Reader, Selection, replayable, replays_of
-from worker.ingest.decoding import REPLAYS_HEADER  # on replayed events; it travels with them to their next dead letter
+from worker.broker.headers import REPLAYS_HEADER  # on replayed events; it travels with them to their next dead letter
 from worker.broker.publisher import Outgoing, Publisher
 from worker.broker.topology import Topology
+from worker.deadletter import envelopes
+from worker.deadletter.reader import (
+    Counts,
+    Envelope,
+    Letter,
+    Letters,
+    Progress,
+    Reader,
+    Selection,
+    replayable,
+    replays_of,
+)
+from worker.events import jsonutil
 
 logger = logging.getLogger(__name__)
 

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from worker.events import jsonutil
-from worker.events.parsing import raw_text
+from worker.broker.headers import REASON_HEADER
 from worker.broker.publisher import Outgoing
 from worker.clock import Clock
+from worker.events import jsonutil
+from worker.events.parsing import raw_text
 
 #: The body could not be read: not JSON, not UTF-8, not an object or array of objects.
 MALFORMED = "malformed"
@@ -58,8 +59,6 @@ UNHANDLED = "unhandled"
 #: Every reason this worker writes.
 REASONS = (MALFORMED, INVALID, REJECTED, UNAUTHORIZED, REFUSED, RETRIES_EXHAUSTED, POISON, UNHANDLED)
 
-#: Header on each dead letter, so tools can filter without parsing bodies.
-REASON_HEADER = "x-dead-letter-reason"
 
 #: Most bytes of a body that one dead letter holds; a larger body is written in parts. An
 #: envelope is at most about 6.5 times its slice (JSON escapes of control characters; base64
@@ -195,7 +194,8 @@ def part_of(body: Envelope) -> Part | None:
     if not isinstance(value, dict):
         return None
     part_id, number, count, size = (value.get(key) for key in ("id", "number", "count", "size"))
-    if not (isinstance(part_id, str) and part_id and all(_count(n) for n in (number, count, size))):
+    if not (isinstance(part_id, str) and part_id and isinstance(number, int) and isinstance(count, int)
+            and isinstance(size, int) and all(_count(n) for n in (number, count, size))):
         return None
     if not 1 <= number <= count:
         return None

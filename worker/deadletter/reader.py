@@ -25,8 +25,8 @@ from kombu.connection import Connection
 from kombu.exceptions import OperationalError
 
 from config.settings import Settings
-from worker.deadletter import envelopes
 from worker.broker.connection import connect
+from worker.deadletter import envelopes
 from worker.errors import DeadLetterError, NoDeadLetterQueue
 from worker.events import jsonutil
 

@@ -18,15 +18,14 @@ import logging
 from typing import Any
 
 from celery import bootsteps
-from kombu import Consumer
+from kombu.messaging import Consumer
 
-from worker.deadletter import envelopes
-
-from worker.events import jsonutil
 from worker.broker.messages import UPLOAD_TASK, read_bundle
-from worker.clock import Clock, SystemClock
-from worker.errors import PublishError
 from worker.broker.publisher import Outgoing, Publisher, PublishFn
+from worker.clock import Clock, SystemClock
+from worker.deadletter import envelopes
+from worker.errors import PublishError
+from worker.events import jsonutil
 
 logger = logging.getLogger(__name__)
 

@@ -129,7 +129,7 @@ def _text_of(body: bytes | str, max_bytes: int) -> str:
             size=len(body),
             max_bytes=max_bytes,
         )
-    data = bytes(body)
+    data = bytes(body) if isinstance(body, (bytes, bytearray, memoryview)) else body.encode("utf-8", "surrogatepass")
     if data.startswith(b"\xef\xbb\xbf"):
         raise _malformed(
             "bom",

@@ -13,15 +13,12 @@ from typing import Any, Protocol
 
 import orjson
 
-from worker.events import jsonutil
+from worker.broker.headers import REPLAYS_HEADER
 from worker.broker.messages import INGEST_TASK
 from worker.errors import MalformedBody
+from worker.events import jsonutil
 from worker.events.parsing import ACCEPTED_ENCODINGS, JSON_CONTENT_TYPE, MAX_MESSAGE_BYTES, parse_body
 from worker.events.validation import routing_key_of
-
-#: Header of an event replayed from the dead-letter queue (worker.deadletter.cli): how many times it was
-#: replayed. It travels with each event to its next dead letter, whichever stage writes it.
-REPLAYS_HEADER = "x-replays"
 
 
 class Message(Protocol):

@@ -21,11 +21,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from worker.ingest.batching import Batch
 from worker.broker.messages import Bundle, UploadBatch, bundles
+from worker.broker.publisher import Outgoing, PublishFn
 from worker.clock import Clock
 from worker.errors import PublishError
-from worker.broker.publisher import Outgoing, PublishFn
+from worker.ingest.batching import Batch
 
 logger = logging.getLogger(__name__)
 

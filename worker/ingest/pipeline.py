@@ -32,16 +32,17 @@ from typing import Any, Protocol
 import amqp
 
 from config.settings import Settings
+from worker.broker.headers import SUSPECT_HEADER
+from worker.broker.messages import Bundle, UploadBatch
+from worker.broker.publisher import Outgoing, PublishFn
+from worker.clock import Clock
 from worker.deadletter import envelopes
+from worker.errors import MalformedBody, PublishError
+from worker.events.validation import validate_event
 from worker.ingest.acks import Acker
 from worker.ingest.batching import Batch, Batcher, Ticket
-from worker.broker.messages import Bundle, UploadBatch
-from worker.clock import Clock
 from worker.ingest.decoding import Message, Routed, delivery_count, events_of, replays_of
-from worker.errors import MalformedBody, PublishError
 from worker.ingest.handoff import HandOff, Renderer
-from worker.broker.publisher import Outgoing, PublishFn
-from worker.events.validation import validate_event
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ logger = logging.getLogger(__name__)
 #: big is a producer bug (a blob in activity_params), and a batch of them would be huge.
 MAX_EVENT_BYTES = 512 * 1024
 
-#: Header of a suspect moved to the quarantine queue: its deliveries on the source queue.
-SUSPECT_HEADER = "x-suspect-deliveries"
 
 #: Deliveries of a quarantined message (handled alone) that prove it kills the worker.
 QUARANTINE_LIMIT = 2

@@ -18,16 +18,16 @@ import logging
 from typing import Any
 
 from celery import bootsteps
-from kombu import Consumer
+from kombu.messaging import Consumer
 
-from worker.ingest.acks import Acker
-from worker.ingest.batching import Batcher
 from worker.broker.messages import Bundle, upload_message
+from worker.broker.publisher import Outgoing, Publisher
 from worker.broker.topology import declare
 from worker.clock import SystemClock
 from worker.errors import PublishError
+from worker.ingest.acks import Acker
+from worker.ingest.batching import Batcher
 from worker.ingest.pipeline import Ingest
-from worker.broker.publisher import Outgoing, Publisher
 
 logger = logging.getLogger(__name__)
 

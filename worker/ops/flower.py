@@ -10,6 +10,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from config.settings import process_environment
+
 #: Flower's own setting (Flower reads ``FLOWER_*`` variables itself): ``user:password``,
 #: several separated by commas.
 FLOWER_AUTH_VARIABLE = "FLOWER_BASIC_AUTH"
@@ -39,16 +41,16 @@ def run_flower(argv: Sequence[str]) -> int:
     """Replace this process with Flower (``celery -A worker.app flower argv...``), after
     checking it will ask for a password. Flower reads the credentials from the environment
     itself, so they never show in the process list."""
-    problem = check_flower_auth(os.environ.get(FLOWER_AUTH_VARIABLE))
+    env = process_environment()
+    problem = check_flower_auth(env.get(FLOWER_AUTH_VARIABLE))
     if problem is not None:
         print(f"netcore-activity-worker: refusing to start Flower: {problem}", file=sys.stderr)
         return 2
     # the task list shows each task's summary arguments (asset_id, event count) by default
-    os.environ.setdefault(TASK_COLUMNS_VARIABLE, TASK_COLUMNS)
+    env = {**env, TASK_COLUMNS_VARIABLE: env.get(TASK_COLUMNS_VARIABLE) or TASK_COLUMNS}
     command = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", *argv]
     sys.stdout.flush()
-    os.execv(sys.executable, command)
-    return 0  # not reached: execv replaces the process
+    os.execve(sys.executable, command, env)  # replaces this process: nothing after it runs
 
 
 def main(argv: Sequence[str]) -> int:

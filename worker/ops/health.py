@@ -42,8 +42,9 @@ from celery.utils.nodenames import default_nodename, host_format
 from kombu.connection import Connection
 from kombu.exceptions import OperationalError
 
+from config.settings import Settings
 from worker.broker.connection import connect
-from config.settings import Settings, SettingsError
+from worker.errors import SettingsError
 
 #: The worker's name in the Procfile (``--hostname=activities@%h``).
 DEFAULT_HOSTNAME = "activities@%h"

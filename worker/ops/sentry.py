@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from config.settings import Settings
 from worker.deadletter import envelopes
@@ -102,7 +102,8 @@ def make_before_send(settings: Settings) -> Callable[[dict[str, Any], dict[str, 
             event["fingerprint"] = failure_fingerprint(reason, status if isinstance(status, int) else None)
         if isinstance(asset_id, str) and asset_id:
             tags["asset_id"] = asset_id
-        return scrubber.value(event)
+        scrubbed: dict[str, Any] | None = scrubber.value(event)
+        return scrubbed
 
     return before_send
 
@@ -121,14 +122,16 @@ def setup_sentry(settings: Settings) -> bool:
     import sentry_sdk
     from sentry_sdk.integrations.celery import CeleryIntegration
     from sentry_sdk.integrations.logging import LoggingIntegration
+    from sentry_sdk.types import Event, Hint
 
     before_send = make_before_send(settings)
+    hook = cast("Callable[[Event, Hint], Event | None]", before_send)  # an Event is a dict: the hook reads it as one
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
         include_local_variables=False,
         integrations=[CeleryIntegration(), LoggingIntegration(level=logging.INFO, event_level=logging.ERROR)],
-        before_send=before_send,
-        before_send_transaction=before_send,
+        before_send=hook,
+        before_send_transaction=hook,
     )
     return True
 

@@ -11,12 +11,11 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
-
 #: The command's name (``celery inspect activities_status``).
 COMMAND = "activities_status"
 
 
-@inspect_command(name=COMMAND)  # type: ignore[misc]  # celery's decorator is untyped
+@inspect_command(name=COMMAND)
 def activities_status(state: Any) -> dict[str, Any]:
     """The circuit's state, whether the consumer takes messages, and why not."""
     runtime = state.consumer.app.runtime()

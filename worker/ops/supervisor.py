@@ -37,6 +37,8 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
+from config.settings import process_environment
+
 #: Seconds the processes get to stop after the first signal, before they are killed.
 DEFAULT_GRACE = 30.0
 
@@ -188,7 +190,8 @@ class Supervisor:
             os.close(self._wake_write)
 
     def _start(self, spec: ProcessSpec) -> bool:
-        env = {**os.environ, "PYTHONUNBUFFERED": os.environ.get("PYTHONUNBUFFERED", "1")}
+        inherited = process_environment()
+        env = {**inherited, "PYTHONUNBUFFERED": inherited.get("PYTHONUNBUFFERED", "1")}
         try:
             # exec: the command replaces the shell, so the signals reach the program itself
             process = subprocess.Popen(

@@ -114,7 +114,8 @@ class FaultRule:
         """A body shaped like the API's: a 200 pretends success, anything else fails."""
         if self.status is not None and 200 <= self.status < 300:
             return b'{"status":"success"}'
-        message = VENDOR_MESSAGES.get(self.status or 0) or HTTPStatus(self.status).phrase
+        status = self.status or 500
+        message = VENDOR_MESSAGES.get(status) or HTTPStatus(status).phrase
         return json.dumps({"status": "fail", "message": message}).encode()
 
     def _check_coherent(self) -> None:

@@ -41,7 +41,8 @@ class _Server(ThreadingHTTPServer):
     def server_bind(self) -> None:
         """Bind without HTTPServer's reverse DNS lookup of the host, which can take seconds."""
         socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hangs up mid-answer (a read timeout, a stop) is normal here."""
@@ -76,7 +77,8 @@ class Sandbox:
         """Listen (port 0 picks a free port) and serve from a daemon thread."""
         self.stopping.clear()
         self._server = _Server(self._address, self)
-        self._bound = self._server.server_address[:2]
+        host, port = self._server.server_address[:2]
+        self._bound = (str(host), int(port))
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         args=(SHUTDOWN_POLL_SECONDS,),
                                         name="netcore-sandbox", daemon=True)

@@ -25,9 +25,8 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
-
-from worker.events import jsonutil
 from worker.errors import Refused, Rejected, Transient, Unauthorized
+from worker.events import jsonutil
 
 #: Statuses worth retrying.
 TRANSIENT_STATUSES = frozenset({408, 425, 429}) | frozenset(range(500, 600))

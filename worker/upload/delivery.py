@@ -29,19 +29,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from worker.deadletter import envelopes
-
-from worker.events import jsonutil
+from worker.broker.headers import REASON_HEADER
 from worker.broker.messages import Bundle, UploadBatch, bundles
+from worker.broker.publisher import Outgoing, PublishFn
 from worker.broker.topology import Topology
 from worker.clock import Clock
+from worker.deadletter import envelopes
 from worker.errors import MalformedBody, Permanent, Refused, Rejected, Transient, Unauthorized
+from worker.events import jsonutil
 from worker.events.parsing import parse_body
-from worker.broker.publisher import Outgoing, PublishFn
+from worker.events.validation import NaiveTimestamps, has_naive_timestamp, is_stale, validate_event
 from worker.upload.circuit import Circuit
 from worker.upload.concurrency import AdaptiveConcurrency
 from worker.upload.retry import RetryPolicy
-from worker.events.validation import NaiveTimestamps, has_naive_timestamp, is_stale, validate_event
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Delivery:
                 retries.append(_Retry(batch, True, f"unexpected {type(exc).__name__} in the worker"))
         messages = dead + self.retry_messages(retries, report, dead)
         for message in dead:
-            report.dead[message.headers.get(envelopes.REASON_HEADER, "unknown")] += 1
+            report.dead[message.headers.get(REASON_HEADER, "unknown")] += 1
         self.publish(messages)
         if self.listener is not None:
             self.listener.bundle_done(report, first_attempt_events=first_attempt_events)

@@ -213,7 +213,8 @@ class BrokerDepths:
     def _ready(self, names: list[str]) -> int | None:
         try:
             channel = self._ensure()
-            return sum(channel.queue_declare(name, passive=True).message_count for name in names)
+            total: int = sum(channel.queue_declare(name, passive=True).message_count for name in names)
+            return total
         except (amqp.exceptions.AMQPError, OperationalError, OSError) as exc:
             logger.debug("Cannot read queue depths (%r); will try again", exc)
             self.close()

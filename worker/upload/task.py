@@ -78,7 +78,8 @@ def register(app: Any) -> None:
     def ingest(self: Task, event_or_list: Any) -> int:
         """Hand the events on to the ``activities`` queue, where the ingest step batches them."""
         try:
-            return app.runtime().forward_to_ingest(event_or_list)
+            forwarded: int = app.runtime().forward_to_ingest(event_or_list)
+            return forwarded
         except PublishError as exc:
             raise Reject(str(exc), requeue=True) from None
 
