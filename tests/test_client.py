@@ -465,3 +465,20 @@ def test_trusted_certificate_works(tls_server: tuple[LocalServer, Path]) -> None
     (seen,) = server.seen
     assert seen.headers["authorization"] == f"Bearer {KEY}"
 
+
+
+def test_a_proxy_from_the_environment_is_still_used(server: LocalServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment is read once, not on every request (a ~/.netrc lookup each time cost more
+    than a request); what it says, such as HTTP_PROXY, still holds."""
+    proxy = server.url.removesuffix("/v1/activity/upload")
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = client_for("http://api.netcore.invalid/v1/activity/upload")
+    monkeypatch.delenv("HTTP_PROXY")  # read at construction: later changes do not matter
+    try:
+        client.post(EVENTS)
+    finally:
+        client.close()
+    (seen,) = server.seen
+    assert seen.path == "http://api.netcore.invalid/v1/activity/upload"  # a proxy's request line

@@ -57,6 +57,13 @@ class ApiClient:
         #: documented as thread-safe, and a connection each is what many requests in flight need.
         self._local = threading.local()
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        #: What requests would read from the environment for this URL on every request (proxies
+        #: such as HTTPS_PROXY, a CA bundle such as REQUESTS_CA_BUNDLE), read once: each lookup
+        #: (a ~/.netrc search among them) cost more than a request to a nearby API.
+        #: (A session given by the caller keeps its own settings.)
+        environment = requests.Session().merge_environment_settings(url, {}, None, None, None)
+        self._options: dict[str, Any] = {} if session is not None else {
+            "proxies": environment["proxies"], "verify": environment["verify"], "cert": environment["cert"]}
 
     def post(self, events: Sequence[Any]) -> None:
         """Upload ``events`` (one asset_id, 1..1000); raise Transient or Permanent on failure.
@@ -68,7 +75,8 @@ class ApiClient:
         else:
             body = jsonutil.dumps(list(events))
         try:
-            response = self.session.post(self.url, data=body, headers=self._headers, timeout=self.timeout)
+            response = self.session.post(self.url, data=body, headers=self._headers, timeout=self.timeout,
+                                         **self._options)
         except requests.exceptions.SSLError as exc:
             raise Refused(
                 f"TLS failed talking to {self.url}: {type(exc).__name__}. Not retried: check the "
@@ -146,6 +154,7 @@ def _is_success(body: str) -> bool:
 
 def _session() -> requests.Session:
     session = requests.Session()
+    session.trust_env = False  # the environment's proxies and CA bundle were read once (ApiClient)
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)

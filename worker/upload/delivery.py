@@ -267,7 +267,9 @@ class Delivery:
             else:
                 delay = max(self.circuit.wait_left(), retry.retry_after or 0.0, self.policy.backoff)
                 report.held += len(batch)
-            rung = self.topology.rung_for(delay, at_least=retry.retry_after is not None or not retry.counted)
+            # a Retry-After is a floor; other waits round down, so a batch the open circuit refused
+            # is back in the upload queue before the probe (it waits there, not in a delay queue)
+            rung = self.topology.rung_for(delay, at_least=retry.retry_after is not None)
             queue = self.topology.upload if rung is None else self.topology.delay_name(rung)
             waiting.setdefault(queue, []).append(batch.part(range(len(batch)), attempts=attempts, since=since))
         messages = [
