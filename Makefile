@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX_PORT ?= 8080
 
-.PHONY: install run test lint bench soak clean
+.PHONY: install run test cluster-test lint bench soak clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ run: install
 
 test: install lint
 	$(BIN)/python -m pytest
+
+# Only the cluster tests (three RabbitMQ nodes of their own; also part of make test)
+cluster-test: install
+	$(BIN)/python -m pytest -m cluster
 
 # Throughput against a bare drain, a naive design, a slow API and 7 vs 1000 asset_ids, a SIGKILL
 # mid-run and a 5-minute outage, in one run (about 10 minutes; `python -m bench --quick` for a

@@ -176,14 +176,13 @@ def test_a_wait_rounds_down_to_a_rung_or_up_when_it_is_a_floor() -> None:
 
 def test_every_queue_the_worker_declares_is_quorum_when_asked_and_dead_letters_at_least_once() -> None:
     t = topology(ACTIVITY_QUEUE_TYPE="quorum")
-    own = [q for q in t.all_queues() if q.name != t.task_source]
-    assert all(q.queue_arguments and q.queue_arguments["x-queue-type"] == "quorum" for q in own)
+    assert all(q.queue_arguments and q.queue_arguments["x-queue-type"] == "quorum" for q in t.all_queues())
     for queue in [t.upload_queue(), *t.delay_queues()]:
         assert queue.queue_arguments["x-dead-letter-strategy"] == "at-least-once"
     assert t.upload_queue().queue_arguments["x-dead-letter-routing-key"] == t.unhandled
     delay = t.delay_queue(400).queue_arguments
     assert (delay["x-message-ttl"], delay["x-dead-letter-routing-key"]) == (400, t.upload)
-    assert t.task_source_queue().queue_arguments is None  # as Celery producers declare it
+    assert t.task_source_queue().queue_arguments == {"x-queue-type": "quorum"}  # task_default_queue_type
 
 
 def test_classic_queues_carry_no_quorum_arguments_and_activities_none_at_all() -> None:

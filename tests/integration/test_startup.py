@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from kombu import Connection, Queue
 
-from tests.harness import ROOT
+from tests.harness import ROOT, QueueSet
 
 
 def run_worker(**env: str) -> subprocess.CompletedProcess[str]:
@@ -35,4 +36,18 @@ def test_bad_setting_stops_the_worker(env: dict[str, str], message: str) -> None
     result = run_worker(**{"NETCORE_API_KEY": "k-123", **env})
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"configuration error: {message}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.quorum
+def test_a_classic_task_queue_in_a_cluster_stops_the_worker_saying_who_declared_it(
+    queues: QueueSet, worker_env: dict[str, str]
+) -> None:
+    # a Celery producer configured with nothing but the broker URL declared Celery's queue first
+    with Connection(queues.settings.broker_url) as connection:
+        Queue(queues.settings.task_queue, durable=True)(connection.default_channel).declare()
+    result = run_worker(**worker_env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"queue {queues.settings.task_queue!r} already exists with other arguments" in result.stderr
+    assert 'task_default_queue_type="quorum"' in result.stderr
     assert "Traceback" not in result.stderr

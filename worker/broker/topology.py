@@ -4,7 +4,8 @@
 ``activities``            producers' events (plain JSON). Declared as producers declare it:
                           no arguments but the queue type, or their own declarations fail.
 ``celery``                ``send_task("activities.ingest", ...)`` messages, declared as a
-                          Celery producer declares it (classic, no arguments).
+                          Celery producer declares it: no arguments but the queue type (a
+                          producer in a cluster sets ``task_default_queue_type="quorum"``).
 ``activities.upload``     one Celery task message per bundle of batches. Dead-letters what
                           is rejected to ``activities.dead.unhandled``.
 ``activities.upload.``    retries waiting in RabbitMQ, never in a worker: one queue per
@@ -19,9 +20,10 @@
                           ``activities.dead`` as an envelope (:mod:`worker.upload.salvage`).
 ========================  ===============================================================
 
-With ``ACTIVITY_QUEUE_TYPE=quorum`` every queue the worker alone declares is a quorum queue, and
-dead-lettering out of them is ``at-least-once`` (RabbitMQ 3.10+), so a retry waiting in a delay
-queue survives a node failure. ``celery`` stays as Celery producers declare it.
+With ``ACTIVITY_QUEUE_TYPE=quorum`` every queue is a quorum queue, replicated on the cluster's
+nodes, and dead-lettering out of the worker's own is ``at-least-once`` (RabbitMQ 3.10+), so a
+retry waiting in a delay queue survives a node failure. A classic queue lives on one node: when
+that node dies the queue is gone until it comes back, and so would the worker's consumer be.
 
 Delays are a ladder of queues, 100 ms doubling up to the longest wait the settings allow; a
 delay is rounded down to a rung (or up, when a server's ``Retry-After`` asks for at least that
@@ -93,8 +95,9 @@ class Topology:
         return Queue(self.source, durable=True, queue_arguments=dict(QUORUM) if self.quorum else None)
 
     def task_source_queue(self) -> Queue:
-        """Celery's default queue, as a Celery producer configured with a broker URL declares it."""
-        return Queue(self.task_source, durable=True)
+        """Celery's default queue, as a Celery producer declares it (with
+        ``task_default_queue_type="quorum"`` in a cluster)."""
+        return Queue(self.task_source, durable=True, queue_arguments=dict(QUORUM) if self.quorum else None)
 
     def upload_queue(self) -> Queue:
         """The upload tasks' queue: what a worker rejects goes to :attr:`unhandled`."""

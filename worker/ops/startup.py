@@ -24,6 +24,10 @@ from worker.ops.metrics import setup as serve_metrics
 
 logger = logging.getLogger(__name__)
 
+#: Added when Celery's task queue exists as a classic queue in a cluster: who declared it so.
+TASK_QUEUE_HINT = (" Celery producers declare it too: in a cluster, give them "
+                   "task_default_queue_type=\"quorum\" (the README's Scaling out).")
+
 
 def declare_queues(settings: Settings) -> None:
     """Declare every queue of the worker now, so that tools and monitors find them from the
@@ -38,7 +42,9 @@ def declare_queues(settings: Settings) -> None:
             except amqp.exceptions.PreconditionFailed as exc:
                 print(f"netcore-activity-worker: queue {queue.name!r} already exists with other arguments "
                       f"({exc.reply_text}). A queue's type and arguments are fixed when it is created: let it "
-                      "drain (with the worker that made it), delete it, and start again.", file=sys.stderr)
+                      "drain (with the worker that made it), delete it, and start again."
+                      + (TASK_QUEUE_HINT if queue.name == topology.task_source and topology.quorum else ""),
+                      file=sys.stderr)
                 raise SystemExit(2) from None
             finally:
                 try:
