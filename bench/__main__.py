@@ -159,7 +159,8 @@ class Bench:
         self.results = Results({c.key: events_for(c, args.events) for c in CASES if c.key in args.cases},
                                args.naive_events)
         self.sandbox: SandboxProcess | None = None
-        #: The scale-out run's queues, filled by the same preload as the first case's.
+        #: The scale-out runs' queues (two processes; one process on quorum queues), filled by
+        #: the same preload as the first case's.
         self.scale_queues: list[dict[str, str]] = []
         self.results.notes.append(
             "events/s, end to end: from the first \"ready.\" of the worker to the arrival at the API of "
@@ -194,7 +195,7 @@ class Bench:
         self.say(f"sandbox API on {self.sandbox.url}; events per case: {counts}; run {self.queues.run_id}")
         skip = set(self.args.skip)
         if "scale-out" not in skip:
-            self.scale_queues = [self.queues.worker_env("scale2")]
+            self.scale_queues = [self.queues.worker_env("scale2"), self.queues.worker_env("quorum", quorum=True)]
         scale_bodies: list[bytes] = []
         for case in (c for c in CASES if c.key in self.args.cases):
             bodies = events.bodies(self.queues.run_id, case, self.results.events[case.key])
@@ -227,7 +228,7 @@ class Bench:
         drain_queue = self.queues.single(f"{case.key}.drain")
         env = self.queues.worker_env(case.key)
         copies = [drain_queue, env["ACTIVITY_QUEUE"], *extra_queues]
-        preload_s = broker.preload(copies, bodies)
+        preload_s = broker.preload(copies, bodies, quorum=self._quorum_sources())
         self.say(f"{case.title}: preloaded {len(bodies):,} messages into {len(copies)} queues in {preload_s:.1f} s")
         drain = broker.bare_drain(drain_queue, len(bodies))
         self.say(f"{case.title}: bare drain {drain.messages_per_s:,.0f} msg/s "
@@ -279,21 +280,28 @@ class Bench:
         self.results.naive = result
         self.say(f"naive: {result.events_per_s:,.0f} events/s")
 
+    def _quorum_sources(self) -> set[str]:
+        return {q["ACTIVITY_QUEUE"] for q in self.scale_queues if q.get("ACTIVITY_QUEUE_TYPE") == "quorum"}
+
     def _scale_out(self, bodies: list[bytes]) -> None:
-        """Two worker processes on one backlog, next to the one process of the first case (the
-        same backlog, preloaded with it); each process has its UPLOAD_CONCURRENCY threads."""
-        (two,) = self.scale_queues
+        """Two worker processes on one backlog, and one process on quorum queues (what a cluster
+        runs, on this one node: no replicas to write to), next to the one process of the first
+        case (the same backlog, preloaded with it); each process has its UPLOAD_CONCURRENCY threads."""
+        two, quorum = self.scale_queues
         reference = next((c.worker for c in self.results.cases if c.case == SCALE_CASE), None)
         if not bodies:  # the first case did not run: preload here, and measure one process too
             bodies = self._scale_bodies()
             one = self.queues.worker_env("scale1")
-            preload_s = broker.preload([one["ACTIVITY_QUEUE"], two["ACTIVITY_QUEUE"]], bodies)
-            self.say(f"scale-out: preloaded {len(bodies):,} messages into 2 queues in {preload_s:.1f} s")
+            copies = [one["ACTIVITY_QUEUE"], two["ACTIVITY_QUEUE"], quorum["ACTIVITY_QUEUE"]]
+            preload_s = broker.preload(copies, bodies, quorum=self._quorum_sources())
+            self.say(f"scale-out: preloaded {len(bodies):,} messages into {len(copies)} queues in {preload_s:.1f} s")
             reference = self._worker("scale-1", one, [runs.celery_worker("worker.app")], len(bodies))
         assert reference is not None
         double = self._worker("scale-2", two, [runs.celery_worker("worker.app") for _ in range(2)], len(bodies))
+        on_quorum = self._worker("scale-quorum", quorum, [runs.celery_worker("worker.app")], len(bodies))
         self.results.scale_out = [("one worker process (the first case)", reference),
-                                  ("two worker processes", double)]
+                                  ("two worker processes", double),
+                                  ("one worker process, quorum queues (one node)", on_quorum)]
 
     def _kill(self) -> None:
         """A backlog against the slow API; SIGKILL the worker mid-run, let a new one finish."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import amqp
@@ -33,7 +33,7 @@ from kombu.message import Message
 
 from config.settings import MAX_BACKOFF, Settings
 from worker.broker.publisher import Outgoing, Publisher
-from worker.broker.topology import Topology, delay_ladder
+from worker.broker.topology import QUORUM, Topology, delay_ladder
 
 #: The broker, as the worker finds it.
 BROKER_URL = os.environ.get("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")
@@ -73,10 +73,13 @@ class Queues:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     names: set[str] = field(default_factory=set)
 
-    def worker_env(self, label: str) -> dict[str, str]:
+    def worker_env(self, label: str, *, quorum: bool = False) -> dict[str, str]:
         """Fresh queues for one worker run: its source, dead-letter, task and upload queues (and
-        every queue the worker derives from them, noted for :meth:`delete_all`)."""
+        every queue the worker derives from them, noted for :meth:`delete_all`); all quorum
+        queues when ``quorum``."""
         env = {name: f"bench-{self.run_id}-{label}.{role}" for name, role in QUEUE_ROLES.items()}
+        if quorum:
+            env["ACTIVITY_QUEUE_TYPE"] = "quorum"
         self.names.update(worker_queues(env))
         return env
 
@@ -134,9 +137,9 @@ def read_all(queue: str, limit: int = DEAD_LETTERS_READ_MAX) -> list[bytes]:
     return bodies
 
 
-def preload(queues: Sequence[str], bodies: Sequence[bytes]) -> float:
-    """Publish ``bodies`` once into every queue of ``queues`` (declared durable), persistent
-    and confirmed in groups; return the seconds taken.
+def preload(queues: Sequence[str], bodies: Sequence[bytes], *, quorum: Collection[str] = ()) -> float:
+    """Publish ``bodies`` once into every queue of ``queues`` (declared durable; a quorum queue
+    when named in ``quorum``), persistent and confirmed in groups; return the seconds taken.
 
     With several queues the messages go through a fanout exchange of their own: the broker
     copies each message into every queue, and the Python side, slower than the broker here,
@@ -146,7 +149,7 @@ def preload(queues: Sequence[str], bodies: Sequence[bytes]) -> float:
     with Connection(BROKER_URL, heartbeat=0, connect_timeout=10) as connection:
         channel = connection.channel()
         for name in queues:
-            Queue(name, durable=True)(channel).declare()
+            Queue(name, durable=True, queue_arguments=dict(QUORUM) if name in quorum else None)(channel).declare()
         if len(queues) > 1:
             exchange, routing_key = f"{queues[0]}.fanout", ""
             channel.exchange_declare(exchange, "fanout", durable=False, auto_delete=False)
