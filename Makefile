@@ -44,9 +44,9 @@ run: install
 test: install lint
 	$(BIN)/python -m pytest
 
-# Only the cluster tests (three RabbitMQ nodes of their own; also part of make test)
+# Only the cluster tests (three RabbitMQ nodes of their own; also part of make test), with their ledgers
 cluster-test: install
-	$(BIN)/python -m pytest -m cluster
+	$(BIN)/python -m pytest -m cluster -rP
 
 # Throughput against a bare drain, a naive design, a slow API and 7 vs 1000 asset_ids, a SIGKILL
 # mid-run and a 5-minute outage, in one run (about 10 minutes; `python -m bench --quick` for a

@@ -108,6 +108,8 @@ class RabbitNode:
         self.port = free_port()
         self.dist_port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        #: Whether the RabbitMQ application was stopped (``stop_app``) in a running VM.
+        self.app_stopped = False
         self.directory.mkdir(parents=True)
         (self.directory / "rabbitmq.conf").write_text(NODE_CONFIG.format(user=user, password=password))
         (self.directory / "enabled_plugins").write_text("[].\n")
@@ -148,6 +150,7 @@ class RabbitNode:
         if self.running:
             raise NodeError(f"{self.name} is already running")
         self.pid_file.unlink(missing_ok=True)
+        self.app_stopped = False
         output = open(self.directory / "server.out", "ab")
         try:
             self.process = subprocess.Popen(
@@ -175,13 +178,21 @@ class RabbitNode:
 
     def ctl(self, *args: str, timeout: float = CTL_TIMEOUT) -> str:
         """Run ``rabbitmqctl -n NODE args...``; return its output, or raise with it."""
+        return self._tool(self.tools.ctl, args, timeout)
+
+    def upgrade(self, *args: str, timeout: float = CTL_TIMEOUT) -> str:
+        """Run ``rabbitmq-upgrade -n NODE args...`` (it sits next to ``rabbitmqctl``)."""
+        return self._tool(str(Path(self.tools.ctl).parent / "rabbitmq-upgrade"), args, timeout)
+
+    def _tool(self, script: str, args: tuple[str, ...], timeout: float) -> str:
+        name = Path(script).name
         try:
-            done = subprocess.run([self.tools.ctl, "-n", self.name, *args], env=self.env, cwd=self.directory,
+            done = subprocess.run([script, "-n", self.name, *args], env=self.env, cwd=self.directory,
                                   capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise NodeError(f"rabbitmqctl {' '.join(args)} on {self.name}: no answer in {timeout:.0f} s") from None
+            raise NodeError(f"{name} {' '.join(args)} on {self.name}: no answer in {timeout:.0f} s") from None
         if done.returncode != 0:
-            raise NodeError(f"rabbitmqctl {' '.join(args)} on {self.name} failed ({done.returncode}):\n"
+            raise NodeError(f"{name} {' '.join(args)} on {self.name} failed ({done.returncode}):\n"
                             f"{done.stdout}{done.stderr}")
         return done.stdout
 
@@ -196,11 +207,27 @@ class RabbitNode:
     def stop_app(self) -> None:
         """Stop the RabbitMQ application; the VM stays up, clients are disconnected."""
         self.ctl("stop_app")
+        self.app_stopped = True
 
     def start_app(self, timeout: float = START_TIMEOUT) -> None:
         """Start the RabbitMQ application again; return once it runs."""
         self.ctl("start_app", timeout=timeout)
         self.ctl("await_startup", "--timeout", str(int(timeout)), timeout=timeout + 10)
+        self.app_stopped = False
+
+    def bring_up(self, timeout: float = START_TIMEOUT) -> None:
+        """Make the node serve again, whatever a test did to it: start its VM (on its data) if it
+        was stopped or killed, or its application if only that was stopped."""
+        if not self.running:
+            self.start(timeout)
+        elif self.app_stopped:
+            self.start_app(timeout)
+
+    def await_safe_to_stop(self, timeout: float = START_TIMEOUT) -> None:
+        """Block until every quorum queue with a member here has enough members online elsewhere
+        to keep a majority without this node (``rabbitmq-upgrade await_online_quorum_plus_one``):
+        what to check before stopping a node in a rolling restart."""
+        self.upgrade("await_online_quorum_plus_one", "-t", str(int(timeout)), timeout=timeout + 10)
 
     def close_all_connections(self, reason: str) -> None:
         """Close every client connection, in every vhost."""
@@ -243,6 +270,13 @@ class RabbitNode:
         """Kill the node if it runs and delete its directory."""
         self.kill()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def failover(nodes: list[RabbitNode], first: int = 0) -> str:
+    """The failover URL list of ``nodes`` (``amqp://...//;amqp://...//``), starting at
+    ``nodes[first]``: what a worker or producer of a cluster is given, each its own start."""
+    ordered = nodes[first:] + nodes[:first]
+    return ";".join(node.url for node in ordered)
 
 
 class RabbitNodes:

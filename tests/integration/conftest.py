@@ -46,13 +46,29 @@ def rabbit_nodes() -> Iterator[RabbitNodes]:
 
     Without RabbitMQ installed, the test fails on CI and is skipped elsewhere, saying why.
     """
+    require_rabbitmq()
+    with RabbitNodes(user=TEST_BROKER_USER, password=TEST_BROKER_PASSWORD) as nodes:
+        yield nodes
+
+
+def require_rabbitmq() -> None:
+    """Fail on CI, skip elsewhere, saying why, when RabbitMQ's scripts are not installed."""
     if find_tools() is None:
         message = "RabbitMQ is not installed (rabbitmq-server and rabbitmqctl are not on PATH)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def rabbit_cluster() -> Iterator[list[RabbitNode]]:
+    """Three RabbitMQ nodes of the tests' own joined in one cluster, shared by the tests of a
+    module (about 15 s to start). A test that stops or kills nodes brings them back
+    (``node.bring_up()``) and uses queues of its own; the cluster is removed after the module.
+    Connect with ``failover(nodes, first)`` (``tests.rabbitmq_node``)."""
+    require_rabbitmq()
     with RabbitNodes(user=TEST_BROKER_USER, password=TEST_BROKER_PASSWORD) as nodes:
-        yield nodes
+        yield nodes.cluster(3)
 
 
 @pytest.fixture
