@@ -4,7 +4,7 @@ Every queue name starts with this run's prefix and is deleted at the end, whatev
 so a benchmark never reads or leaves anyone else's messages (the tests' ``QueueSet`` idea;
 the test harness itself is not imported: it prepares a broker user of the tests' own). A
 worker declares more queues than the four it is given names for (the delay ladder of its
-retries, the ``.unhandled`` queue of its dead letters): :meth:`Queues.worker_env` notes every
+retries, the ``.unhandled`` queue of its dead letters, the quarantine): :meth:`Queues.worker_env` notes every
 one of them, as the worker's own topology names them, for the longest ladder any setting
 allows (a shorter ladder is the start of the longest one).
 
@@ -107,9 +107,10 @@ class Queues:
 
 def worker_queues(env: Mapping[str, str]) -> list[str]:
     """Every queue a worker with these queue settings may declare: the four named, the
-    ``.unhandled`` queue and the delay ladder of the longest backoff a setting allows."""
+    ``.unhandled`` and quarantine queues and the delay ladder of the longest backoff a setting allows."""
     topology = Topology.of(Settings.from_env({"CELERY_BROKER_URL": BROKER_URL, **env}, require_api=False))
     return [topology.source, topology.task_source, topology.upload, topology.dead_letter, topology.unhandled,
+            topology.quarantine,
             *(topology.delay_name(rung) for rung in delay_ladder(MAX_BACKOFF))]
 
 

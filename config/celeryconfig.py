@@ -43,6 +43,9 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 #: The upload flow sets the upload queue's prefetch (worker.upload.flow): Celery's own lowering
 #: and raising of it after a reconnect would fight it.
 worker_enable_prefetch_count_reduction = False
+#: Celery's consumer without its native delayed delivery (worker.consumer says why): retries
+#: wait in the worker's own delay queues.
+worker_consumer = "worker.consumer:Consumer"
 
 
 def _task_queues() -> tuple[object, ...]:

@@ -16,6 +16,8 @@ from bench import runs
 from bench.api import API_KEY, SandboxProcess
 from bench.broker import worker_queues
 from bench.scenarios import TASK_DONE_RE, KillResult, Ledger, _task_stats, dead_letter_ids, probes_allowed
+from config.settings import Settings
+from worker.broker.topology import Topology
 from worker.sandbox import Sandbox
 
 pytestmark = pytest.mark.timeout(30)
@@ -34,7 +36,9 @@ def test_the_queue_clean_up_names_every_queue_a_worker_declares() -> None:
     env = {"ACTIVITY_QUEUE": "b.activities", "ACTIVITY_DEAD_LETTER_QUEUE": "b.dead",
            "ACTIVITY_TASK_QUEUE": "b.celery", "ACTIVITY_UPLOAD_QUEUE": "b.upload"}
     names = worker_queues(env)
-    assert {"b.activities", "b.dead", "b.celery", "b.upload", "b.dead.unhandled"} <= set(names)
+    assert {"b.activities", "b.dead", "b.celery", "b.upload", "b.dead.unhandled", "b.activities.quarantine"} <= set(names)
+    declared = Topology.of(Settings.from_env({**env, "UPLOAD_RETRY_BACKOFF_MAX": "3600"}, require_api=False))
+    assert {queue.name for queue in declared.all_queues()} <= set(names)  # whatever the worker declares
     assert "b.upload.delay.100ms" in names
     assert "b.upload.delay.409600ms" in names  # the rung of the longest default backoff (300 s)
 

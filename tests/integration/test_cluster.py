@@ -332,6 +332,7 @@ def test_the_node_leading_activities_killed_mid_run_loses_nothing(
         assert worker.process is not None and worker.process.poll() is None
         if cluster[n] is victim:  # its first node died: it found another by itself
             assert worker.wait_for_log("Connected to amqp://", timeout=60, start=mark)
+        assert "delayed delivery" not in worker.log()  # no retrying the dead node before consuming
     assert_both_consume(queues)
     assert members_running(cluster[(cluster.index(victim) + 1) % 3]) == {node.name for node in cluster}
 
