@@ -170,10 +170,20 @@ def cpu_seconds(pid: int) -> float | None:
 
 def peak_rss_mb(pid: int) -> float | None:
     """Peak resident memory (VmHWM) of ``pid`` in MB; None once it is gone."""
+    return _status_mb(pid, "VmHWM")
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory (VmRSS) of ``pid`` now, in MB; None once it is gone."""
+    return _status_mb(pid, "VmRSS")
+
+
+def _status_mb(pid: int, key: str) -> float | None:
+    """A memory figure of ``/proc/PID/status`` (given there in kB), in MB."""
     try:
         with open(f"/proc/{pid}/status") as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) / 1024
     except (FileNotFoundError, ProcessLookupError):
         return None

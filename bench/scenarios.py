@@ -35,7 +35,7 @@ from kombu import Connection, Queue
 
 from bench import broker, events, runs
 from bench.api import SandboxProcess
-from bench.procs import Spawned, free_port, peak_rss_mb
+from bench.procs import Spawned, free_port, peak_rss_mb, rss_mb
 from config.settings import Settings
 from worker.broker.publisher import Outgoing, Publisher
 from worker.upload.circuit import FAILURES_TO_OPEN
@@ -425,13 +425,13 @@ def run_outage(*, sandbox: SandboxProcess, env: Mapping[str, str], queues: Mappi
         while (now := time.time()) < end:
             _sample(watch, source, upload, result)
             if now >= next_rss:
-                result.rss_samples.append((round(now - started, 1), _rss_mb(worker.pid)))
+                result.rss_samples.append((round(now - started, 1), rss_mb(worker.pid) or 0.0))
                 next_rss = now + 10.0
             if now >= next_line:
                 down = sum(1 for r in sandbox.records_since(0) if r.get("status") == 503)
                 say(f"outage: {now - started:.0f} of {seconds:.0f} s, {len(producer.sent):,} published, "
                     f"{result.source_peak:,} ready at most in the source queue, {down} requests to the down API, "
-                    f"worker RSS {_rss_mb(worker.pid):.0f} MB")
+                    f"worker RSS {rss_mb(worker.pid) or 0.0:.0f} MB")
                 next_line = now + PROGRESS_EVERY
             if not worker.alive():
                 result.warnings.append("the worker exited during the outage")
@@ -465,17 +465,6 @@ def run_outage(*, sandbox: SandboxProcess, env: Mapping[str, str], queues: Mappi
         worker.kill()
     result.log_problems = runs.log_problems_of([worker])
     return result
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0.0
 
 
 def _sample(watch: broker.QueueWatch, source: str, upload: str, result: OutageResult) -> None:

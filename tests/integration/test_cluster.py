@@ -57,9 +57,16 @@ def running(nodes: list[RabbitNode]) -> list[RabbitNode]:
     return [node for node in nodes if node.running and not node.app_stopped]
 
 
+def queue_rows(nodes: list[RabbitNode], *columns: str) -> list[dict[str, Any]]:
+    """``rabbitmqctl list_queues name COLUMNS...`` on a node that serves: one dict per queue."""
+    listed: list[dict[str, Any]] = json.loads(
+        running(nodes)[0].ctl("list_queues", "name", *columns, "--formatter", "json", "-q"))
+    return listed
+
+
 def leader_of(nodes: list[RabbitNode], queue: str) -> RabbitNode:
     """The node that leads the quorum queue ``queue`` now."""
-    listed = json.loads(running(nodes)[0].ctl("list_queues", "name", "leader", "--formatter", "json", "-q"))
+    listed = queue_rows(nodes, "leader")
     (leader,) = [row["leader"] for row in listed if row["name"] == queue]
     return next(node for node in nodes if node.name == leader)
 
@@ -264,8 +271,7 @@ def assert_both_consume(queues: QueueSet, timeout: float = 60.0) -> None:
 
 def assert_replicated_on_every_node(cluster: list[RabbitNode], queues: QueueSet) -> None:
     """Every queue of the worker is a quorum queue with a member on each of the three nodes."""
-    listed = json.loads(running(cluster)[0].ctl("list_queues", "name", "type", "members", "--formatter", "json",
-                                                "-q"))
+    listed = queue_rows(cluster, "type", "members")
     mine = {row["name"]: row for row in listed if row["name"].startswith(queues.prefix)}
     assert {queues.settings.queue, queues.settings.task_queue, queues.settings.upload_queue,
             queues.settings.dead_letter_queue} <= set(mine)
@@ -339,8 +345,7 @@ def test_the_node_leading_activities_killed_mid_run_loses_nothing(
 
 def delayed_by_leader(cluster: list[RabbitNode], queues: QueueSet) -> Counter[str]:
     """Retries waiting in the test's delay queues, by the node that leads each queue."""
-    listed = json.loads(running(cluster)[0].ctl("list_queues", "name", "messages", "leader", "--formatter", "json",
-                                                "-q"))
+    listed = queue_rows(cluster, "messages", "leader")
     waiting: Counter[str] = Counter()
     for row in listed:
         if row["name"].startswith(f"{queues.settings.upload_queue}.delay.") and row["messages"]:

@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from celery import Celery
 
+from bench.scenarios import probes_allowed
 from tests.broker_settings import broker_env, rabbitmqctl
 from tests.harness import (
     DeadLetters,
@@ -39,16 +40,6 @@ SHORT = {"UPLOAD_MAX_RETRIES": "3", "UPLOAD_RETRY_BACKOFF": "0.1", "UPLOAD_RETRY
 def retry_budget(retries: int, base: float, cap: float) -> float:
     """The longest a batch can spend waiting between its attempts before it is given up on."""
     return sum(min(cap, base * 2 ** n) for n in range(retries))
-
-
-def probes_allowed(base: float, cap: float, duration: float) -> int:
-    """Probes the circuit's schedule allows in ``duration`` s after it opened (doubling, capped)."""
-    count, at, interval = 0, 0.0, base
-    while at + interval <= duration:
-        at += interval
-        count += 1
-        interval = min(cap, interval * 2)
-    return count
 
 
 def peak_rss_mb(pid: int) -> float:

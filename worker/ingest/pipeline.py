@@ -157,7 +157,9 @@ class Ingest:
             self._malformed(message, exc.error, exc.details, hold)
             return
         self.counts["events"] += len(events)
-        dead, ready = self._route(events, ticket, replays_of(message))
+        replays = replays_of(message)
+        dead, ready = self._route(events, replays,
+                                  lambda asset_id, text, size: self.batcher.add(asset_id, text, size, ticket, replays))
         excess = self.acker.outstanding - self.max_outstanding
         if excess > 0:  # release the oldest batches: enough for the excess, and some slack
             released = 0
@@ -168,8 +170,10 @@ class Ingest:
                 released += len(batch)
         self._send(dead, ready, [hold])
 
-    def _route(self, events: list[Routed], ticket: Ticket, replays: int) -> tuple[list[Outgoing], list[Batch]]:
-        """Dead-letter what cannot be routed or is too big; batch the rest."""
+    def _route(self, events: list[Routed], replays: int,
+               batch: Callable[[str, str, int], list[Batch]]) -> tuple[list[Outgoing], list[Batch]]:
+        """Dead-letter what cannot be routed or is too big; ``batch(asset_id, text, size)`` the
+        rest (it returns the batches that are ready)."""
         dead: list[Outgoing] = []
         ready: list[Batch] = []
         for asset_id, text, event, size in events:
@@ -178,7 +182,7 @@ class Ingest:
             elif size > MAX_EVENT_BYTES:
                 dead.append(self._too_large(event, asset_id, size, replays))
             else:
-                ready += self.batcher.add(asset_id, text, size, ticket, replays)
+                ready += batch(asset_id, text, size)
         self.listener.events_read(received=len(events), batched=len(events) - len(dead))
         return dead, ready
 
@@ -247,19 +251,17 @@ class Ingest:
                 return
             ticket = Ticket(hold)
             replays = replays_of(message)
-            dead: list[Outgoing] = []
             loads: dict[str, UploadBatch] = {}
-            for asset_id, text, event, size in events:
-                if asset_id is None:
-                    dead.append(self._invalid(event, replays))
-                elif size > MAX_EVENT_BYTES:
-                    dead.append(self._too_large(event, asset_id, size, replays))
-                else:
-                    load = loads.setdefault(asset_id, UploadBatch(asset_id, [], replays=[] if replays else None))
-                    load.events.append(text)
-                    if load.replays is not None:
-                        load.replays.append(replays)
-            self.listener.events_read(received=len(events), batched=len(events) - len(dead))
+
+            def gather(asset_id: str, text: str, size: int) -> list[Batch]:
+                """One batch per asset_id, handed on at once (nothing waits in the batcher)."""
+                load = loads.setdefault(asset_id, UploadBatch(asset_id, [], replays=[] if replays else None))
+                load.events.append(text)
+                if load.replays is not None:
+                    load.replays.append(replays)
+                return []
+
+            dead, _ = self._route(events, replays, gather)
             batches = [_as_batch(load, ticket) for load in loads.values()]
             self._send(dead, batches, [ticket.release])
         except CONNECTION_ERRORS:
