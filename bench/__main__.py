@@ -163,9 +163,10 @@ class Bench:
         #: the same preload as the first case's.
         self.scale_queues: list[dict[str, str]] = []
         self.results.notes.append(
-            "events/s, end to end: from the first \"ready.\" of the worker to the arrival at the API of "
-            "the upload that completed the N-th event; steady: from 10 % to 90 % of the events. CPU: "
-            "the kernel's utime + stime of each process over the same span, per event delivered.")
+            "events/s, end to end: from the worker's connection to RabbitMQ (it consumes from then on, seconds "
+            "before it prints \"ready.\") to the arrival at the API of the upload that completed the N-th "
+            "event; steady: from 10 % to 90 % of the events. CPU: the kernel's utime + stime of each process "
+            "over the same span, per event delivered.")
         cut = [c.title for c in CASES if c.key in args.cases and args.events is None and c.assets >= MANY_ASSETS]
         if cut:
             self.results.notes.append(

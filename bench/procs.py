@@ -17,7 +17,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 #: Clock ticks per second of the utime/stime fields of /proc/<pid>/stat.
@@ -33,7 +33,8 @@ class Spawned:
 
     A reader thread keeps the pipe drained (a worker logging one line per batch must never
     block on a full pipe) and notes *when* each awaited line arrived, so a run's clock starts
-    at the worker's "ready", not at whenever the benchmark got round to looking.
+    when the worker connected, not at whenever the benchmark got round to looking; a hook
+    given for a line runs on that thread as it arrives (the CPU meters start there).
     """
 
     def __init__(self, name: str, argv: Sequence[str], env: Mapping[str, str], log_path: Path,
@@ -48,6 +49,7 @@ class Spawned:
         self._changed = threading.Condition()
         self._seen: dict[bytes, float] = {}  #: awaited text -> unix time it first appeared
         self._watch: list[bytes] = []
+        self._hooks: dict[bytes, Callable[[], None]] = {}
         self._reader: threading.Thread | None = None
 
     @property
@@ -55,9 +57,11 @@ class Spawned:
         assert self.process is not None, "not started"
         return self.process.pid
 
-    def start(self, *watch: str) -> Spawned:
-        """Start the process; note the arrival time of any line holding one of ``watch``."""
-        self._watch = [text.encode() for text in watch]
+    def start(self, *watch: str, hooks: Mapping[str, Callable[[], None]] | None = None) -> Spawned:
+        """Start the process; note the arrival time of any line holding one of ``watch`` (or of
+        ``hooks``, whose function is called the first time its text appears)."""
+        self._hooks = {text.encode(): hook for text, hook in (hooks or {}).items()}
+        self._watch = [text.encode() for text in (*watch, *(hooks or {}))]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with _LIVE_LOCK:
             self.process = subprocess.Popen(
@@ -80,6 +84,9 @@ class Spawned:
                     for text in self._watch:
                         if text not in self._seen and text in line:
                             self._seen[text] = now
+                            hook = self._hooks.get(text)
+                            if hook is not None:
+                                hook()
                     self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()

@@ -299,7 +299,7 @@ class Results:
             ("mean batch size", f"{w.mean_batch:,.1f} events", ""),
             ("delivered", f"{w.delivered:,} of {w.expected:,}, {_num(w.unique)} distinct, "
                           f"{_num(w.duplicates)} duplicates", "= N"),
-            ("first upload after ready / last 1 % / longest pause", f"{_num(w.first_upload_s, 2)} s / "
+            ("first upload after connecting / last 1 % / longest pause", f"{_num(w.first_upload_s, 2)} s / "
              f"{_num(w.tail_s, 2)} s / {w.longest_gap_s:.2f} s", ""),
             ("backlog read by the consumer after / upload tasks waiting, peak",
              f"{_num(w.source_read_s, 1)} s / {_num(w.upload_backlog_peak)}", ""),
@@ -329,7 +329,7 @@ class Results:
             ("peak RSS", _rss(a), _rss(b)),
             ("delivered", f"{a.delivered:,}, {_num(a.duplicates)} duplicates",
              f"{b.delivered:,}, {_num(b.duplicates)} duplicates"),
-            ("first upload after ready / last 1 % / longest pause",
+            ("first upload after connecting / last 1 % / longest pause",
              f"{_num(a.first_upload_s, 2)} s / {_num(a.tail_s, 2)} s / {a.longest_gap_s:.2f} s",
              f"{_num(b.first_upload_s, 2)} s / {_num(b.tail_s, 2)} s / {b.longest_gap_s:.2f} s"),
             ("upload tasks waiting, peak", _num(a.upload_backlog_peak), _num(b.upload_backlog_peak)),

@@ -1,12 +1,14 @@
 """One measured run: consumer processes drain a preloaded backlog into the sandbox.
 
-The clock starts at the first "ready." a consumer prints and stops at the arrival of the
-upload that completed the N-th event (the sandbox dates each upload), so the figure is the
-end-to-end rate a backlog of N events really sees, including the worker's ramp-up and its
-last partial batches. The steady rate (10 % to 90 % of the events) is given beside it,
+The clock starts when the first worker process has connected to RabbitMQ (Celery's
+"Connected to" line: the worker consumes from then on, seconds before it prints "ready.") and
+stops at the arrival of the upload that completed the N-th event (the sandbox dates each
+upload), so the figure is the end-to-end rate a backlog of N events really sees, including the
+worker's ramp-up and its last partial batches. The steady rate (10 % to 90 % of the events) is given beside it,
 because on a short run those two ends weigh a lot.
 
-CPU is the kernel's accounting of every process concerned between the same two moments, and
+CPU is the kernel's accounting of every process concerned between the same two moments (read
+as the "Connected to" line arrives, and at the end), and
 the run also checks what a benchmark must not take on faith: every event delivered once,
 nothing dead-lettered, nothing left in the queue, no upload mixing asset_ids.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -33,8 +36,11 @@ from bench.procs import broker_pid as broker_pid_of
 from bench.profile import Profiler
 from config.settings import Settings
 
-#: The line a Celery worker prints once it consumes.
+#: The line a Celery worker prints once all its parts started (it consumes before that).
 READY = " ready."
+
+#: The line a Celery worker prints once connected to the broker: a run's clock starts there.
+CONNECTED = "Connected to "
 
 #: Seconds a worker may take to print it.
 READY_TIMEOUT = 90.0
@@ -136,16 +142,26 @@ def measure(
     result = RunResult(label, len(commands), int(flag) if flag else upload_concurrency(env), expected,
                        api_faults=list(faults))
     sandbox.reset(faults)
-    workers = [Spawned(f"{label}-{i}", argv, env, logs / f"{label}-{i}.log", root).start(READY)
-               for i, argv in enumerate(commands)]
+    worker_cpu, main_cpu, broker_cpu, sandbox_cpu = CpuMeter(), CpuMeter(), CpuMeter(), CpuMeter()
+    broker_pid = broker_pid_of()
+    workers = [Spawned(f"{label}-{i}", argv, env, logs / f"{label}-{i}.log", root) for i, argv in enumerate(commands)]
+    begun = threading.Lock()
+
+    def begin() -> None:
+        """The first worker connected: every meter starts (on that worker's reader thread)."""
+        if begun.acquire(blocking=False):
+            live = [w for w in workers if w.process is not None]
+            worker_cpu.start(_tree(live))
+            main_cpu.start([w.pid for w in live])
+            broker_cpu.start([broker_pid] if broker_pid else [])
+            sandbox_cpu.start([sandbox.pid])
+
+    for worker in workers:
+        worker.start(READY, hooks={CONNECTED: begin})
     try:
-        started = min(w.wait_for(READY, READY_TIMEOUT) for w in workers)
-        worker_cpu, main_cpu, broker_cpu, sandbox_cpu = CpuMeter(), CpuMeter(), CpuMeter(), CpuMeter()
-        broker_pid = broker_pid_of()
-        worker_cpu.start(_tree(workers))
-        main_cpu.start([w.pid for w in workers])
-        broker_cpu.start([broker_pid] if broker_pid else [])
-        sandbox_cpu.start([sandbox.pid])
+        for worker in workers:
+            worker.wait_for(READY, READY_TIMEOUT)
+        started = min(w.wait_for(CONNECTED, 0) for w in workers)
         if profiler is not None:
             profiler.start(workers[0].pid)
         watch = broker.QueueWatch([q for q in (source_queue, upload_queue) if q])

@@ -130,8 +130,7 @@ class Metrics:
     def observe_batcher(self, batcher: Batcher) -> None:
         """Each tick, after due batches left: the hot path's counts, then the open batches."""
         self.flush()
-        wait = batcher.next_due()
-        self.oldest_age.set(0.0 if wait is None else max(0.0, batcher.max_wait - wait))
+        self.oldest_age.set(batcher.oldest_age())
         self.buffered.set(batcher.buffered)
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:

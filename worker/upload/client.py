@@ -56,7 +56,11 @@ class ApiClient:
         #: One session (one keep-alive connection) per upload thread: requests' sessions are not
         #: documented as thread-safe, and a connection each is what many requests in flight need.
         self._local = threading.local()
-        self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
+        #: The request every upload sends, prepared once (URL, the session's default headers, the
+        #: API key): each post copies it and sets the body. Preparing it anew per request (what
+        #: ``Session.post`` does) cost a tenth of the worker's CPU with 1000 asset_ids' small batches.
+        self._template = _session().prepare_request(requests.Request(
+            "POST", url, headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}))
         #: What requests would read from the environment for this URL on every request (proxies
         #: such as HTTPS_PROXY, a CA bundle such as REQUESTS_CA_BUNDLE), read once: each lookup
         #: (a ~/.netrc search among them) cost more than a request to a nearby API.
@@ -74,9 +78,10 @@ class ApiClient:
             body = ("[" + ",".join(events) + "]").encode("utf-8")
         else:
             body = jsonutil.dumps(list(events))
+        request = self._template.copy()
+        request.prepare_body(body, None)
         try:
-            response = self.session.post(self.url, data=body, headers=self._headers, timeout=self.timeout,
-                                         **self._options)
+            response = self.session.send(request, timeout=self.timeout, **self._options)
         except requests.exceptions.SSLError as exc:
             raise Refused(
                 f"TLS failed talking to {self.url}: {type(exc).__name__}. Not retried: check the "
