@@ -236,11 +236,11 @@ def test_bundles_respect_the_byte_limit() -> None:
 def test_a_slow_api_gets_fewer_batches_per_bundle_so_a_task_holds_its_message_briefly() -> None:
     assert batches_per_bundle(None) == MAX_BATCHES_PER_BUNDLE  # nothing measured yet
     assert batches_per_bundle(0.005) == MAX_BATCHES_PER_BUNDLE  # a nearby API: the cap
-    assert batches_per_bundle(0.15) == 3  # the real API: about half a second of requests per task
+    assert batches_per_bundle(0.15) == 2  # the real API: about 0.3 s of requests per task
     assert batches_per_bundle(2.0) == 1
     small = [UploadBatch(f"a{n}", ["{}"] * 10) for n in range(7)]
     grouped = list(bundles(small, max_events=1000, max_bytes=1 << 30, max_batches=batches_per_bundle(0.15)))
-    assert [len(b.batches) for b in grouped] == [3, 3, 1]
+    assert [len(b.batches) for b in grouped] == [2, 2, 2, 1]
 
 
 def test_the_round_trip_the_bundles_follow_is_the_limits_moving_average() -> None:

@@ -46,7 +46,7 @@ MAX_BATCHES_PER_BUNDLE = 20
 
 #: Seconds of round trips one bundle should take, uploaded batch after batch: its task message
 #: is unacknowledged meanwhile, and a SIGKILL duplicates the batches it already uploaded.
-BUNDLE_SECONDS = 0.5
+BUNDLE_SECONDS = 0.3
 
 
 def batches_per_bundle(round_trip: float | None) -> int:
