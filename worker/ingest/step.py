@@ -11,8 +11,6 @@ or, while uploads are behind, keeps filling for at most ``HOLD_WAITS`` times tha
 - Start: every queue of the worker is declared, so tools and monitors find them all at once.
 - Warm shutdown (SIGTERM): stop consuming, hand every open batch on, acknowledge, stop.
 - Connection lost: forget what is in memory; the broker redelivers those messages.
-
-The consumers have a connection of their own, on the worker's event loop (see :meth:`IngestStep.start`).
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import logging
 from typing import Any
 
 from celery import bootsteps
-from kombu.connection import Connection
 from kombu.messaging import Consumer
 
 from worker.broker.messages import Bundle, batches_per_bundle, upload_message
@@ -31,15 +28,12 @@ from worker.clock import SystemClock
 from worker.errors import PublishError
 from worker.ingest.acks import Acker
 from worker.ingest.batching import Batcher
-from worker.ingest.pipeline import CONNECTION_ERRORS, Ingest
+from worker.ingest.pipeline import Ingest
 
 logger = logging.getLogger(__name__)
 
 #: How often the timer checks for batches that waited long enough, as a share of the wait.
 TICKS_PER_WAIT = 10
-
-#: What a flush on shutdown may meet: the broker does not confirm, or a connection is gone.
-FLUSH_ERRORS: tuple[type[BaseException], ...] = (PublishError, *CONNECTION_ERRORS)
 
 #: The longest a batch waits in all, in ``ACTIVITY_BATCH_WAIT``\ s, when uploads are behind and
 #: it is held to fill (:meth:`~worker.ingest.batching.Batcher.hold`): 10 s by default.
@@ -62,8 +56,6 @@ class IngestStep(bootsteps.ConsumerStep):
         self.topology = self.runtime.topology
         self.publisher = Publisher(self.settings.broker_url, declare=self.topology.publish_targets())
         self.ingest: Ingest | None = None
-        self.connection: Connection | None = None
-        self._hub: Any = None
         self._timer: Any = None
         self._consuming = False
 
@@ -101,30 +93,15 @@ class IngestStep(bootsteps.ConsumerStep):
             bundle_batches=lambda: batches_per_bundle(self.runtime.concurrency.round_trip),
         )
         self.runtime.ingest = self.ingest  # the quarantine step hands its messages to the same pipeline
-        self._consuming = False  # until the first tick: see start()
+        self._consuming = True
         return [
             Consumer(channel, queues=[topology.source_queue(), topology.task_source_queue()],
                      on_message=self.ingest.on_message, prefetch_count=settings.prefetch, no_ack=False)
         ]
 
     def start(self, c: Any) -> None:
-        """As :meth:`ConsumerStep.start`, with two differences.
-
-        The consumers have a connection of their own, on the same event loop: thousands of
-        source messages in flight (the prefetch) would otherwise stand, on the one socket,
-        between RabbitMQ and every upload task and acknowledgement of the upload side, and
-        hold each of them back by up to a second.
-
-        They consume from the first tick on, once the event loop runs: started here, thousands
-        of messages would be handled inside the synchronous broker calls of the steps that start
-        after this one, delaying the worker's start, and its first uploads, by seconds.
-        """
         self.consumer_app = c.app
-        self.connection = c.connection.clone()
-        self.connection.connect()
-        self.connection.transport.register_with_event_loop(self.connection.connection, c.hub)
-        self._hub = c.hub
-        self.consumers = self.get_consumers(self.connection.channel())
+        super().start(c)
         interval = min(MAX_TICK, max(0.01, self.settings.batch_wait / TICKS_PER_WAIT))
         self._timer = c.timer.call_repeatedly(interval, self._tick)
         logger.info(
@@ -135,31 +112,14 @@ class IngestStep(bootsteps.ConsumerStep):
 
     def stop(self, c: Any) -> None:
         self._wind_down(c)
-        self._close()
+        super().stop(c)
 
     def shutdown(self, c: Any) -> None:
         self._wind_down(c)
-        self._close()
+        super().shutdown(c)
         self.publisher.close()
 
-    def _close(self) -> None:
-        """Leave the event loop and close the connection: what is still unacknowledged on it
-        goes back to its queue."""
-        connection, self.connection = self.connection, None
-        self.consumers = []
-        if connection is None:
-            return
-        sock = getattr(connection.connection, "sock", None) if connection.connected else None
-        if self._hub is not None and sock is not None:
-            self._hub.remove(sock)
-        try:
-            connection.release()
-        except Exception:  # already broken: the broker requeues either way
-            pass
-
     def _tick(self) -> None:
-        if self.connection is not None:
-            self.connection.heartbeat_check()  # the broker's heartbeats, as Celery does for its own connection
         if self.ingest is not None:
             self.ingest.tick()
             self._follow_gate()
@@ -194,14 +154,14 @@ class IngestStep(bootsteps.ConsumerStep):
                 consumer.cancel()
             except Exception:  # the channel is already gone
                 pass
-        if c.connection is None or self.connection is None or not self.connection.connected:
+        if c.connection is None:
             logger.warning("Connection lost: %d buffered events will be redelivered", ingest.discard())
             return
         try:
             buffered = ingest.batcher.buffered
             ingest.flush_all()
             logger.info("Shutdown: handed on %d buffered events", buffered)
-        except FLUSH_ERRORS as exc:
+        except (PublishError, OSError) as exc:
             logger.warning("Shutdown: could not flush (%s); %d events will be redelivered", exc, ingest.discard())
 
 
