@@ -49,13 +49,21 @@ MAX_BATCHES_PER_BUNDLE = 20
 BUNDLE_SECONDS = 0.3
 
 
+#: The round trip assumed before the first request has measured one: the real API's, across
+#: the internet (the worker's first thousands of events are bundled before any upload ends).
+ASSUMED_ROUND_TRIP = 0.15
+
+
 def batches_per_bundle(round_trip: float | None) -> int:
     """How many batches one bundle carries when a request takes ``round_trip`` seconds (None:
-    not known yet): about :data:`BUNDLE_SECONDS` worth, 1 to :data:`MAX_BATCHES_PER_BUNDLE`.
-    A fast API takes many small batches per task (fewer tasks); a slow one, a few."""
-    if not round_trip or round_trip <= 0:
+    not measured yet, :data:`ASSUMED_ROUND_TRIP`): about :data:`BUNDLE_SECONDS` worth, 1 to
+    :data:`MAX_BATCHES_PER_BUNDLE`. A fast API takes many small batches per task (fewer tasks);
+    a slow one, a few."""
+    if round_trip is None:
+        round_trip = ASSUMED_ROUND_TRIP
+    if round_trip <= 0:
         return MAX_BATCHES_PER_BUNDLE
-    return max(1, min(MAX_BATCHES_PER_BUNDLE, int(BUNDLE_SECONDS / round_trip)))
+    return max(1, min(MAX_BATCHES_PER_BUNDLE, int(BUNDLE_SECONDS / round_trip + 1e-9)))
 
 #: Asset ids named in a bundle's summary (Flower, logs); more are counted.
 SUMMARY_ASSETS = 3
