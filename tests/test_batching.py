@@ -36,7 +36,6 @@ def make(
     max_wait: float = 2.0,
     max_bytes: int = BIG,
     max_buffered: int = BIG,
-    max_hold: float | None = None,
 ) -> Batcher:
     return Batcher(
         max_events=max_events,
@@ -44,7 +43,6 @@ def make(
         max_bytes=max_bytes,
         max_buffered=max_buffered,
         clock=clock or ManualClock(),
-        max_hold=max_hold,
     )
 
 
@@ -208,69 +206,6 @@ def test_next_due_is_zero_when_overdue_and_none_when_empty() -> None:
     batcher.add("a", ev("a", 0), 10, noop_ticket())
     clock.advance(10)
     assert batcher.next_due() == 0.0
-
-
-# --- held while uploads are behind -------------------------------------------------------------
-
-
-def test_a_held_batch_does_not_age_and_fills_on_when_intake_resumes() -> None:
-    clock = ManualClock()
-    batcher = make(clock, max_wait=2.0, max_hold=10.0)
-    batcher.add("a", ev("a", 0), 10, noop_ticket())
-    clock.advance(1.5)
-    batcher.hold(True)  # uploads are behind: a batch released now would only queue
-    clock.advance(5.0)
-    assert batcher.due() == []
-    assert batcher.next_due() == pytest.approx(3.5)  # what max_hold leaves (10 - 6.5)
-    batcher.hold(False)
-    batcher.add("a", ev("a", 1), 10, noop_ticket())
-    assert batcher.next_due() == pytest.approx(0.5)  # 1.5 s of intake time spent, 0.5 s to go
-    clock.advance(0.499)
-    assert batcher.due() == []
-    clock.advance(0.001)
-    (batch,) = batcher.due()
-    assert len(batch) == 2
-    assert batcher.oldest_age() == 0.0
-
-
-def test_a_batch_never_waits_longer_than_max_hold_however_long_the_hold() -> None:
-    clock = ManualClock()
-    batcher = make(clock, max_wait=2.0, max_hold=10.0)
-    batcher.hold(True)
-    batcher.add("a", ev("a", 0), 10, noop_ticket())
-    clock.advance(4.0)
-    batcher.add("b", ev("b", 0), 10, noop_ticket())
-    clock.advance(5.999)
-    assert batcher.due() == [] and batcher.oldest_age() == pytest.approx(9.999)
-    clock.advance(0.001)
-    assert [b.asset_id for b in batcher.due()] == ["a"]  # b has waited 6 s: it stays
-    clock.advance(4.0)
-    assert [b.asset_id for b in batcher.due()] == ["b"]
-
-
-def test_without_max_hold_holding_changes_nothing() -> None:
-    clock = ManualClock()
-    batcher = make(clock, max_wait=2.0)
-    batcher.hold(True)
-    batcher.add("a", ev("a", 0), 10, noop_ticket())
-    clock.advance(2.0)
-    assert [b.asset_id for b in batcher.due()] == ["a"]
-
-
-def test_holding_twice_and_resuming_twice_count_once() -> None:
-    clock = ManualClock()
-    batcher = make(clock, max_wait=2.0, max_hold=100.0)
-    batcher.add("a", ev("a", 0), 10, noop_ticket())
-    batcher.hold(True)
-    clock.advance(3.0)
-    batcher.hold(True)  # every tick says so: the hold began at the first
-    clock.advance(3.0)
-    batcher.hold(False)
-    batcher.hold(False)
-    clock.advance(1.999)
-    assert batcher.due() == []
-    clock.advance(0.001)
-    assert [b.asset_id for b in batcher.due()] == ["a"]
 
 
 # --- per asset ---------------------------------------------------------------------------------

@@ -152,22 +152,6 @@ def test_backpressure_pauses_the_consumer_with_hysteresis() -> None:
     assert rig.gate.is_open
 
 
-def test_uploads_are_behind_while_a_task_waits_and_the_api_works() -> None:
-    rig = Rig()
-    rig.flow.tick()
-    assert not rig.gate.behind  # nothing waits: batches leave by age
-    rig.depths.ready = 1
-    rig.flow.tick()
-    assert rig.gate.behind and rig.gate.is_open  # a task waits for a free upload: batches fill on
-    rig.depths.ready = 0
-    rig.flow.tick()
-    assert not rig.gate.behind
-    rig.depths.ready = 5
-    rig.outage()
-    rig.flow.tick()
-    assert not rig.gate.behind and not rig.gate.is_open  # an outage is no reason to hold: batches leave by age
-
-
 def test_an_unreadable_depth_changes_nothing() -> None:
     rig = Rig()
     rig.depths.ready = BACKLOG_MIN

@@ -7,12 +7,7 @@ every rule here is tested without sleeping.
 A batch is released when
 - it holds ``max_events`` events (the API takes at most 1000);
 - one more event would take it over ``max_bytes``;
-- its oldest event has waited ``max_wait`` seconds (:meth:`Batcher.due`) of *intake* time:
-  while uploads are behind (upload tasks wait in RabbitMQ for a free upload, :meth:`Batcher.hold`),
-  a batch released would only queue behind them, so its clock stops and it keeps filling:
-  with 1000 asset_ids, that makes fewer, fuller requests. A batch never waits more than
-  ``max_hold`` seconds in all (its source messages stay unacknowledged meanwhile, far below
-  RabbitMQ's ``consumer_timeout``);
+- its oldest event has waited ``max_wait`` seconds (:meth:`Batcher.due`);
 - the batcher holds ``max_buffered`` events in all (backpressure: the oldest batch goes, so
   the broker's prefetch window never fills up with events that wait for nothing);
 - the worker shuts down (:meth:`Batcher.drain`).
@@ -56,8 +51,7 @@ class Batch:
     """Events of one ``asset_id``, with the tickets of the messages they came from."""
 
     asset_id: str
-    opened_at: float  #: on the batcher's intake clock (which stops while held)
-    opened_wall: float  #: on its clock
+    opened_at: float
     events: list[Any] = field(default_factory=list)
     tickets: list[Ticket] = field(default_factory=list)
     nbytes: int = 2  # the brackets of the JSON array
@@ -84,12 +78,9 @@ class Batcher:
         max_bytes: int,
         max_buffered: int,
         clock: Clock,
-        max_hold: float | None = None,
     ) -> None:
         self.max_events = max_events
         self.max_wait = max_wait
-        #: The longest a batch waits in all, held or not (default: ``max_wait``, i.e. no holding).
-        self.max_hold = max(max_wait, max_hold if max_hold is not None else max_wait)
         self.max_bytes = max_bytes
         self.max_buffered = max_buffered
         self.clock = clock
@@ -98,22 +89,6 @@ class Batcher:
         self._open: dict[str, Batch] = {}
         #: Events held in all open batches.
         self.buffered = 0
-        #: Seconds the intake clock stood still before the current hold, and when that began.
-        self._held_for = 0.0
-        self._held_since: float | None = None
-
-    def hold(self, held: bool) -> None:
-        """Stop (True) or restart (False) the intake clock that ``max_wait`` is measured on."""
-        now = self.clock.monotonic()
-        if held and self._held_since is None:
-            self._held_since = now
-        elif not held and self._held_since is not None:
-            self._held_for += now - self._held_since
-            self._held_since = None
-
-    def _intake(self, now: float) -> float:
-        """The intake clock at ``now``: the clock minus every second spent held."""
-        return now - self._held_for - (now - self._held_since if self._held_since is not None else 0.0)
 
     def add(self, asset_id: str, event: Any, nbytes: int, ticket: Ticket, replays: int = 0) -> list[Batch]:
         """Add one event (replayed ``replays`` times before); return the batches this made ready."""
@@ -123,8 +98,7 @@ class Batcher:
             ready.append(self._release(asset_id))
             batch = None
         if batch is None:
-            now = self.clock.monotonic()
-            batch = self._open[asset_id] = Batch(asset_id, self._intake(now), now)
+            batch = self._open[asset_id] = Batch(asset_id, self.clock.monotonic())
         ticket.hold()
         if replays or batch.replays is not None:
             if batch.replays is None:
@@ -141,33 +115,20 @@ class Batcher:
         return ready
 
     def due(self) -> list[Batch]:
-        """Release the batches whose oldest event has waited ``max_wait`` seconds of intake
-        time, or ``max_hold`` in all."""
+        """Release the batches whose oldest event has waited ``max_wait`` seconds."""
+        deadline = self.clock.monotonic() - self.max_wait
         ready = []
         for asset_id, batch in list(self._open.items()):
-            if self._wait(batch, self.clock.monotonic()) > 0:
-                break  # the rest are younger, on both clocks
+            if batch.opened_at > deadline:
+                break  # the rest are younger
             ready.append(self._release(asset_id))
         return ready
 
     def next_due(self) -> float | None:
-        """Seconds until the oldest batch is due (0 if overdue), None when nothing waits; while
-        held, when ``max_hold`` would release it."""
+        """Seconds until the oldest batch is due (0 if overdue), None when nothing waits."""
         for batch in self._open.values():
-            now = self.clock.monotonic()
-            if self._held_since is not None and self._wait(batch, now) > 0:  # intake time stands still
-                return batch.opened_wall + self.max_hold - now
-            return max(0.0, self._wait(batch, now))
+            return max(0.0, batch.opened_at + self.max_wait - self.clock.monotonic())
         return None
-
-    def oldest_age(self) -> float:
-        """Seconds the oldest open batch has been open (0 when none is)."""
-        for batch in self._open.values():
-            return self.clock.monotonic() - batch.opened_wall
-        return 0.0
-
-    def _wait(self, batch: Batch, now: float) -> float:
-        return min(batch.opened_at + self.max_wait - self._intake(now), batch.opened_wall + self.max_hold - now)
 
     def release_oldest(self) -> Batch | None:
         """Release the oldest open batch (backpressure), or None when none is open."""

@@ -356,7 +356,7 @@ class _Once:
 
 def _as_batch(load: UploadBatch, ticket: Ticket) -> Batch:
     """A batch of a quarantined message, holding its ticket once per event."""
-    batch = Batch(load.asset_id, 0.0, 0.0, load.events, [ticket] * len(load), 2 + sum(len(t) + 1 for t in load.events),
+    batch = Batch(load.asset_id, 0.0, load.events, [ticket] * len(load), 2 + sum(len(t) + 1 for t in load.events),
                   load.replays)
     for _ in load.events:
         ticket.hold()

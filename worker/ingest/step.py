@@ -5,8 +5,7 @@ It consumes the ``activities`` queue (plain JSON) and Celery's default queue (wh
 the broker hand over enough unacknowledged messages to fill whole batches. A timer on the
 worker's event loop releases batches that waited ``ACTIVITY_BATCH_WAIT``, and follows the
 gate (:mod:`worker.gate`): while the upload side says so (the API is down, or upload tasks
-pile up), it stops taking messages; what it holds still leaves within ``ACTIVITY_BATCH_WAIT``,
-or, while uploads are behind, keeps filling for at most ``HOLD_WAITS`` times that.
+pile up), it stops taking messages; what it holds still leaves within ``ACTIVITY_BATCH_WAIT``.
 
 - Start: every queue of the worker is declared, so tools and monitors find them all at once.
 - Warm shutdown (SIGTERM): stop consuming, hand every open batch on, acknowledge, stop.
@@ -34,10 +33,6 @@ logger = logging.getLogger(__name__)
 
 #: How often the timer checks for batches that waited long enough, as a share of the wait.
 TICKS_PER_WAIT = 10
-
-#: The longest a batch waits in all, in ``ACTIVITY_BATCH_WAIT``\ s, when uploads are behind and
-#: it is held to fill (:meth:`~worker.ingest.batching.Batcher.hold`): 10 s by default.
-HOLD_WAITS = 5
 
 #: The longest interval between two ticks, whatever the wait: stragglers are acknowledged
 #: on ticks (worker.ingest.acks), and a long wait must not leave them unacknowledged for long.
@@ -73,7 +68,6 @@ class IngestStep(bootsteps.ConsumerStep):
             max_bytes=settings.batch_max_bytes,
             max_buffered=max(settings.batch_size, settings.prefetch - settings.batch_size),
             clock=clock,
-            max_hold=HOLD_WAITS * settings.batch_wait,
         )
 
         def make_upload(bundle: Bundle) -> Outgoing:
@@ -128,10 +122,7 @@ class IngestStep(bootsteps.ConsumerStep):
     def _follow_gate(self) -> None:
         """Stop or resume taking messages as the gate says, and while a hand-off waits for the
         broker (a basic.cancel / basic.consume)."""
-        gate = self.runtime.gate
-        wanted = gate.is_open and not (self.ingest is not None and self.ingest.blocked)
-        if self.ingest is not None:
-            self.ingest.batcher.hold(gate.behind)
+        wanted = self.runtime.gate.is_open and not (self.ingest is not None and self.ingest.blocked)
         if wanted == self._consuming:
             return
         for consumer in self.consumers or []:

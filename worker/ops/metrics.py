@@ -130,7 +130,8 @@ class Metrics:
     def observe_batcher(self, batcher: Batcher) -> None:
         """Each tick, after due batches left: the hot path's counts, then the open batches."""
         self.flush()
-        self.oldest_age.set(batcher.oldest_age())
+        wait = batcher.next_due()
+        self.oldest_age.set(0.0 if wait is None else max(0.0, batcher.max_wait - wait))
         self.buffered.set(batcher.buffered)
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:

@@ -11,9 +11,6 @@ consumers' channels), :meth:`UploadFlow.tick`:
   tasks pile up in RabbitMQ faster than they are uploaded (backpressure): events then wait in
   ``activities`` as they arrived. In half-open with no task to probe with, the gate opens, so
   that new events make one;
-- tells the ingest side, through the gate, when uploads are behind (a full round of upload
-  tasks waits in RabbitMQ while the API works): its batches then keep filling rather than
-  leave by age, since they would only queue behind those tasks;
 - reads the depths of the upload queue and of the delay queues, for the above and for metrics.
 """
 
@@ -136,15 +133,13 @@ class UploadFlow:
                 self._backlogged = True
             elif ready <= high // 2:
                 self._backlogged = False
-        behind = False
         if state in (State.OPEN, State.PAUSED):
             opened, reason = False, "the API is down or asked to wait: events wait in RabbitMQ"
         elif state is State.HALF_OPEN:
             opened, reason = ready == 0, "probing the API"  # no task to probe with: let events make one
         else:
             opened, reason = not self._backlogged, f"{ready} upload tasks are waiting in RabbitMQ (backpressure)"
-            behind = bool(ready)  # a task waits: every upload the limit allows is busy
-        if self.gate.set(opened, reason, behind=behind):
+        if self.gate.set(opened, reason):
             logger.info("Consumer %s%s", "resumed" if opened else "paused: ", "" if opened else reason)
 
     def _read_delays(self) -> None:
