@@ -12,15 +12,7 @@ import pytest
 from celery import Celery
 
 from config.settings import Settings
-from worker.broker.messages import (
-    MAX_BATCHES_PER_BUNDLE,
-    Bundle,
-    UploadBatch,
-    batches_per_bundle,
-    bundles,
-    read_bundle,
-    upload_message,
-)
+from worker.broker.messages import MAX_BATCHES_PER_BUNDLE, Bundle, UploadBatch, bundles, read_bundle, upload_message
 from worker.broker.topology import Topology, delay_ladder
 from worker.clock import ManualClock
 from worker.events import jsonutil
@@ -215,26 +207,6 @@ def test_bundles_respect_the_byte_limit() -> None:
     batches = [UploadBatch(f"a{n}", ["x" * 99] * 10) for n in range(5)]
     grouped = list(bundles(batches, max_events=1000, max_bytes=2000))
     assert [len(b.batches) for b in grouped] == [2, 2, 1]
-
-
-def test_a_slow_api_gets_fewer_batches_per_bundle_so_a_task_holds_its_message_briefly() -> None:
-    assert batches_per_bundle(None) == 2  # nothing measured yet: the real API's round trip is assumed
-    assert batches_per_bundle(0.005) == MAX_BATCHES_PER_BUNDLE  # a nearby API: the cap
-    assert batches_per_bundle(0.15) == 2  # the real API: about 0.3 s of requests per task
-    assert batches_per_bundle(2.0) == 1
-    small = [UploadBatch(f"a{n}", ["{}"] * 10) for n in range(7)]
-    grouped = list(bundles(small, max_events=1000, max_bytes=1 << 30, max_batches=batches_per_bundle(0.15)))
-    assert [len(b.batches) for b in grouped] == [2, 2, 2, 1]
-
-
-def test_the_round_trip_the_bundles_follow_is_the_limits_moving_average() -> None:
-    clock = ManualClock()
-    concurrency = AdaptiveConcurrency(ceiling=4, clock=clock)
-    assert concurrency.round_trip is None
-    started = concurrency.started()
-    clock.advance(0.15)
-    concurrency.finished(started, congested=False)
-    assert concurrency.round_trip == pytest.approx(0.15)
 
 
 def test_the_message_round_trips_and_shows_only_a_summary() -> None:
