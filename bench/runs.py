@@ -4,13 +4,13 @@ The clock starts when the first worker process has connected to RabbitMQ (Celery
 "Connected to" line: the worker consumes from then on, seconds before it prints "ready.") and
 stops at the arrival of the upload that completed the N-th event (the sandbox dates each
 upload), so the figure is the end-to-end rate a backlog of N events really sees, including the
-worker's ramp-up and its last partial batches. The steady rate (10 % to 90 % of the events) is given beside it,
-because on a short run those two ends weigh a lot.
+worker's ramp-up and its last partial batches. The steady rate (10 % to 90 % of the events) is
+given beside it, because on a short run those two ends weigh a lot.
 
 CPU is the kernel's accounting of every process concerned between the same two moments (read
-as the "Connected to" line arrives, and at the end), and
-the run also checks what a benchmark must not take on faith: every event delivered once,
-nothing dead-lettered, nothing left in the queue, no upload mixing asset_ids.
+as the "Connected to" line arrives, and at the end), and the run also checks what a benchmark
+must not take on faith: every event delivered once, nothing dead-lettered, nothing left in the
+queue, no upload mixing asset_ids.
 
 The worker is one process: its event loop consumes and batches, its thread pool uploads, as
 many threads as ``UPLOAD_CONCURRENCY``. It is started as the Procfile starts it, without
@@ -144,7 +144,8 @@ def measure(
     sandbox.reset(faults)
     worker_cpu, main_cpu, broker_cpu, sandbox_cpu = CpuMeter(), CpuMeter(), CpuMeter(), CpuMeter()
     broker_pid = broker_pid_of()
-    workers = [Spawned(f"{label}-{i}", argv, env, logs / f"{label}-{i}.log", root) for i, argv in enumerate(commands)]
+    workers = [Spawned(f"{label}-{i}", argv, env, logs / f"{label}-{i}.log", root)
+               for i, argv in enumerate(commands)]
     begun = threading.Lock()
 
     def begin() -> None:
