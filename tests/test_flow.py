@@ -12,14 +12,22 @@ import pytest
 from celery import Celery
 
 from config.settings import Settings
-from worker.broker.messages import MAX_BATCHES_PER_BUNDLE, Bundle, UploadBatch, bundles, read_bundle, upload_message
+from worker.broker.messages import (
+    MAX_BATCHES_PER_BUNDLE,
+    Bundle,
+    UploadBatch,
+    batches_per_bundle,
+    bundles,
+    read_bundle,
+    upload_message,
+)
 from worker.broker.topology import Topology, delay_ladder
 from worker.clock import ManualClock
 from worker.events import jsonutil
 from worker.gate import Gate
 from worker.upload.circuit import FAILURES_TO_OPEN, Circuit, Permit, State
 from worker.upload.concurrency import AdaptiveConcurrency
-from worker.upload.flow import BACKLOG_MIN, UploadFlow
+from worker.upload.flow import BACKLOG_EVENTS_MIN, BACKLOG_EVENTS_PER_SLOT, TaskSizes, UploadFlow
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -68,8 +76,10 @@ class Rig:
         self.gate = Gate()
         self.consumer = FakeConsumer()
         self.depths = FakeDepths()
+        self.task_sizes = TaskSizes(initial=1000)
         self.flow = UploadFlow(circuit=self.circuit, concurrency=self.concurrency, gate=self.gate,
-                               consumer=self.consumer, depths=self.depths, clock=self.clock)
+                               consumer=self.consumer, depths=self.depths, clock=self.clock,
+                               task_sizes=self.task_sizes)
 
     def outage(self) -> None:
         for n in range(FAILURES_TO_OPEN):
@@ -131,26 +141,71 @@ def test_closing_restarts_the_ramp_from_one() -> None:
     assert rig.concurrency.limit == 1 and rig.consumer.count == 1 and rig.gate.is_open
 
 
+#: Upload tasks of full batches (1000 events) that make the smallest backlog that pauses the consumer.
+FULL_TASKS = BACKLOG_EVENTS_MIN // 1000
+
+
 def test_backpressure_pauses_the_consumer_with_hysteresis() -> None:
     rig = Rig()
-    rig.depths.ready = BACKLOG_MIN
+    rig.depths.ready = FULL_TASKS
     rig.flow.tick()
     assert not rig.gate.is_open and "backpressure" in rig.gate.reason
-    rig.depths.ready = BACKLOG_MIN // 2 + 1
+    assert f"about {BACKLOG_EVENTS_MIN} events in {FULL_TASKS} upload tasks" in rig.gate.reason
+    rig.depths.ready = FULL_TASKS // 2 + 1
     rig.flow.tick()
     assert not rig.gate.is_open  # not yet: below half
-    rig.depths.ready = BACKLOG_MIN // 2
+    rig.depths.ready = FULL_TASKS // 2
     rig.flow.tick()
     assert rig.gate.is_open
 
 
+def test_backpressure_counts_events_so_small_tasks_do_not_starve_the_uploads() -> None:
+    rig = Rig()
+    for _ in range(200):  # 1000 asset_ids against a slow API: two batches of 17 events a task
+        rig.task_sizes.add(34)
+    assert rig.task_sizes.mean == pytest.approx(34, abs=1)
+    rig.depths.ready = FULL_TASKS  # as many tasks as would pause full batches: 1,088 events
+    rig.flow.tick()
+    assert rig.gate.is_open
+    rig.depths.ready = BACKLOG_EVENTS_MIN // 34 + 1
+    rig.flow.tick()
+    assert not rig.gate.is_open
+
+
+def test_backpressure_grows_with_the_requests_in_flight() -> None:
+    rig = Rig()
+    while rig.concurrency.limit < 16:
+        starts = [rig.concurrency.started() for _ in range(rig.concurrency.limit)]
+        rig.clock.advance(0.1)
+        for started in starts:
+            rig.concurrency.finished(started, congested=False)
+    high = 16 * BACKLOG_EVENTS_PER_SLOT
+    assert high > BACKLOG_EVENTS_MIN
+    rig.depths.ready = high // 1000 - 1
+    rig.flow.tick()
+    assert rig.gate.is_open
+    rig.depths.ready = high // 1000
+    rig.flow.tick()
+    assert not rig.gate.is_open
+
+
+def test_task_sizes_follow_the_bundles_handed_on() -> None:
+    sizes = TaskSizes(initial=1000)
+    assert sizes.events_in(3) == 3000  # nothing handed on yet: full batches assumed
+    for _ in range(200):
+        sizes.add(20)
+    assert sizes.events_in(10) == pytest.approx(200, abs=10)
+    sizes.add(1000)
+    assert 20 < sizes.mean < 100  # one large bundle moves it, a little
+
+
 def test_an_unreadable_depth_changes_nothing() -> None:
     rig = Rig()
-    rig.depths.ready = BACKLOG_MIN
+    rig.depths.ready = FULL_TASKS
     rig.flow.tick()
     rig.depths.ready = None
     rig.flow.tick()
-    assert not rig.gate.is_open
+    assert not rig.gate.is_open and f"in {FULL_TASKS} upload tasks" in rig.gate.reason
 
 
 # --- the topology ----------------------------------------------------------------------------------
@@ -207,6 +262,26 @@ def test_bundles_respect_the_byte_limit() -> None:
     batches = [UploadBatch(f"a{n}", ["x" * 99] * 10) for n in range(5)]
     grouped = list(bundles(batches, max_events=1000, max_bytes=2000))
     assert [len(b.batches) for b in grouped] == [2, 2, 1]
+
+
+def test_a_slow_api_gets_fewer_batches_per_bundle_so_a_task_holds_its_message_briefly() -> None:
+    assert batches_per_bundle(None) == 2  # nothing measured yet: the real API's round trip is assumed
+    assert batches_per_bundle(0.005) == MAX_BATCHES_PER_BUNDLE  # a nearby API: the cap
+    assert batches_per_bundle(0.15) == 2  # the real API: about 0.3 s of requests per task
+    assert batches_per_bundle(2.0) == 1
+    small = [UploadBatch(f"a{n}", ["{}"] * 10) for n in range(7)]
+    grouped = list(bundles(small, max_events=1000, max_bytes=1 << 30, max_batches=batches_per_bundle(0.15)))
+    assert [len(b.batches) for b in grouped] == [2, 2, 2, 1]
+
+
+def test_the_round_trip_the_bundles_follow_is_the_limits_moving_average() -> None:
+    clock = ManualClock()
+    concurrency = AdaptiveConcurrency(ceiling=4, clock=clock)
+    assert concurrency.round_trip is None
+    started = concurrency.started()
+    clock.advance(0.15)
+    concurrency.finished(started, congested=False)
+    assert concurrency.round_trip == pytest.approx(0.15)
 
 
 def test_the_message_round_trips_and_shows_only_a_summary() -> None:

@@ -25,6 +25,7 @@ from worker.upload.circuit import Circuit
 from worker.upload.client import ApiClient
 from worker.upload.concurrency import AdaptiveConcurrency
 from worker.upload.delivery import Delivery
+from worker.upload.flow import TaskSizes
 from worker.upload.hooks import Fanout
 from worker.upload.retry import RetryPolicy
 from worker.upload.seen import SeenTasks
@@ -54,6 +55,8 @@ class Runtime:
     ingest: Any = None
     #: Tasks this process ran (or runs): a redelivery after a lost connection is not uploaded again.
     seen: SeenTasks = field(default_factory=SeenTasks)
+    #: Events per upload task this process hands on (backpressure counts the upload queue in events).
+    task_sizes: TaskSizes = field(default_factory=TaskSizes)
 
     def attempt_bound(self, bundle: Bundle) -> float:
         """The longest one upload attempt of ``bundle`` may take: a request per batch (bisection
@@ -104,7 +107,8 @@ def build_runtime(app: Celery, settings: Settings, *, clock: Clock | None = None
     watch(counted.limit, lambda: concurrency.limit)
     watch(counted.circuit_state, lambda: CIRCUIT_STATES[circuit.state.value])
     watch(counted.ingest_paused, lambda: 0.0 if gate.is_open else 1.0)
-    return Runtime(settings, topology, gate, circuit, concurrency, delivery, publishers, counted, hooks)
+    return Runtime(settings, topology, gate, circuit, concurrency, delivery, publishers, counted, hooks,
+                   task_sizes=TaskSizes(initial=settings.batch_size))
 
 
 _lock = threading.Lock()

@@ -44,6 +44,27 @@ register("netcore-batch", jsonutil.dumps, jsonutil.loads, content_type=BATCH_CON
 #: bounds how long its message stays unacknowledged (a request each, plus bisection).
 MAX_BATCHES_PER_BUNDLE = 20
 
+#: Seconds of round trips one bundle should take, uploaded batch after batch: its task message
+#: is unacknowledged meanwhile, and a SIGKILL duplicates the batches it already uploaded.
+BUNDLE_SECONDS = 0.3
+
+
+#: The round trip assumed before the first request has measured one: the real API's, across
+#: the internet (the worker's first thousands of events are bundled before any upload ends).
+ASSUMED_ROUND_TRIP = 0.15
+
+
+def batches_per_bundle(round_trip: float | None) -> int:
+    """How many batches one bundle carries when a request takes ``round_trip`` seconds (None:
+    not measured yet, :data:`ASSUMED_ROUND_TRIP`): about :data:`BUNDLE_SECONDS` worth, 1 to
+    :data:`MAX_BATCHES_PER_BUNDLE`. A fast API takes many small batches per task (fewer tasks);
+    a slow one, a few."""
+    if round_trip is None:
+        round_trip = ASSUMED_ROUND_TRIP
+    if round_trip <= 0:
+        return MAX_BATCHES_PER_BUNDLE
+    return max(1, min(MAX_BATCHES_PER_BUNDLE, int(BUNDLE_SECONDS / round_trip + 1e-9)))
+
 #: Asset ids named in a bundle's summary (Flower, logs); more are counted.
 SUMMARY_ASSETS = 3
 
@@ -136,15 +157,15 @@ def read_bundle(args: Sequence[Any]) -> Bundle:
 
 
 def bundles(batches: Iterable[UploadBatch], *, max_events: int, max_bytes: int,
-            size: Any = None) -> Iterator[Bundle]:
+            size: Any = None, max_batches: int = MAX_BATCHES_PER_BUNDLE) -> Iterator[Bundle]:
     """Group batches into bundles of at most ``max_events`` events, ``max_bytes`` bytes (as
-    measured by ``size(batch)``, else the events' lengths) and :data:`MAX_BATCHES_PER_BUNDLE`."""
+    measured by ``size(batch)``, else the events' lengths) and ``max_batches`` batches."""
     current = Bundle()
     events = nbytes = 0
     for batch in batches:
         batch_bytes = size(batch) if size is not None else sum(len(e) + 1 for e in batch.events)
         if current.batches and (events + len(batch) > max_events or nbytes + batch_bytes > max_bytes
-                                or len(current.batches) >= MAX_BATCHES_PER_BUNDLE):
+                                or len(current.batches) >= max_batches):
             yield current
             current, events, nbytes = Bundle(), 0, 0
         current.batches.append(batch)

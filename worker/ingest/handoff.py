@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from worker.broker.messages import Bundle, UploadBatch, bundles
+from worker.broker.messages import MAX_BATCHES_PER_BUNDLE, Bundle, UploadBatch, bundles
 from worker.broker.publisher import Outgoing, PublishFn
 from worker.clock import Clock
 from worker.errors import PublishError
@@ -133,10 +133,13 @@ class Renderer:
     fewer events per batch (a batch of one asset_id can be sent as two)."""
 
     def __init__(self, *, make: Callable[[Bundle], Outgoing], max_events: int, max_bytes: int,
-                 oversized: Callable[[UploadBatch, int], list[Outgoing]]) -> None:
+                 oversized: Callable[[UploadBatch, int], list[Outgoing]],
+                 max_batches: Callable[[], int] = lambda: MAX_BATCHES_PER_BUNDLE) -> None:
         self.make = make
         self.max_events = max_events
         self.max_bytes = max_bytes
+        #: Batches per bundle, asked at each hand-off (it follows the API's round trip).
+        self.max_batches = max_batches
         #: (one event's batch, the limit) -> what to write instead: an event alone over the
         #: broker's limit cannot be uploaded through it (dead letters, in parts).
         self.oversized = oversized
@@ -146,7 +149,8 @@ class Renderer:
         nbytes = {id(load): batch.nbytes for load, batch in zip(loads, batches)}
         cap = self.max_bytes if limit is None else min(self.max_bytes, limit)
         out: list[Outgoing] = []
-        for bundle in bundles(loads, max_events=self.max_events, max_bytes=cap, size=lambda b: nbytes[id(b)]):
+        for bundle in bundles(loads, max_events=self.max_events, max_bytes=cap, size=lambda b: nbytes[id(b)],
+                              max_batches=self.max_batches()):
             out += self._fit(bundle, limit)
         return out
 

@@ -33,7 +33,7 @@ import amqp
 
 from config.settings import Settings
 from worker.broker.headers import SUSPECT_HEADER
-from worker.broker.messages import Bundle, UploadBatch
+from worker.broker.messages import MAX_BATCHES_PER_BUNDLE, Bundle, UploadBatch
 from worker.broker.publisher import Outgoing, PublishFn
 from worker.clock import Clock
 from worker.deadletter import envelopes
@@ -105,6 +105,7 @@ class Ingest:
         release_slack: int = 0,
         quarantine_queue: str | None = None,
         listener: IngestListener | None = None,
+        bundle_batches: Callable[[], int] = lambda: MAX_BATCHES_PER_BUNDLE,
     ) -> None:
         self.settings = settings
         self.listener: IngestListener = listener or _Silent()
@@ -120,7 +121,8 @@ class Ingest:
         self.quarantine_queue = quarantine_queue
         self.letters = envelopes.DeadLetters(queue=settings.dead_letter_queue, clock=clock)
         self.renderer = Renderer(make=upload_message, max_events=settings.batch_size,
-                                 max_bytes=settings.batch_max_bytes, oversized=self._oversized)
+                                 max_bytes=settings.batch_max_bytes, oversized=self._oversized,
+                                 max_batches=bundle_batches)
         self.handoff = HandOff(publish=publish, render=self._render, clock=clock)
         self.counts = {"messages": 0, "events": 0, "malformed": 0, "invalid": 0, "batches": 0, "suspects": 0}
 

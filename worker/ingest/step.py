@@ -20,7 +20,7 @@ from typing import Any
 from celery import bootsteps
 from kombu.messaging import Consumer
 
-from worker.broker.messages import Bundle, upload_message
+from worker.broker.messages import Bundle, batches_per_bundle, upload_message
 from worker.broker.publisher import Outgoing, Publisher
 from worker.broker.topology import declare
 from worker.clock import SystemClock
@@ -71,6 +71,7 @@ class IngestStep(bootsteps.ConsumerStep):
         )
 
         def make_upload(bundle: Bundle) -> Outgoing:
+            self.runtime.task_sizes.add(bundle.events)  # backpressure counts the upload queue in events
             return upload_message(app, topology.upload, bundle)
 
         self.ingest = Ingest(
@@ -84,6 +85,7 @@ class IngestStep(bootsteps.ConsumerStep):
             release_slack=settings.prefetch // 20,
             quarantine_queue=topology.quarantine,
             listener=self.runtime.listener,
+            bundle_batches=lambda: batches_per_bundle(self.runtime.concurrency.round_trip),
         )
         self.runtime.ingest = self.ingest  # the quarantine step hands its messages to the same pipeline
         self._consuming = True

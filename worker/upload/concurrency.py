@@ -62,6 +62,12 @@ class AdaptiveConcurrency:
             return self._limit
 
     @property
+    def round_trip(self) -> float | None:
+        """The moving average of a request's round trip, seconds (None before the first)."""
+        with self._lock:
+            return self._past_rtt
+
+    @property
     def in_flight(self) -> int:
         with self._lock:
             return self._in_flight

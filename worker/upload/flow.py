@@ -7,10 +7,12 @@ consumers' channels), :meth:`UploadFlow.tick`:
   RabbitMQ hands over no more upload tasks than may be in flight, so none waits in the worker;
 - stops consuming the upload queue while the circuit is open or paused (the API is down or
   asked to wait), and consumes it with a prefetch of one while half-open (one task, the probe);
-- closes the ingest gate (:mod:`worker.gate`) while the circuit is not closed, or while upload
-  tasks pile up in RabbitMQ faster than they are uploaded (backpressure): events then wait in
-  ``activities`` as they arrived. In half-open with no task to probe with, the gate opens, so
-  that new events make one;
+- closes the ingest gate (:mod:`worker.gate`) while the circuit is not closed, or while events
+  in upload tasks pile up in RabbitMQ faster than they are uploaded (backpressure): events then
+  wait in ``activities`` as they arrived. The upload queue's depth is read in tasks and counted
+  in events (:class:`TaskSizes`): a task carries one full batch or a few small ones, as many as
+  the API's round trip allows (:func:`~worker.broker.messages.batches_per_bundle`). In
+  half-open with no task to probe with, the gate opens, so that new events make one;
 - reads the depths of the upload queue and of the delay queues, for the above and for metrics.
 """
 
@@ -41,10 +43,36 @@ DELAY_READ_INTERVAL = 5.0
 #: Shortest interval between two re-consumes that apply a new per-consumer prefetch (quorum).
 RECONSUME_INTERVAL = 0.25
 
-#: Upload tasks ready in RabbitMQ past which the consumer stops taking messages: this many per
-#: upload in flight, and at least :data:`BACKLOG_MIN`. It resumes below half of it.
-BACKLOG_PER_SLOT = 4
-BACKLOG_MIN = 32
+#: Events waiting in upload tasks in RabbitMQ past which the consumer stops taking messages:
+#: this many per upload in flight, and at least :data:`BACKLOG_EVENTS_MIN` (a few full batches
+#: per request in flight: enough that uploads never wait for the consumer). It resumes below
+#: half of it.
+BACKLOG_EVENTS_PER_SLOT = 4_000
+BACKLOG_EVENTS_MIN = 32_000
+
+#: Weight of the newest bundle in :class:`TaskSizes`' moving average.
+TASK_SIZE_WEIGHT = 0.05
+
+
+class TaskSizes:
+    """Events per upload task: a moving average of the bundles this process hands on.
+
+    RabbitMQ counts the upload queue in messages; backpressure counts events, since a task
+    carries from one event to a full batch of 1000, in one to twenty batches. Written by the
+    consumer and read by the flow, both on the worker's event loop.
+    """
+
+    def __init__(self, *, initial: float = 1000.0, weight: float = TASK_SIZE_WEIGHT) -> None:
+        #: The mean before any bundle is seen: a full batch (tasks left by an earlier run).
+        self.mean = float(initial)
+        self.weight = weight
+
+    def add(self, events: int) -> None:
+        self.mean += self.weight * (events - self.mean)
+
+    def events_in(self, tasks: int) -> int:
+        """About how many events ``tasks`` upload tasks carry."""
+        return round(tasks * self.mean)
 
 
 class UploadConsumer(Protocol):
@@ -89,6 +117,7 @@ class UploadFlow:
         consumer: UploadConsumer,
         depths: Depths,
         clock: Clock,
+        task_sizes: TaskSizes | None = None,
         listener: FlowListener | None = None,
     ) -> None:
         self.circuit = circuit
@@ -97,9 +126,11 @@ class UploadFlow:
         self.consumer = consumer
         self.depths = depths
         self.clock = clock
+        self.task_sizes = task_sizes or TaskSizes()
         self.listener = listener
         self._state = circuit.state
         self._backlogged = False
+        self._ready = self._waiting = 0
         self._next_delay_read = 0.0
 
     def tick(self) -> None:
@@ -127,18 +158,20 @@ class UploadFlow:
             consumer.resume()
 
     def _steer_ingest(self, state: State, ready: int | None) -> None:
-        high = max(BACKLOG_MIN, BACKLOG_PER_SLOT * self.concurrency.limit)
-        if ready is not None:
-            if ready >= high:
+        high = max(BACKLOG_EVENTS_MIN, BACKLOG_EVENTS_PER_SLOT * self.concurrency.limit)
+        if ready is not None:  # unreadable: the last reading stands
+            self._ready, self._waiting = ready, self.task_sizes.events_in(ready)
+            if self._waiting >= high:
                 self._backlogged = True
-            elif ready <= high // 2:
+            elif self._waiting <= high // 2:
                 self._backlogged = False
         if state in (State.OPEN, State.PAUSED):
             opened, reason = False, "the API is down or asked to wait: events wait in RabbitMQ"
         elif state is State.HALF_OPEN:
             opened, reason = ready == 0, "probing the API"  # no task to probe with: let events make one
         else:
-            opened, reason = not self._backlogged, f"{ready} upload tasks are waiting in RabbitMQ (backpressure)"
+            opened, reason = not self._backlogged, (f"about {self._waiting} events in {self._ready} upload tasks are "
+                                                    "waiting in RabbitMQ (backpressure)")
         if self.gate.set(opened, reason):
             logger.info("Consumer %s%s", "resumed" if opened else "paused: ", "" if opened else reason)
 

@@ -39,7 +39,7 @@ class UploadFlowStep(bootsteps.StartStopStep):
         flow = UploadFlow(
             circuit=runtime.circuit, concurrency=runtime.concurrency, gate=runtime.gate,
             consumer=consumer, depths=self._depths, clock=SystemClock(),
-            listener=runtime.listener,
+            task_sizes=runtime.task_sizes, listener=runtime.listener,
         )
         c.on_decode_error = _reject_undecodable
         # the first tick comes from the timer, inside the event loop: only then has Celery given
