@@ -17,7 +17,7 @@ import random
 import re
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -26,7 +26,7 @@ from kombu.serialization import dumps as kombu_dumps
 
 from config.settings import Settings
 from worker.broker.headers import REASON_HEADER
-from worker.broker.messages import INGEST_TASK, Bundle
+from worker.broker.messages import INGEST_TASK, MAX_BATCHES_PER_BUNDLE, Bundle
 from worker.broker.publisher import Outgoing
 from worker.clock import ManualClock
 from worker.errors import PublishError
@@ -105,6 +105,7 @@ class Rig:
         batch_max_bytes: int = 4 * 1024 * 1024,
         delivery_limit: int = 10,
         max_message_size: int | None = None,
+        bundle_batches: Callable[[], int] = lambda: MAX_BATCHES_PER_BUNDLE,
     ) -> None:
         self.settings = Settings.from_env(
             {
@@ -149,6 +150,7 @@ class Rig:
             clock=self.clock,
             max_outstanding=max_outstanding,
             quarantine_queue=QUARANTINE,
+            bundle_batches=bundle_batches,
         )
         self.next_tag = 1
 
@@ -351,6 +353,21 @@ def test_a_message_with_events_in_two_batches_is_acked_only_after_the_second() -
 
 
 # --- full batches -----------------------------------------------------------------------------
+
+
+def test_batches_per_bundle_are_asked_at_each_hand_off() -> None:
+    per_bundle = [2]
+    rig = Rig(bundle_batches=lambda: per_bundle[0])  # what the API's round trip allows, as it changes
+    for n in range(7):
+        rig.send_event(event(f"asset-{n}", f"a{n}"))
+    rig.wait_and_tick()
+    assert [len(m["batches"]) for m in rig.upload_messages()] == [2, 2, 2, 1]
+    per_bundle[0] = 20
+    for n in range(7):
+        rig.send_event(event(f"asset-{n}", f"b{n}"))
+    rig.wait_and_tick()
+    assert [len(m["batches"]) for m in rig.upload_messages()] == [2, 2, 2, 1, 7]
+    assert len(rig.uploads()) == 14 and rig.acked_up_to() == 14
 
 
 def test_a_full_batch_is_published_at_once() -> None:

@@ -28,6 +28,9 @@ from worker.upload.task import register
 class ActivityApp(Celery):  # type: ignore[misc]  # Celery ships no type information
     """The worker's Celery app: it also gives each part the process's :class:`Runtime`."""
 
+    #: Task events flushed by the event loop only (:mod:`worker.upload.pool`).
+    events_cls = "worker.upload.pool:LoopEvents"
+
     def runtime(self) -> Runtime:
         return runtime_of(self)
 
