@@ -166,7 +166,7 @@ def test_due_counts_from_the_oldest_event_not_the_newest() -> None:
     assert len(batch) == 2
 
 
-def test_due_releases_oldest_first_and_leaves_younger_batches() -> None:
+def test_due_releases_every_open_batch_once_the_oldest_has_waited() -> None:
     clock = ManualClock()
     batcher = make(clock, max_wait=2.0)
     batcher.add("a", ev("a", 0), 10, noop_ticket())
@@ -175,15 +175,35 @@ def test_due_releases_oldest_first_and_leaves_younger_batches() -> None:
     clock.advance(0.5)
     batcher.add("c", ev("c", 0), 10, noop_ticket())
     batcher.add("a", ev("a", 1), 10, noop_ticket())  # a is still the oldest batch
-    clock.advance(1.0)  # a: 2.0, b: 1.5, c: 1.0
-    assert [b.asset_id for b in batcher.due()] == ["a"]
-    assert batcher.next_due() == pytest.approx(0.5)
-    clock.advance(1.0)  # b: 2.5, c: 2.0
-    assert [b.asset_id for b in batcher.due()] == ["b", "c"]
-    assert batcher.buffered == 0
+    clock.advance(0.999)
+    assert batcher.due() == [] and batcher.next_due() == pytest.approx(0.001)
+    clock.advance(0.001)  # a: 2.0, b: 1.5, c: 1.0
+    assert [(b.asset_id, len(b)) for b in batcher.due()] == [("a", 2), ("b", 1), ("c", 1)]
+    assert batcher.buffered == 0 and batcher.next_due() is None
 
 
-def test_reopened_asset_goes_to_the_back_of_the_line() -> None:
+def test_released_together_every_message_read_so_far_is_acknowledged() -> None:
+    clock = ManualClock()
+    batcher = make(clock, max_wait=2.0, max_events=2)
+    acked: list[int] = []
+    tickets = [Ticket(lambda n=n: acked.append(n)) for n in range(5)]  # type: ignore[misc]
+    batcher.add("slow-1", ev("slow-1", 0), 10, tickets[0])
+    clock.advance(1.0)
+    full = batcher.add("busy", ev("busy", 0), 10, tickets[1]) + batcher.add("busy", ev("busy", 1), 10, tickets[2])
+    batcher.add("slow-2", ev("slow-2", 0), 10, tickets[3])
+    batcher.add("busy", ev("busy", 2), 10, tickets[4])
+    for ticket in tickets:
+        ticket.release()  # each message's own hold: all its events are added
+    for batch in full:
+        batch.handed_on()
+    assert acked == [1, 2]  # complete, but on the channel behind 0, which waits in slow-1's batch
+    clock.advance(1.0)  # slow-1 has waited 2 s; slow-2 and busy's second batch 1 s
+    for batch in batcher.due():
+        batch.handed_on()
+    assert sorted(acked) == [0, 1, 2, 3, 4]  # slow-2 and the younger busy batch went too
+
+
+def test_reopened_asset_is_released_with_the_rest() -> None:
     clock = ManualClock()
     batcher = make(clock, max_wait=2.0, max_events=2)
     batcher.add("a", ev("a", 0), 10, noop_ticket())
@@ -195,7 +215,7 @@ def test_reopened_asset_goes_to_the_back_of_the_line() -> None:
     clock.advance(1.0)  # b: 1.5, a: 1.0
     assert batcher.due() == []
     assert batcher.next_due() == pytest.approx(0.5)
-    clock.advance(1.0)
+    clock.advance(0.5)
     assert [b.asset_id for b in batcher.due()] == ["b", "a"]
 
 

@@ -265,13 +265,14 @@ def test_bundles_respect_the_byte_limit() -> None:
 
 
 def test_a_slow_api_gets_fewer_batches_per_bundle_so_a_task_holds_its_message_briefly() -> None:
-    assert batches_per_bundle(None) == 2  # nothing measured yet: the real API's round trip is assumed
+    assert batches_per_bundle(None) == 1  # nothing measured yet: the real API's round trip is assumed
     assert batches_per_bundle(0.005) == MAX_BATCHES_PER_BUNDLE  # a nearby API: the cap
-    assert batches_per_bundle(0.15) == 2  # the real API: about 0.3 s of requests per task
+    assert batches_per_bundle(0.15) == 1  # the real API: one request per task
+    assert batches_per_bundle(0.05) == 3
     assert batches_per_bundle(2.0) == 1
     small = [UploadBatch(f"a{n}", ["{}"] * 10) for n in range(7)]
-    grouped = list(bundles(small, max_events=1000, max_bytes=1 << 30, max_batches=batches_per_bundle(0.15)))
-    assert [len(b.batches) for b in grouped] == [2, 2, 2, 1]
+    grouped = list(bundles(small, max_events=1000, max_bytes=1 << 30, max_batches=batches_per_bundle(0.05)))
+    assert [len(b.batches) for b in grouped] == [3, 3, 1]
 
 
 def test_the_round_trip_the_bundles_follow_is_the_limits_moving_average() -> None:
