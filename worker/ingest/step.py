@@ -3,9 +3,11 @@
 It consumes the ``activities`` queue (plain JSON) and Celery's default queue (where
 ``send_task("activities.ingest", ...)`` lands) on a channel of its own, whose prefetch lets
 the broker hand over enough unacknowledged messages to fill whole batches. A timer on the
-worker's event loop releases batches that waited ``ACTIVITY_BATCH_WAIT``, and follows the
-gate (:mod:`worker.gate`): while the upload side says so (the API is down, or upload tasks
-pile up), it stops taking messages; what it holds still leaves within ``ACTIVITY_BATCH_WAIT``.
+worker's event loop releases the open batches once the oldest waited ``ACTIVITY_BATCH_WAIT``,
+and follows the gate (:mod:`worker.gate`): while the upload side says so (the API is down, or
+events in upload tasks pile up), it stops taking messages; what it holds still leaves within
+``ACTIVITY_BATCH_WAIT``. Each upload task it makes is counted in the runtime's task sizes,
+with which the upload side counts its queue in events.
 
 - Start: every queue of the worker is declared, so tools and monitors find them all at once.
 - Warm shutdown (SIGTERM): stop consuming, hand every open batch on, acknowledge, stop.

@@ -117,7 +117,7 @@ class UploadFlow:
         consumer: UploadConsumer,
         depths: Depths,
         clock: Clock,
-        task_sizes: TaskSizes | None = None,
+        task_sizes: TaskSizes,
         listener: FlowListener | None = None,
     ) -> None:
         self.circuit = circuit
@@ -126,7 +126,8 @@ class UploadFlow:
         self.consumer = consumer
         self.depths = depths
         self.clock = clock
-        self.task_sizes = task_sizes or TaskSizes()
+        #: The same object the consumer's hand-offs feed (the process's runtime holds it).
+        self.task_sizes = task_sizes
         self.listener = listener
         self._state = circuit.state
         self._backlogged = False

@@ -38,8 +38,8 @@ class LoopDispatcher(EventDispatcher):  # type: ignore[misc]
     """An event dispatcher whose buffered events only the event loop flushes."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["buffer_limit"] = sys.maxsize
         super().__init__(*args, **kwargs)
+        self.buffer_limit = sys.maxsize  # however it was given: read at each buffered send
 
 
 class LoopEvents(Events):  # type: ignore[misc]
