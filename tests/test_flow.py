@@ -6,6 +6,7 @@ messages are pure.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,9 +26,11 @@ from worker.broker.topology import Topology, delay_ladder
 from worker.clock import ManualClock
 from worker.events import jsonutil
 from worker.gate import Gate
+from worker.runtime import build_runtime
 from worker.upload.circuit import FAILURES_TO_OPEN, Circuit, Permit, State
 from worker.upload.concurrency import AdaptiveConcurrency
 from worker.upload.flow import BACKLOG_EVENTS_MIN, BACKLOG_EVENTS_PER_SLOT, TaskSizes, UploadFlow
+from worker.upload.step import UploadFlowStep
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -376,3 +379,24 @@ def test_per_consumer_prefetch_takes_a_new_consumer_at_most_so_often() -> None:
     clock.advance(RECONSUME_INTERVAL)
     consumer.set_prefetch(2)
     assert len(c.task_consumer.calls) == 9
+
+
+def test_the_flow_step_counts_events_with_the_sizes_the_consumer_feeds() -> None:
+    settings = Settings.from_env({"ACTIVITY_BATCH_SIZE": "400"}, require_api=False)
+    app = Celery("test-flow-step", set_as_current=False)
+    runtime = build_runtime(app, settings, clock=ManualClock())
+    assert runtime.task_sizes.mean == 400  # before any hand-off: a full batch per task
+    ticks: list[Any] = []
+    qos = SimpleNamespace(value=0, update=lambda: None)
+    c = SimpleNamespace(app=SimpleNamespace(runtime=lambda: runtime), qos=qos, qos_global=True,
+                        timer=SimpleNamespace(call_repeatedly=lambda interval, fn: ticks.append(fn)))
+    step = UploadFlowStep.__new__(UploadFlowStep)
+    step._timer = step._depths = None
+    step.start(c)
+    try:
+        (tick,) = ticks
+        flow = tick.__self__
+        assert flow.task_sizes is runtime.task_sizes and qos.value == runtime.concurrency.limit
+    finally:
+        step.shutdown(c)
+        runtime.publishers.close()
