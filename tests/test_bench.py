@@ -28,7 +28,7 @@ UPLOAD = "/v1/activity/upload"
 def test_the_worker_runs_without_concurrency_and_the_naive_design_with_it() -> None:
     assert not any(a.startswith("--concurrency") for a in runs.celery_worker("worker.app"))
     assert "--concurrency=2" in runs.celery_worker("bench.naive", 2)
-    assert runs.upload_concurrency({}) == 32
+    assert runs.upload_concurrency({}) == 64
     assert runs.upload_concurrency({"UPLOAD_CONCURRENCY": "8"}) == 8
 
 
