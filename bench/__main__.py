@@ -97,6 +97,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency", type=float, default=DEFAULT_LATENCY, metavar="SECONDS",
                         help=f"the slow API's latency per request, for the 100-asset_id comparison, the kill and "
                              f"the outage (default {DEFAULT_LATENCY})")
+    parser.add_argument("--latency-assets", type=int, default=LATENCY_CASE.assets, metavar="N",
+                        help=f"asset_ids of the slow-API comparison's backlog (default {LATENCY_CASE.assets}; 1000 "
+                             "makes small batches, which need many requests in flight)")
     parser.add_argument("--outage", type=float, default=None, metavar="SECONDS",
                         help=f"how long the API answers 503 (default {DEFAULT_OUTAGE_SECONDS:.0f}; "
                              f"--quick {QUICK_OUTAGE_SECONDS:.0f})")
@@ -130,6 +133,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.kill_events = args.kill_events or DEFAULT_KILL_EVENTS
     if args.events is not None and args.events < 100:
         parser.error("--events must be at least 100")
+    if args.latency_assets < 1:
+        parser.error("--latency-assets must be >= 1")
     if args.latency < 0 or args.outage <= 0 or args.outage_events < 1 or args.kill_events < 100:
         parser.error("--latency must be >= 0, --outage > 0, --outage-events >= 1, --kill-events >= 100")
     if not 0 < args.kill_at < 1:
@@ -257,7 +262,7 @@ class Bench:
 
     def _latency(self) -> None:
         """The same backlog of 100 asset_ids against the instant API, then the slow one."""
-        case, latency = LATENCY_CASE, self.args.latency
+        case, latency = Case(f"single-{self.args.latency_assets}", 1, self.args.latency_assets), self.args.latency
         count = events_for(case, self.args.events)
         bodies = events.bodies(self.queues.run_id, case, count)
         instant_env, slow_env = self.queues.worker_env(f"{case.key}-instant"), self.queues.worker_env(f"{case.key}-slow")
