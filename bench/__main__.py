@@ -95,7 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-scale-out", action="store_true", help="skip the scale-out table (= --skip scale-out)")
     parser.add_argument("--skip", nargs="+", choices=PARTS, default=[], help="leave these parts out")
     parser.add_argument("--latency", type=float, default=DEFAULT_LATENCY, metavar="SECONDS",
-                        help=f"the slow API's latency per request, for the 100-asset_id comparison, the kill and "
+                        help=f"the slow API's latency per request, for the slow-API comparison, the kill and "
                              f"the outage (default {DEFAULT_LATENCY})")
     parser.add_argument("--latency-assets", type=int, default=LATENCY_CASE.assets, metavar="N",
                         help=f"asset_ids of the slow-API comparison's backlog (default {LATENCY_CASE.assets}; 1000 "
@@ -261,7 +261,7 @@ class Bench:
         return result
 
     def _latency(self) -> None:
-        """The same backlog of 100 asset_ids against the instant API, then the slow one."""
+        """The same backlog of ``--latency-assets`` asset_ids (100) against the instant API, then the slow one."""
         case, latency = Case(f"single-{self.args.latency_assets}", 1, self.args.latency_assets), self.args.latency
         count = events_for(case, self.args.events)
         bodies = events.bodies(self.queues.run_id, case, count)
