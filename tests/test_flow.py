@@ -288,6 +288,16 @@ def test_the_round_trip_the_bundles_follow_is_the_limits_moving_average() -> Non
     assert concurrency.round_trip == pytest.approx(0.15)
 
 
+def test_a_round_trip_counts_before_its_first_window_closes() -> None:
+    clock = ManualClock()
+    concurrency = AdaptiveConcurrency(ceiling=4, clock=clock)
+    started = concurrency.started()
+    clock.advance(0.003)  # a nearby API, answering before the first window (MIN_WINDOW) is over
+    concurrency.finished(started, congested=False)
+    assert concurrency.round_trip == pytest.approx(0.003)
+    assert batches_per_bundle(concurrency.round_trip) == MAX_BATCHES_PER_BUNDLE
+
+
 def test_the_message_round_trips_and_shows_only_a_summary() -> None:
     app = Celery("test-flow", set_as_current=False)
     bundle = Bundle([UploadBatch("a", ['{"identity":"x@example.com"}'], 2, 1.5, [1], "id-a"),

@@ -63,8 +63,11 @@ class AdaptiveConcurrency:
 
     @property
     def round_trip(self) -> float | None:
-        """The moving average of a request's round trip, seconds (None before the first)."""
+        """The moving average of a request's round trip, seconds; before the first window
+        closed, the mean of the requests ended so far in it (None before any ended)."""
         with self._lock:
+            if self._past_rtt is None and self._window_count:
+                return self._window_rtts / self._window_count
             return self._past_rtt
 
     @property
