@@ -12,19 +12,25 @@ from __future__ import annotations
 
 import base64
 import bisect
+import gzip
 import json
 import random
 import re
 import uuid
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 from celery import Celery
+from kombu import Connection, Queue
+from kombu import Consumer as KombuConsumer
 from kombu.serialization import dumps as kombu_dumps
 
 from config.settings import Settings
+from tests.fakes import Deferred, Immediate
+from worker.broker.compression import install as install_bounded_decompression
 from worker.broker.headers import REASON_HEADER
 from worker.broker.messages import INGEST_TASK, MAX_BATCHES_PER_BUNDLE, Bundle
 from worker.broker.publisher import Outgoing
@@ -145,7 +151,7 @@ class Rig:
             settings=self.settings,
             batcher=self.batcher,
             acker=self.acker,
-            publish=self._publish,
+            publisher=Immediate(self._publish),
             upload_message=self._upload_message,
             clock=self.clock,
             max_outstanding=max_outstanding,
@@ -411,7 +417,7 @@ def test_batch_max_bytes_counts_utf8_bytes_not_characters() -> None:
         body = json.dumps(event("a", str(i), note="\u00e9" * 200), ensure_ascii=False)
         assert len(body) < 500 < 600 < len(body.encode("utf-8")) < 1000  # two fit in characters only
         rig.send(body.encode("utf-8"), ids={str(i)})
-    rig.ingest.flush_all()
+    rig.ingest.flush_all(1.0)
     assert len(uploaded_events(rig)) == 2
     for upload in rig.uploads():
         assert len(("[" + ",".join(upload["events"]) + "]").encode("utf-8")) <= 1024
@@ -554,16 +560,40 @@ def test_a_task_message_shares_batches_with_plain_messages() -> None:
     assert rig.acked_up_to() == t3
 
 
-def test_a_task_message_for_another_task_is_malformed_naming_the_task() -> None:
+def test_another_applications_task_is_set_aside_whole_as_unhandled_naming_the_task() -> None:
     rig = Rig()
     tag = rig.send_task([event("a")], name="billing.charge")
     [dead] = rig.dead_letters()
-    assert dead["reason"] == "malformed"
+    assert dead["reason"] == "unhandled"
     assert "'billing.charge'" in dead["error"]
-    assert dead["details"] == {"problem": "unknown_task", "task": "billing.charge"}
-    assert dead["event"] is None and "raw" in dead
+    details = dead["details"]
+    assert details["problem"] == "foreign_task" and details["task"] == "billing.charge"
+    assert details["replay_body"] is False  # not a producer's body: never replayed to activities
+    assert details["message"]["headers"]["task"] == "billing.charge"
+    assert details["message"]["properties"]["content_type"] == "application/json"
+    assert dead["event"] is None and dead["raw"] == json.dumps([[event("a")], {}, EMBED])
     assert rig.acks == [(tag, True)]
     assert rig.uploads() == []
+
+
+@pytest.mark.parametrize("content_type", ["application/x-python-serialize", "application/x-yaml"])
+def test_another_applications_task_is_never_decoded_whatever_its_content_type(content_type: str) -> None:
+    rig = Rig()
+    body = b"\x80\x04\x95 not even a pickle a loader would take"
+    tag = rig.send(body, content_type=content_type, headers={"task": "shop.send_email", "id": "1"})
+    [dead] = rig.dead_letters()
+    assert dead["reason"] == "unhandled" and dead["details"]["task"] == "shop.send_email"
+    assert base64.b64decode(dead["raw_base64"]) == body
+    assert rig.acks == [(tag, True)]
+
+
+@pytest.mark.parametrize("content_type", ["application/x-python-serialize", "application/x-yaml"])
+def test_our_task_in_a_serialisation_the_worker_never_reads_is_malformed(content_type: str) -> None:
+    rig = Rig()
+    tag = rig.send(b"- not read", content_type=content_type, headers={"task": INGEST_TASK, "id": "1"})
+    [dead] = rig.dead_letters()
+    assert dead["reason"] == "malformed" and dead["details"]["problem"] == "content_type"
+    assert rig.acks == [(tag, True)]
 
 
 @pytest.mark.parametrize(
@@ -656,7 +686,7 @@ def test_backpressure_never_loses_or_duplicates_events() -> None:
         sent.append(f"e{i}")
         rig.send_event(event(f"asset-{i % 17}", f"e{i}"))
         assert rig.acker.outstanding <= 5
-    rig.ingest.flush_all()
+    rig.ingest.flush_all(1.0)
     assert sorted(e["activity_params"]["event_id"] for e in uploaded_events(rig)) == sorted(sent)
     assert rig.acked_up_to() == 200 and rig.acker.outstanding == 0
 
@@ -706,7 +736,7 @@ def test_1000_asset_ids_cost_the_broker_a_bounded_walk_per_message() -> None:
     def publish(group: Sequence[Outgoing]) -> None:
         uploaded.update(e for m in group for b in json.loads(m.body)["batches"] for e in b["events"])
 
-    ingest = Ingest(settings=settings, batcher=batcher, acker=Acker(channel), publish=publish,
+    ingest = Ingest(settings=settings, batcher=batcher, acker=Acker(channel), publisher=Immediate(publish),
                     upload_message=Rig._upload_message, clock=clock,
                     max_outstanding=prefetch - settings.batch_size, release_slack=prefetch // 20)
     rng = random.Random(9)
@@ -828,7 +858,7 @@ def test_flush_all_publishes_every_open_batch_and_acks() -> None:
     rig.send_event([event("a", "1"), event("b", "2")])
     rig.send_event(event("c", "3"))
     rig.send_event(event("a", "4"))
-    rig.ingest.flush_all()
+    rig.ingest.flush_all(1.0)
     assert sorted(u["asset_id"] for u in rig.uploads()) == ["a", "b", "c"]
     assert rig.acked_up_to() == 3
     assert rig.acker.outstanding == 0 and rig.batcher.buffered == 0
@@ -842,17 +872,17 @@ def test_flush_all_raises_when_the_broker_does_not_confirm() -> None:
     rig.send_event(event("b", "2"))
     rig.failing = True
     with pytest.raises(PublishError):
-        rig.ingest.flush_all()
+        rig.ingest.flush_all(1.0)
     assert rig.published == [] and rig.acks == []
     rig.failing = False
-    rig.ingest.flush_all()  # the refused hand-off is kept and goes now
+    rig.ingest.flush_all(1.0)  # the refused hand-off is kept and goes now
     assert sorted(u["asset_id"] for u in rig.uploads()) == ["a", "b"]
     assert rig.acked_up_to() == 2
 
 
 def test_flush_all_with_nothing_open_does_nothing() -> None:
     rig = Rig()
-    rig.ingest.flush_all()
+    rig.ingest.flush_all(1.0)
     assert rig.published == [] and rig.acks == []
 
 
@@ -869,7 +899,7 @@ def test_discard_forgets_batches_and_pending_hand_offs_without_acking() -> None:
     rig.failing = False
     rig.ingest.tick()
     rig.wait_and_tick()
-    rig.ingest.flush_all()
+    rig.ingest.flush_all(1.0)
     assert rig.published == [] and rig.acks == []
 
     # The next channel starts over; its tags are acknowledged as usual.
@@ -930,7 +960,7 @@ def test_ledger_every_event_is_uploaded_or_dead_lettered_exactly_once(seed: int,
             rig.clock.advance(rng.uniform(0, 1.5))
             rig.ingest.tick()
     rig.failing = False
-    rig.ingest.flush_all()
+    rig.ingest.flush_all(1.0)
     assert (rig.refused > 0) == (refusals > 0)
 
     uploaded: Counter[str] = Counter()
@@ -1032,7 +1062,7 @@ def test_a_hand_off_over_the_brokers_limit_is_split_until_it_fits_and_nothing_is
     rig = Rig(batch_size=1000, max_message_size=40_000)
     big = [event(f"a{n % 3}", f"e{n}") for n in range(600)]  # about 200 KB of events in three batches
     tags = [rig.send_event(big[k:k + 100]) for k in range(0, 600, 100)]
-    rig.ingest.flush_all()
+    rig.ingest.flush_all(1.0)
     assert rig.ingest.handoff.max_message_bytes == 40_000  # learned from the refusal
     sizes = [len(m.body) for m in rig.outgoing() if m.queue == UPLOAD_QUEUE]
     assert sizes and max(sizes) <= 40_000
@@ -1046,7 +1076,7 @@ def test_an_event_alone_over_the_brokers_limit_is_dead_lettered_in_parts() -> No
     rig = Rig(max_message_size=20_000)
     huge = event("a", "huge", activity_params={"event_id": "huge", "blob": "x" * 60_000})
     tag = rig.send_event([huge, event("a", "small")])
-    rig.ingest.flush_all()
+    rig.ingest.flush_all(1.0)
     letters = rig.dead_letters()
     assert letters and {d["reason"] for d in letters} == {"invalid"} and len(letters) > 1  # parts
     assert "max_message_size" in letters[0]["error"]
@@ -1089,3 +1119,162 @@ def test_a_quarantined_message_that_killed_the_worker_alone_is_poison_kept_whole
     assert dead["reason"] == "poison" and dead["details"] == {"deliveries": 12}
     assert base64.b64decode(dead["raw_base64"]) == body  # the very bytes, to replay once fixed
     assert rig.uploads() == [] and acked == ["ack"]
+
+
+def test_a_large_quarantined_message_is_cut_into_batches_like_any_other() -> None:
+    rig = Rig(batch_size=100, batch_max_bytes=20_000)
+    acked: list[str] = []
+    events = [event("a", f"big{i}") for i in range(1000)] + [event("b", "small")]
+    message = FakeMessage(dumps(events), 1, headers={"x-delivery-count": 0, "x-suspect-deliveries": 10})
+    rig.ingest.handle_alone(message, lambda: acked.append("ack"))
+    uploads = rig.uploads()
+    assert all(len(u["events"]) <= 100 for u in uploads)
+    assert all(2 + sum(len(t) + 1 for t in u["events"]) <= 20_000 for u in uploads)
+    assert len([u for u in uploads if u["asset_id"] == "a"]) >= 10
+    assert sorted(json.loads(t)["activity_params"]["event_id"] for u in uploads for t in u["events"]) == sorted(
+        e["activity_params"]["event_id"] for e in events)
+    assert acked == ["ack"]
+
+
+# --- the hand-off runs in the background: the loop never waits for the broker ----------------------
+
+
+class DeferredRig(Rig):
+    """A rig whose broker answers only when the test says so (a :class:`Deferred` submitter)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.deferred = Deferred(on_confirm=self._publish)
+        self.ingest.handoff.publisher = self.deferred
+
+    def confirm(self, count: int | None = None, *, index: int = 0) -> None:
+        self.deferred.confirm(count, index=index)
+
+
+def test_messages_are_taken_while_a_hand_off_waits_for_its_confirm_and_acked_after_it() -> None:
+    rig = DeferredRig(batch_size=2)
+    t1 = rig.send_event([event("a", "1"), event("a", "2")])  # a full batch: handed over at once
+    t2 = rig.send_event([event("b", "3"), event("b", "4")])  # taken although the first is not confirmed
+    assert len(rig.deferred.groups) == 2 and rig.acks == []
+    assert not rig.ingest.blocked
+    rig.confirm(1)
+    assert rig.acks == [(t1, True)]
+    rig.confirm()
+    assert rig.acks == [(t1, True), (t2, True)]
+
+
+def test_a_later_hand_off_confirmed_first_waits_for_the_older_message_in_the_acks() -> None:
+    rig = DeferredRig(batch_size=2)
+    t1 = rig.send_event([event("a", "1"), event("a", "2")])
+    t2 = rig.send_event([event("b", "3"), event("b", "4")])
+    rig.confirm(1, index=1)  # the broker answers the second group first
+    assert rig.acks == []  # t2 is complete, t1 is not: acknowledgements go in order
+    rig.confirm()
+    assert rig.acks == [(t2, True)] and t1 < t2
+
+
+def test_an_unconfirmed_hand_off_blocks_the_consumer_and_is_tried_again_after_a_backoff() -> None:
+    rig = DeferredRig(batch_size=2)
+    tag = rig.send_event([event("a", "1"), event("a", "2")])
+    rig.deferred.refuse()
+    assert rig.ingest.blocked and rig.deferred.groups == []
+    rig.send_event([event("b", "3"), event("b", "4")])  # already in hand: waits behind, not handed over
+    assert rig.deferred.groups == []
+    rig.ingest.tick()
+    assert rig.deferred.groups == []  # the backoff is not over
+    rig.clock.advance(RETRY_BASE)
+    rig.ingest.tick()
+    assert len(rig.deferred.groups) == 2 and not rig.ingest.blocked  # in order, the refused one first
+    rig.confirm()
+    assert rig.acks[-1][0] == tag + 1 and ids_in([json.loads(t) for u in rig.uploads() for t in u["events"]]) == {
+        "1", "2", "3", "4"}
+
+
+def test_results_of_hand_offs_made_before_a_lost_connection_are_ignored() -> None:
+    rig = DeferredRig(batch_size=2)
+    rig.send_event([event("a", "1"), event("a", "2")])
+    rig.ingest.discard()  # the channel is gone: its tags mean nothing any more
+    rig.deferred.confirm()
+    assert rig.acks == []
+
+
+def test_a_bug_while_building_upload_messages_costs_those_events_a_dead_letter_not_the_consumer() -> None:
+    rig = Rig(batch_size=2)
+
+    def broken(batches: list[Batch], limit: int | None) -> list[Outgoing]:
+        raise KeyError("a bug")
+
+    rig.ingest.handoff.render = broken
+    t1 = rig.send_event([event("a", "1"), event("a", "2")])
+    dead = rig.dead_letters()
+    assert [d["reason"] for d in dead] == ["unhandled", "unhandled"]
+    assert {d["event"]["activity_params"]["event_id"] for d in dead} == {"1", "2"}
+    assert dead[0]["details"] == {"problem": "internal_error", "exception": "KeyError"}
+    assert rig.acks == [(t1, True)] and not rig.ingest.blocked
+    rig.ingest.handoff.render = rig.ingest._render  # fixed: the next messages go on as usual
+    t2 = rig.send_event([event("b", "3"), event("b", "4")])
+    assert rig.acks[-1] == (t2, True) and [u["asset_id"] for u in rig.uploads()] == ["b"]
+
+
+# --- deliveries kombu cannot decode: through the same one place ------------------------------------
+
+
+@pytest.mark.parametrize("compression,body,problem", [
+    ("gzip", gzip.compress(b'{"asset_id": "a"}'), "does not decompress"),
+    ("application/x-snappy", b"xyz", "does not read that compression"),
+    ("gzip", zlib.compress(b" " * (11 * 1024 * 1024)), "expands past"),
+], ids=["real-gzip-under-kombus-gzip", "unknown-codec", "zip-bomb"])
+def test_a_body_kombu_cannot_decompress_is_dead_lettered_whole_through_the_acker(
+        compression: str, body: bytes, problem: str) -> None:
+    install_bounded_decompression()
+    rig = Rig()
+    good = rig.send_event(event("a", "g1"))
+    connection = Connection("memory://")
+    channel = connection.channel()
+    queue = Queue(f"hostile-{uuid.uuid4().hex}", channel=channel)
+    queue.declare()
+    delivered: list[Any] = []
+
+    def on_undecodable(message: Any, exc: Exception) -> None:
+        message.delivery_tag = rig.next_tag
+        rig.next_tag += 1
+        rig.unacked.add(message.delivery_tag)
+        delivered.append(message.delivery_tag)
+        rig.ingest.on_undecodable(message, exc)
+
+    consumer = KombuConsumer(channel, [queue], on_message=lambda m: pytest.fail("decoded"),
+                             on_decode_error=on_undecodable)
+    consumer.consume()
+    channel.basic_publish(channel.prepare_message(body, headers={"compression": compression}),
+                          exchange="", routing_key=queue.name)
+    connection.drain_events(timeout=1)
+    [dead] = rig.dead_letters()
+    assert dead["reason"] == "malformed" and problem in dead["error"]
+    assert dead["details"]["problem"] == "compression" and dead["details"]["compression"] == compression
+    assert base64.b64decode(dead["raw_base64"]) == body if "raw_base64" in dead else dead["raw"].encode() == body
+    rig.wait_and_tick()
+    assert rig.acked_up_to() == delivered[0] and good < delivered[0]
+
+
+def test_a_body_compressed_as_kombu_compresses_it_is_read_as_usual() -> None:
+    install_bounded_decompression()
+    rig = Rig()
+    connection = Connection("memory://")
+    channel = connection.channel()
+    queue = Queue(f"zlib-{uuid.uuid4().hex}", channel=channel)
+    queue.declare()
+
+    def on_message(message: Any) -> None:
+        message.delivery_tag = rig.next_tag
+        rig.next_tag += 1
+        rig.unacked.add(message.delivery_tag)
+        rig.contents[message.delivery_tag] = {"z1"}
+        rig.ingest.on_message(message)
+
+    KombuConsumer(channel, [queue], on_message=on_message, on_decode_error=lambda m, e: pytest.fail(repr(e))).consume()
+    channel.basic_publish(channel.prepare_message(zlib.compress(dumps(event("a", "z1"))),
+                                                  content_type="application/json", headers={"compression": "gzip"}),
+                          exchange="", routing_key=queue.name)
+    connection.drain_events(timeout=1)
+    rig.wait_and_tick()
+    assert ids_in(uploaded_events(rig)) == {"z1"} and rig.dead_letters() == []

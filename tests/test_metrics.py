@@ -18,6 +18,7 @@ import pytest
 from celery import Celery
 
 from config.settings import Settings, SettingsError
+from tests.fakes import Immediate
 from worker.broker.messages import Bundle, UploadBatch, read_bundle, upload_message
 from worker.broker.publisher import Outgoing
 from worker.broker.topology import Topology
@@ -128,7 +129,7 @@ def run_pipeline() -> tuple[Api, list[Outgoing]]:
         return upload_message(app, UPLOAD, bundle)
 
     ingest = Ingest(settings=SETTINGS, batcher=batcher, acker=Acker(lambda tag, multiple: None),
-                    publish=published.extend, upload_message=upload, clock=clock, max_outstanding=10_000,
+                    publisher=Immediate(published.extend), upload_message=upload, clock=clock, max_outstanding=10_000,
                     quarantine_queue=TOPOLOGY.quarantine, listener=LISTENER)
     good = [event(f"a{i}") for i in range(6)] + [event("s1", timestamp=STALE), event("s2", timestamp=STALE)]
     good.append(event("r1", activity_params={"event_id": "r1", "reject": True}))

@@ -5,7 +5,8 @@
     WorkerError
     ├── SettingsError        a setting the worker cannot run with: stop at start-up, name it
     ├── InputError           the data is bad: dead-letter it with a sentence, go on
-    │   └── MalformedBody    a message body that holds no events we can read
+    │   ├── MalformedBody    a message body that holds no events we can read
+    │   └── ForeignMessage   another application's task on a queue of ours: set aside whole
     ├── BrokerError          RabbitMQ did not do what was asked: acknowledge nothing
     │   ├── PublishError     a hand-off not confirmed: keep it, try again later (split if too large)
     │   └── DeadLetterError  the dead-letter queue cannot be read
@@ -52,6 +53,16 @@ class MalformedBody(InputError):
         self.details = details
 
 
+class ForeignMessage(InputError):
+    """A task message of another application (``task`` names a task this worker does not run)
+    reached a queue the worker consumes. It is none of ours to read: dead-lettered whole as
+    ``unhandled``, with what it takes to send it where it belongs once the routing is fixed."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__(f"a task message for {task!r}")
+        self.task = task
+
+
 class BrokerError(WorkerError):
     """RabbitMQ did not do what was asked: acknowledge nothing, the messages stay."""
 
@@ -60,14 +71,18 @@ class PublishError(BrokerError):
     """The broker did not confirm (or could not route) messages we handed to it.
 
     ``messages`` are the messages of that hand-off (the caller may keep them to try again).
+    ``refused``: the broker answered, and said no to some of them (a nack, an unroutable message,
+    one over its size limit), as opposed to not answering at all (a lost connection, a timeout).
     ``too_large`` is the broker's ``max_message_size`` when it refused a message for its size:
     sending the same again is pointless, splitting it is the way.
     """
 
-    def __init__(self, message: str, *, messages: Sequence[Any] = (), too_large: int | None = None) -> None:
+    def __init__(self, message: str, *, messages: Sequence[Any] = (), too_large: int | None = None,
+                 refused: bool = False) -> None:
         super().__init__(message)
         self.messages = list(messages)
         self.too_large = too_large
+        self.refused = refused or too_large is not None
 
 
 class DeadLetterError(BrokerError):

@@ -7,14 +7,16 @@ upload task find the process's :class:`Runtime` with :func:`runtime_of`, given t
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
 
 from config.settings import Settings
+from worker.broker.background import BackgroundPublisher
 from worker.broker.messages import Bundle, upload_message
-from worker.broker.publisher import Outgoing, PublisherPool
+from worker.broker.publisher import Outgoing, Publisher, PublisherPool
 from worker.broker.topology import Topology
 from worker.clock import Clock, SystemClock
 from worker.events import jsonutil
@@ -57,6 +59,21 @@ class Runtime:
     seen: SeenTasks = field(default_factory=SeenTasks)
     #: Events per upload task this process hands on (backpressure counts the upload queue in events).
     task_sizes: TaskSizes = field(default_factory=TaskSizes)
+    #: The event loop's publisher (made on the loop's first need: :meth:`background`).
+    _background: BackgroundPublisher | None = None
+
+    def background(self, call_soon: Callable[[Callable[[], None]], Any]) -> BackgroundPublisher:
+        """The publisher of the event loop's consumers (ingest, quarantine, salvage): a thread and a
+        connection of its own, results back on the loop with ``call_soon`` (the worker's hub)."""
+        if self._background is None:
+            publisher = Publisher(self.settings.broker_url, declare=self.topology.publish_targets())
+            self._background = BackgroundPublisher(publisher, call_soon=call_soon)
+        return self._background
+
+    def close_background(self) -> None:
+        background, self._background = self._background, None
+        if background is not None:
+            background.close()
 
     def attempt_bound(self, bundle: Bundle) -> float:
         """The longest one upload attempt of ``bundle`` may take: a request per batch (bisection

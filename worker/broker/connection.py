@@ -1,21 +1,54 @@
-"""The one way the worker's own tools open a connection to RabbitMQ.
+"""The one way the worker's own tools open a connection to RabbitMQ, and keep it alive.
 
-Used by the publishers, the dead-letter reader, the health check, the flow's queue depths and
-the start-up declarations (Celery opens its own). ``url`` may be a failover list
-(``amqp://node1//;amqp://node2//``): kombu tries the next node when one does not answer.
-Heartbeats are off: these connections are used in bursts, by code that does not drain them in
-between, and a dead one shows at its next use, which then connects anew.
+Used by the publishers, the dead-letter reader, the health check, the broker watcher and the
+start-up declarations (Celery opens its own, with the same heartbeat: :mod:`config.celeryconfig`).
+``url`` may be a failover list (``amqp://node1//;amqp://node2//``): :func:`connect` tries every
+node of it in turn, ``1 + retries`` times, before it gives up, so a first node that is down (or
+silently drops packets, each try bounded by ``timeout``) costs one try, not the connection.
+
+A long-lived connection has heartbeats (``heartbeat`` seconds), so that a peer that went away
+without a word (a partition, a dead host) shows within about two heartbeats on both sides: the
+broker closes our end and lets go of what it held, and we notice at our next tick. Heartbeats
+only work when the owner calls :func:`keep_alive` every ``heartbeat / 2`` seconds or so, also
+while it has nothing to publish: py-amqp sends nothing and reads nothing by itself. Short-lived
+commands (the dead-letter command, the health check) pass ``heartbeat=0``: an operator's pause
+at a prompt must not cost them their connection.
 """
 
 from __future__ import annotations
 
+import socket
+from typing import Any
+
 from kombu.connection import Connection
 
+#: Seconds between heartbeats on the worker's long-lived connections (and Celery's): both sides
+#: notice a dead peer within about two of them.
+HEARTBEAT = 10.0
 
-def connect(url: str, *, timeout: float = 10.0, retries: int = 3) -> Connection:
-    """A connection, established now (``retries`` more tries, a second or so apart, then the
-    error: kombu's ``OperationalError``, or an ``OSError``)."""
-    connection = Connection(url, heartbeat=0, connect_timeout=timeout)
-    connection.ensure_connection(max_retries=retries, interval_start=0.5, interval_step=1.0, interval_max=5.0,
-                                 timeout=timeout * (retries + 1))
+
+def connect(url: str, *, timeout: float = 10.0, retries: int = 3, heartbeat: float = 0.0,
+            ssl: Any = None) -> Connection:
+    """A connection, established now: every node of the list tried in turn, then again
+    ``retries`` more rounds (a second or so between rounds), each try bounded by ``timeout``;
+    then the error (kombu's ``OperationalError``, or an ``OSError``). ``ssl``: kombu's TLS
+    options, or None."""
+    connection = Connection(url, heartbeat=heartbeat, connect_timeout=timeout, ssl=ssl or False)
+    nodes = len([part for part in url.split(";") if part.strip()]) or 1
+    rounds = 1 + max(0, retries)
+    connection.ensure_connection(max_retries=nodes * rounds - 1, interval_start=0.5, interval_step=1.0,
+                                 interval_max=5.0, timeout=(timeout + 5.0) * nodes * rounds)
     return connection
+
+
+def keep_alive(connection: Connection) -> None:
+    """Read what the broker sent meanwhile (its heartbeats, without blocking), and send a
+    heartbeat if one is due; raises the connection's error when the broker has been silent for
+    too long (it is gone: open a new connection)."""
+    if not connection.connected:
+        return
+    try:
+        connection.drain_events(timeout=0)
+    except socket.timeout:
+        pass
+    connection.heartbeat_check()

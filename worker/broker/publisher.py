@@ -9,12 +9,20 @@ group (and routed it to a queue: messages are ``mandatory``); otherwise it raise
 :class:`~worker.errors.PublishError` and the caller must not acknowledge what it was handing
 on. After a connection error the whole group is published again on a new connection:
 duplicates are possible, losses are not.
+
+Every publisher's connection has heartbeats (:mod:`worker.broker.connection`): while it waits
+for confirms it keeps them going, and between groups its owner calls :meth:`Publisher.keep_alive`
+(the :class:`PublisherPool` does, for the idle ones), so a dead broker or a partition shows
+within two heartbeats, not at the confirm timeout.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import re
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +32,7 @@ import amqp
 from kombu.connection import Connection
 from kombu.entity import Queue
 
-from worker.broker.connection import connect
+from worker.broker.connection import HEARTBEAT, connect, keep_alive
 from worker.errors import PublishError
 
 logger = logging.getLogger(__name__)
@@ -93,10 +101,14 @@ class Publisher:
         *,
         declare: Iterable[Queue] = (),
         confirm_timeout: float = CONFIRM_TIMEOUT,
+        heartbeat: float = HEARTBEAT,
+        ssl: Any = None,
     ) -> None:
         self.broker_url = broker_url
         self.declare = tuple(declare)
         self.confirm_timeout = confirm_timeout
+        self.heartbeat = heartbeat
+        self.ssl = ssl
         self._connection: Connection | None = None
         self._channel: amqp.Channel | None = None
         self._confirms = _Confirms()
@@ -110,7 +122,7 @@ class Publisher:
                 self._publish_once(messages)
                 return
             except PublishError as exc:
-                raise PublishError(str(exc), messages=messages) from None
+                raise PublishError(str(exc), messages=messages, refused=exc.refused) from None
             except Exception as exc:  # connection and channel errors: start anew
                 self.close()
                 too_large = _TOO_LARGE.search(str(exc))
@@ -125,6 +137,18 @@ class Publisher:
                     "Publishing %d messages failed (%r); reconnecting (attempt %d of %d)",
                     len(messages), exc, attempt + 1, PUBLISH_ATTEMPTS,
                 )
+
+    def keep_alive(self) -> None:
+        """Between groups: take the broker's heartbeats, send ours; a connection found dead is
+        closed (the next publish opens a new one)."""
+        if self._connection is None:
+            return
+        try:
+            keep_alive(self._connection)
+        except Exception as exc:  # the broker is gone: say so once, reconnect at the next publish
+            logger.warning("A publisher's connection to the broker died while idle (%r); it reconnects when "
+                           "next needed", exc)
+            self.close()
 
     def declare_queues(self) -> None:
         """Connect now and declare the queues (otherwise done before the first publish)."""
@@ -162,7 +186,7 @@ class Publisher:
             self.close()
             raise PublishError(
                 f"the broker refused {confirms.nacked - nacked} and could not route "
-                f"{confirms.returned - returned} of {len(messages)} messages"
+                f"{confirms.returned - returned} of {len(messages)} messages", refused=True
             )
 
     def _wait(self, first_tag: int) -> None:
@@ -170,20 +194,25 @@ class Publisher:
         assert self._connection is not None
         deadline = time.monotonic() + self.confirm_timeout
         confirms = self._confirms
+        step = self.heartbeat / 2 if self.heartbeat else self.confirm_timeout
         while any(tag >= first_tag for tag in confirms.pending):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no confirm from the broker in {self.confirm_timeout} s")
-            self._connection.drain_events(timeout=remaining)
+            try:
+                self._connection.drain_events(timeout=min(remaining, step))
+            except socket.timeout:
+                pass
+            self._connection.heartbeat_check()  # a silent broker raises here, within two heartbeats
 
     def _ensure_channel(self) -> amqp.Channel:
         if self._channel is not None and self._channel.is_open:
             return self._channel
         self.close()
-        connection = connect(self.broker_url)
+        connection = connect(self.broker_url, heartbeat=self.heartbeat, ssl=self.ssl)
         channel = connection.channel()
-        for queue in self.declare:
-            queue(channel).declare()
+        for target in self.declare:
+            target(channel).declare()
         self._confirms = confirms = _Confirms()
         channel.confirm_select()
         channel.events["basic_ack"].add(confirms.on_ack)
@@ -201,16 +230,35 @@ class PublisherPool:
     """A few :class:`Publisher`\\ s shared by the upload threads, each used by one thread at a time.
 
     A publisher per thread would mean a connection per thread (dozens); one shared behind a
-    lock would make every thread wait for every other's confirms.
+    lock would make every thread wait for every other's confirms. A thread of its own keeps
+    the idle ones' heartbeats going (taking each from the pool while it does).
     """
 
-    def __init__(self, broker_url: str, *, size: int, declare: Iterable[Queue] = ()) -> None:
-        import queue
-
+    def __init__(self, broker_url: str, *, size: int, declare: Iterable[Queue] = (),
+                 heartbeat: float = HEARTBEAT, ssl: Any = None) -> None:
         self._free: queue.SimpleQueue[Publisher] = queue.SimpleQueue()
-        self._all = [Publisher(broker_url, declare=declare) for _ in range(max(1, size))]
+        self._all = [Publisher(broker_url, declare=declare, heartbeat=heartbeat, ssl=ssl)
+                     for _ in range(max(1, size))]
         for publisher in self._all:
             self._free.put(publisher)
+        self._stopped = threading.Event()
+        self._keeper: threading.Thread | None = None
+        if heartbeat:
+            self._keeper = threading.Thread(target=self._keep_alive, args=(heartbeat / 4,),
+                                            name="publisher-heartbeats", daemon=True)
+            self._keeper.start()
+
+    def _keep_alive(self, interval: float) -> None:
+        while not self._stopped.wait(interval):
+            for _ in range(len(self._all)):
+                try:
+                    publisher = self._free.get_nowait()
+                except queue.Empty:
+                    break  # the others are publishing: their traffic is their heartbeat
+                try:
+                    publisher.keep_alive()
+                finally:
+                    self._free.put(publisher)
 
     def publish(self, messages: Sequence[Outgoing]) -> None:
         """:meth:`Publisher.publish` on a free publisher (waits for one)."""
@@ -223,5 +271,6 @@ class PublisherPool:
             self._free.put(publisher)
 
     def close(self) -> None:
+        self._stopped.set()
         for publisher in self._all:
             publisher.close()

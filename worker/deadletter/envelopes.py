@@ -179,6 +179,14 @@ class DeadLetters:
                                             raw=raw, details=details, asset_id=asset_id, attempts=attempts,
                                             replays=replays))
 
+    def event_text(self, reason: str, error: str, text: Any, *, details: dict[str, Any] | None = None,
+                   asset_id: str | None = None, attempts: int = 0, replays: int = 0) -> Outgoing:
+        """The dead letter of an event known by its JSON text: the event itself when the text is
+        one JSON object, else the text kept whole in ``raw``."""
+        event, raw = event_or_raw(text)
+        return self.event(reason, error, event=event, raw=raw, details=details, asset_id=asset_id,
+                          attempts=attempts, replays=replays)
+
     def body(self, reason: str, error: str, *, raw: bytes | str, details: dict[str, Any] | None = None,
              asset_id: str | None = None, attempts: int = 0, replays: int = 0,
              part_bytes: int = PART_BYTES) -> list[Outgoing]:
@@ -186,6 +194,18 @@ class DeadLetters:
         return messages(self.queue, body_envelopes(reason=reason, error=error, failed_at=self.clock.now(), raw=raw,
                                                    details=details, asset_id=asset_id, attempts=attempts,
                                                    replays=replays, part_bytes=part_bytes))
+
+
+def event_or_raw(text: Any) -> tuple[Any, str | None]:
+    """(event, None) for an event's JSON text (or an event object), or (None, the text) when it
+    is not one JSON object."""
+    if not isinstance(text, str):
+        return (text, None) if isinstance(text, dict) else (None, jsonutil.dumps(text).decode("utf-8", "replace"))
+    try:
+        value = jsonutil.loads(text)
+    except ValueError:
+        return None, text
+    return (value, None) if isinstance(value, dict) else (None, text)
 
 
 def part_of(body: Envelope) -> Part | None:

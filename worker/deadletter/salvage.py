@@ -15,13 +15,15 @@ confirmed them. If the broker does not, the message stays unacknowledged and com
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps
 from kombu.messaging import Consumer
 
+from worker.broker.background import Submitter
 from worker.broker.messages import UPLOAD_TASK, read_bundle
-from worker.broker.publisher import Outgoing, Publisher, PublishFn
+from worker.broker.publisher import Outgoing
 from worker.clock import Clock, SystemClock
 from worker.deadletter import envelopes
 from worker.errors import PublishError
@@ -31,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 #: Messages taken at once (each may hold a thousand events).
 PREFETCH = 4
+
+#: Seconds before a salvage the broker did not confirm is tried again; doubles up to RETRY_MAX.
+RETRY_BASE = 1.0
+RETRY_MAX = 60.0
 
 
 def dead_letters(body: bytes | str, headers: dict[str, Any], letters: envelopes.DeadLetters) -> list[Outgoing]:
@@ -56,22 +62,10 @@ def dead_letters(body: bytes | str, headers: dict[str, Any], letters: envelopes.
     out = []
     for batch in bundle.batches:
         for index, text in enumerate(batch.events):
-            event, raw = _event_of(text)
-            out.append(letters.event(envelopes.UNHANDLED, error, event=event, raw=raw, details=details,
-                                     asset_id=batch.asset_id, attempts=batch.attempts,
-                                     replays=batch.replays_of(index)))
+            out.append(letters.event_text(envelopes.UNHANDLED, error, text, details=details,
+                                          asset_id=batch.asset_id, attempts=batch.attempts,
+                                          replays=batch.replays_of(index)))
     return out
-
-
-def _event_of(text: Any) -> tuple[Any, str | None]:
-    """(event, None) for an event's JSON text, or (None, the text) when it is not an object."""
-    if not isinstance(text, str):
-        return (text, None) if isinstance(text, dict) else (None, jsonutil.dumps(text).decode("utf-8", "replace"))
-    try:
-        value = jsonutil.loads(text)
-    except ValueError:
-        return None, text
-    return (value, None) if isinstance(value, dict) else (None, text)
 
 
 def _first_death(headers: dict[str, Any]) -> dict[str, Any]:
@@ -83,11 +77,20 @@ def _first_death(headers: dict[str, Any]) -> dict[str, Any]:
 
 
 class Salvage:
-    """Handles each dead-lettered message: envelopes published, then the message acknowledged."""
+    """Handles each dead-lettered message: envelopes published, then the message acknowledged.
 
-    def __init__(self, *, publish: PublishFn, dead_letter_queue: str, clock: Clock) -> None:
-        self.publish = publish
+    Publishing goes through the loop's background publisher; a group the broker does not confirm
+    is tried again after a backoff (doubling from :data:`RETRY_BASE` to :data:`RETRY_MAX`), the
+    message unacknowledged meanwhile. After a lost connection (:meth:`forget`) what was in hand
+    is left to the broker, which delivers it again.
+    """
+
+    def __init__(self, *, publisher: Submitter, dead_letter_queue: str, clock: Clock,
+                 later: Callable[[float, Callable[[], None]], Any]) -> None:
+        self.publisher = publisher
+        self.later = later
         self.letters = envelopes.DeadLetters(queue=dead_letter_queue, clock=clock)
+        self._generation = 0
 
     def on_message(self, message: Any) -> None:
         headers = dict(message.headers or {})
@@ -97,15 +100,49 @@ class Salvage:
             logger.exception("Salvage: could not read a dead-lettered message; writing it whole")
             letters = self.letters.body(envelopes.UNHANDLED, "The worker could not read this dead-lettered message.",
                                         raw=message.body)
-        try:
-            self.publish(letters)
-        except PublishError as exc:
-            logger.error("Salvage: the broker did not confirm %d dead letters (%s); the message stays in %s",
-                         len(letters), exc, message.delivery_info.get("routing_key"))
-            return  # unacknowledged: it comes back with the channel
-        logger.error("Salvage: wrote %d events of a message RabbitMQ dead-lettered (%s) to %s as 'unhandled'",
-                     len(letters), _first_death(headers), self.letters.queue)
+        self._publish(message, letters, _first_death(headers), RETRY_BASE)
+
+    def on_undecodable(self, message: Any, exc: Exception) -> None:
+        """kombu could not make a message of it (its ``compression`` header): kept whole."""
+        headers = dict(message.headers or {})
+        error = (f"RabbitMQ dead-lettered this message from {_first_death(headers).get('queue')}; kombu could not "
+                 f"read it ({type(exc).__name__}: its compression header). Its whole body is in raw.")
+        letters = self.letters.body(envelopes.UNHANDLED, error, raw=message.body,
+                                    details={"problem": "compression", "error": type(exc).__name__})
+        self._publish(message, letters, _first_death(headers), RETRY_BASE)
+
+    def forget(self) -> None:
+        """The channel is gone: results and retries of what was in hand no longer matter."""
+        self._generation += 1
+
+    def _publish(self, message: Any, letters: list[Outgoing], death: dict[str, Any], delay: float) -> None:
+        generation = self._generation
+
+        def done(error: PublishError | None) -> None:
+            if generation != self._generation:
+                return
+            if error is None:
+                logger.error("Salvage: wrote %d events of a message RabbitMQ dead-lettered (%s) to %s as 'unhandled'",
+                             len(letters), death, self.letters.queue)
+                _ack(message)
+                return
+            logger.error("Salvage: the broker did not confirm %d dead letters (%s); trying again in %.1f s",
+                         len(letters), error, delay)
+            self.later(delay, lambda: self._retry(message, letters, death, min(RETRY_MAX, delay * 2), generation))
+
+        self.publisher.submit(letters, done)
+
+    def _retry(self, message: Any, letters: list[Outgoing], death: dict[str, Any], delay: float,
+               generation: int) -> None:
+        if generation == self._generation:
+            self._publish(message, letters, death, delay)
+
+
+def _ack(message: Any) -> None:
+    try:
         message.ack()
+    except Exception as exc:  # the channel closed meanwhile: the broker delivers it again
+        logger.warning("Salvage: could not acknowledge a salvaged message (%r); it comes back", exc)
 
 
 class SalvageStep(bootsteps.ConsumerStep):
@@ -115,17 +152,23 @@ class SalvageStep(bootsteps.ConsumerStep):
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
-        runtime = c.app.runtime()
-        self.topology = runtime.topology
-        self.publisher = Publisher(runtime.settings.broker_url, declare=[self.topology.dead_letter_queue()])
-        self.salvage = Salvage(publish=self.publisher.publish, dead_letter_queue=self.topology.dead_letter,
-                               clock=SystemClock())
+        self.runtime = c.app.runtime()
+        self.topology = self.runtime.topology
+        self.salvage: Salvage | None = None
+
+    def start(self, c: Any) -> None:
+        self.salvage = Salvage(publisher=self.runtime.background(c.hub.call_soon),
+                               dead_letter_queue=self.topology.dead_letter, clock=SystemClock(),
+                               later=lambda seconds, fn: c.timer.call_after(seconds, fn))
+        super().start(c)
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
+        assert self.salvage is not None
         channel.auto_decode = False
         return [Consumer(channel, queues=[self.topology.unhandled_queue()], on_message=self.salvage.on_message,
-                         prefetch_count=PREFETCH, no_ack=False)]
+                         on_decode_error=self.salvage.on_undecodable, prefetch_count=PREFETCH, no_ack=False)]
 
-    def shutdown(self, c: Any) -> None:
-        super().shutdown(c)
-        self.publisher.close()
+    def stop(self, c: Any) -> None:
+        if self.salvage is not None:
+            self.salvage.forget()
+        super().stop(c)

@@ -4,14 +4,19 @@ The consumer (:mod:`worker.ingest.pipeline`) hands on what it made of each messa
 batches to upload. A hand-off counts once the broker confirmed every message of it; only then
 are its callbacks run (they acknowledge the source messages). The hand-off
 
-- publishes at once when nothing waits before it: the common case, one confirm round trip;
-- when the broker does not confirm, keeps it (and everything after it, in order), tries again
-  on the consumer's ticks with a backoff (doubling from :data:`RETRY_BASE` to :data:`RETRY_MAX`),
-  and says it is :attr:`~HandOff.blocked`, so that the consumer stops taking messages instead of
-  trying again on each one, blocking the event loop each time;
+- renders the batches into upload messages and gives them to a background publisher
+  (:mod:`worker.broker.background`) at once: the event loop never waits for the broker; the
+  result comes back on the loop, and hand-offs may complete in any order (the acknowledgements
+  keep theirs: :mod:`worker.ingest.acks`);
+- when the broker does not confirm one, keeps it (and hands nothing newer over), tries again on
+  the consumer's ticks with a backoff (doubling from :data:`RETRY_BASE` to :data:`RETRY_MAX`),
+  and says it is :attr:`~HandOff.blocked`, so that the consumer stops taking messages;
 - when the broker refuses a message for its size (over RabbitMQ's ``max_message_size``), learns
   the limit and renders the batches again in smaller upload messages (fewer batches per bundle,
-  then fewer events per batch), so that a setting or a broker that disagree cost nothing.
+  then fewer events per batch), so that a setting or a broker that disagree cost nothing;
+- when rendering itself fails (a bug), writes the batches' events as dead letters instead
+  (``fallback``), so that the bug costs those events a detour through the dead-letter queue,
+  never the consumer.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
+from worker.broker.background import Submitter
 from worker.broker.messages import MAX_BATCHES_PER_BUNDLE, Bundle, UploadBatch, bundles
-from worker.broker.publisher import Outgoing, PublishFn
+from worker.broker.publisher import Outgoing
 from worker.clock import Clock
 from worker.errors import PublishError
 from worker.ingest.batching import Batch
@@ -42,85 +49,131 @@ SIZE_MARGIN = 0.9
 #: batches, the largest body a message may have (None: no known limit) -> upload messages.
 RenderFn = Callable[[list[Batch], "int | None"], list[Outgoing]]
 
+#: batches that could not be rendered, the error -> dead letters keeping their events whole.
+FallbackFn = Callable[[list[Batch], Exception], list[Outgoing]]
 
-@dataclass
+
+@dataclass(eq=False)
 class Parcel:
     """One hand-off: dead letters and batches, and what to do once the broker confirmed them."""
 
     dead: list[Outgoing]
     batches: list[Batch]
     then: list[Callable[[], None]] = field(default_factory=list)
+    #: Handed to the publisher and not reported yet.
+    in_flight: bool = False
+    #: Refused (or unanswered) by the broker: waits for the next try.
+    failed: bool = False
 
 
 class HandOff:
     """See the module docstring."""
 
-    def __init__(self, *, publish: PublishFn, render: RenderFn, clock: Clock) -> None:
-        self.publish = publish
+    def __init__(self, *, publisher: Submitter, render: RenderFn, clock: Clock,
+                 fallback: FallbackFn | None = None) -> None:
+        self.publisher = publisher
         self.render = render
+        self.fallback = fallback
         self.clock = clock
-        self._pending: deque[Parcel] = deque()
+        #: Hand-offs not confirmed yet, oldest first.
+        self._parcels: deque[Parcel] = deque()
         self._delay = RETRY_BASE
         self._next_try = 0.0
+        #: Bumped by :meth:`forget`: results of hand-offs made before are ignored.
+        self._generation = 0
         #: The broker's ``max_message_size``, once a refusal told it (bytes).
         self.max_message_bytes: int | None = None
 
     @property
     def blocked(self) -> bool:
-        """True while a hand-off waits for the broker: take no new messages."""
-        return bool(self._pending)
+        """True while a hand-off waits to be tried again: take no new messages."""
+        return any(parcel.failed for parcel in self._parcels)
 
     @property
     def waiting(self) -> int:
-        return len(self._pending)
+        """Hand-offs not confirmed yet (in flight or waiting to be tried again)."""
+        return len(self._parcels)
 
     def send(self, dead: Sequence[Outgoing], batches: Sequence[Batch], then: Sequence[Callable[[], None]]) -> None:
-        """Hand these on; run ``then`` once the broker confirmed them (perhaps later)."""
+        """Hand these on; run ``then`` once the broker confirmed them (later, on the loop)."""
         if not dead and not batches:  # nothing to publish: done already (what a message has in
             for callback in then:     # a waiting hand-off still holds its ticket)
                 callback()
             return
-        self._pending.append(Parcel(list(dead), list(batches), list(then)))
-        if len(self._pending) == 1:
-            self._drain()
+        self._parcels.append(Parcel(list(dead), list(batches), list(then)))
+        self._pump()
 
     def tick(self) -> None:
         """Try the waiting hand-offs again, when their backoff is over."""
-        if self._pending and self.clock.monotonic() >= self._next_try:
-            self._drain()
+        if self.blocked and self.clock.monotonic() >= self._next_try:
+            self.retry_now()
 
     def retry_now(self) -> None:
-        """Try the waiting hand-offs again at once (a warm shutdown's last chance)."""
-        if self._pending:
-            self._drain()
+        """Try the waiting hand-offs again at once (and a warm shutdown's last chance)."""
+        for parcel in self._parcels:
+            parcel.failed = False
+        self._pump()
+
+    def flush(self, timeout: float) -> bool:
+        """Warm shutdown: try what waits once more and wait (``timeout`` s at most) until every
+        hand-off is confirmed; False when some are not (their messages are redelivered)."""
+        self.retry_now()
+        self.publisher.drain(timeout)
+        return not self._parcels
 
     def forget(self) -> None:
         """Drop what waits (the channel is gone; the broker redelivers the source messages)."""
-        self._pending.clear()
+        self._parcels.clear()
+        self._generation += 1
         self._delay = RETRY_BASE
 
-    def _drain(self) -> None:
-        while self._pending:
-            parcel = self._pending[0]
-            try:
-                self.publish(parcel.dead + self.render(parcel.batches, self._body_limit()))
-            except PublishError as exc:
-                if exc.too_large is not None and (self.max_message_bytes is None
-                                                  or exc.too_large < self.max_message_bytes):
-                    self.max_message_bytes = exc.too_large
-                    logger.warning("The broker refuses messages over %d bytes (max_message_size): upload messages "
-                                   "are made smaller from now on", exc.too_large)
-                    continue  # rendered again, smaller
-                self._next_try = self.clock.monotonic() + self._delay
-                logger.error("The broker did not confirm a hand-off of %d messages (%s); %d hand-offs wait, the "
-                             "consumer takes no new message; next try in %.1f s", len(exc.messages) or 1, exc,
-                             len(self._pending), self._delay)
-                self._delay = min(RETRY_MAX, self._delay * 2)
+    def _pump(self) -> None:
+        """Hand over, in order, every hand-off not handed over yet, unless one waits for a retry."""
+        for parcel in list(self._parcels):  # a publisher may report at once, changing the queue
+            if self.blocked:
                 return
-            self._pending.popleft()
-            self._delay = RETRY_BASE
+            if not parcel.in_flight and parcel in self._parcels:
+                parcel.in_flight = True
+                messages = parcel.dead + self._render(parcel)
+                self.publisher.submit(messages, partial(self._done, parcel, self._generation))
+
+    def _render(self, parcel: Parcel) -> list[Outgoing]:
+        if not parcel.batches:
+            return []
+        try:
+            return self.render(parcel.batches, self._body_limit())
+        except Exception as exc:
+            if self.fallback is None:
+                raise
+            logger.exception("Could not build the upload messages of %d batches (%s); writing their events to the "
+                             "dead-letter queue instead", len(parcel.batches), type(exc).__name__)
+            return self.fallback(parcel.batches, exc)
+
+    def _done(self, parcel: Parcel, generation: int, error: PublishError | None) -> None:
+        if generation != self._generation:
+            return  # forgotten: its messages come back from the broker
+        parcel.in_flight = False
+        if error is None:
+            self._parcels.remove(parcel)
+            if not self.blocked:
+                self._delay = RETRY_BASE
             for callback in parcel.then:
                 callback()
+            return
+        if error.too_large is not None and (self.max_message_bytes is None
+                                            or error.too_large < self.max_message_bytes):
+            self.max_message_bytes = error.too_large
+            logger.warning("The broker refuses messages over %d bytes (max_message_size): upload messages are made "
+                           "smaller from now on", error.too_large)
+            self._pump()  # rendered again, smaller
+            return
+        if not parcel.failed:
+            parcel.failed = True
+            self._next_try = self.clock.monotonic() + self._delay
+            logger.error("The broker did not confirm a hand-off of %d messages (%s); %d hand-offs wait, the consumer "
+                         "takes no new message; next try in %.1f s", len(error.messages) or 1, error,
+                         len(self._parcels), self._delay)
+            self._delay = min(RETRY_MAX, self._delay * 2)
 
     def _body_limit(self) -> int | None:
         return None if self.max_message_bytes is None else int(self.max_message_bytes * SIZE_MARGIN)

@@ -11,9 +11,21 @@ A message is acknowledged once each of its events is handed on: published, broke
 in an upload-task message or in the dead-letter queue (:class:`~worker.ingest.batching.Ticket`,
 :mod:`worker.ingest.handoff`), in order and many at a time (:class:`~worker.ingest.acks.Acker`).
 
+**The ack invariant.** Every delivery of the consumer's channel enters through
+:meth:`Ingest.on_message` or :meth:`Ingest.on_undecodable` (kombu's decode-error callback), and
+both register its tag with the :class:`~worker.ingest.acks.Acker` first; the Acker is the only
+code that acknowledges on that channel, and it acknowledges a tag only once its ticket is
+released, i.e. once everything the message held is confirmed by the broker somewhere else.
+Nothing is acknowledged on an error path and nothing is rejected: a message this code cannot
+hand on stays unacknowledged until the channel closes, and comes back.
+
 What can go wrong costs one message at most, never the consumer:
 
-- a body that cannot be read is dead-lettered whole (``malformed``);
+- a body that cannot be read is dead-lettered whole (``malformed``), also one kombu could not
+  even turn into a message (a ``compression`` header its body does not match, or a codec the
+  worker does not read: :meth:`Ingest.on_undecodable`);
+- another application's task message (on Celery's queue, shared by mistake) is dead-lettered
+  whole (``unhandled``), with its headers and properties, never decoded: a pickle is never loaded;
 - a bug anywhere in handling a message dead-letters that message whole (``unhandled``, its
   body kept and replayable) and the consumer goes on;
 - a message a quorum queue delivered ``ACTIVITY_DELIVERY_LIMIT`` times is a *suspect*: the
@@ -32,16 +44,26 @@ from typing import Any, Protocol
 import amqp
 
 from config.settings import Settings
+from worker.broker.background import Submitter
 from worker.broker.headers import SUSPECT_HEADER
-from worker.broker.messages import MAX_BATCHES_PER_BUNDLE, Bundle, UploadBatch
-from worker.broker.publisher import Outgoing, PublishFn
+from worker.broker.messages import INGEST_TASK, MAX_BATCHES_PER_BUNDLE, Bundle, UploadBatch
+from worker.broker.publisher import Outgoing
 from worker.clock import Clock
 from worker.deadletter import envelopes
-from worker.errors import MalformedBody, PublishError
+from worker.errors import ForeignMessage, MalformedBody, PublishError
+from worker.events.parsing import MAX_EVENTS_PER_MESSAGE
 from worker.events.validation import validate_event
 from worker.ingest.acks import Acker
 from worker.ingest.batching import Batch, Batcher, Ticket
-from worker.ingest.decoding import Message, Routed, delivery_count, events_of, replays_of
+from worker.ingest.decoding import (
+    Message,
+    Routed,
+    delivery_count,
+    events_of,
+    foreign_message_details,
+    replays_of,
+    undecodable,
+)
 from worker.ingest.handoff import HandOff, Renderer
 
 logger = logging.getLogger(__name__)
@@ -98,7 +120,7 @@ class Ingest:
         settings: Settings,
         batcher: Batcher,
         acker: Acker,
-        publish: PublishFn,
+        publisher: Submitter,
         upload_message: UploadMessageFn,
         clock: Clock,
         max_outstanding: int,
@@ -123,8 +145,9 @@ class Ingest:
         self.renderer = Renderer(make=upload_message, max_events=settings.batch_size,
                                  max_bytes=settings.batch_max_bytes, oversized=self._oversized,
                                  max_batches=bundle_batches)
-        self.handoff = HandOff(publish=publish, render=self._render, clock=clock)
-        self.counts = {"messages": 0, "events": 0, "malformed": 0, "invalid": 0, "batches": 0, "suspects": 0}
+        self.handoff = HandOff(publisher=publisher, render=self._render, clock=clock, fallback=self._unrenderable)
+        self.counts = {"messages": 0, "events": 0, "malformed": 0, "invalid": 0, "batches": 0, "suspects": 0,
+                       "unhandled": 0}
 
     @property
     def blocked(self) -> bool:
@@ -147,6 +170,27 @@ class Ingest:
             logger.exception("Unexpected %s handling a message; dead-lettering it whole", type(exc).__name__)
             self._unhandled(message, exc, hold)
 
+    def on_undecodable(self, message: Message, exc: Exception) -> None:
+        """kombu could not make a message of this delivery (its ``compression`` header: a body that
+        does not match it, a codec this worker does not read, or a body that would expand too
+        far): dead-lettered whole, the bytes as they arrived."""
+        self.counts["messages"] += 1
+        self.acker.received(message.delivery_tag)
+        ticket = Ticket(partial(self.acker.complete, message.delivery_tag))
+        hold = _Once(ticket.release)
+        error, details = undecodable(message, exc)
+        try:
+            self._malformed(message, error, details, hold)
+        except CONNECTION_ERRORS:
+            raise
+        except Exception as bug:  # the same one place as on_message: never the consumer
+            logger.exception("Unexpected %s setting an unreadable message aside", type(bug).__name__)
+
+    def undecodable_alone(self, message: Message, exc: Exception, ack: Callable[[], None]) -> None:
+        """:meth:`on_undecodable` for a quarantined message (acknowledged by ``ack``)."""
+        error, details = undecodable(message, exc)
+        self._malformed(message, error, details, _Once(ack))
+
     def _take(self, message: Message, ticket: Ticket, hold: _Once) -> None:
         deliveries = delivery_count(message)
         limit = self.settings.delivery_limit
@@ -157,6 +201,9 @@ class Ingest:
             events = events_of(message)
         except MalformedBody as exc:
             self._malformed(message, exc.error, exc.details, hold)
+            return
+        except ForeignMessage as exc:
+            self._foreign(message, exc.task, hold)
             return
         self.counts["events"] += len(events)
         replays = replays_of(message)
@@ -197,11 +244,11 @@ class Ingest:
         if due:
             self._send([], due, [])
 
-    def flush_all(self) -> None:
-        """Hand on every open batch (warm shutdown); raises PublishError if the broker won't."""
-        self.handoff.retry_now()
+    def flush_all(self, timeout: float) -> None:
+        """Hand on every open batch and wait for the broker (warm shutdown; ``timeout`` seconds at
+        most); raises PublishError if it did not confirm everything in time."""
         self._send([], self.batcher.drain(), [])
-        if self.handoff.blocked:
+        if not self.handoff.flush(timeout):
             raise PublishError(f"{self.handoff.waiting} hand-offs were not confirmed by the broker")
 
     def discard(self) -> int:
@@ -216,6 +263,16 @@ class Ingest:
 
     def _render(self, batches: list[Batch], limit: int | None) -> list[Outgoing]:
         return self.renderer(batches, limit) if batches else []
+
+    def _unrenderable(self, batches: list[Batch], exc: Exception) -> list[Outgoing]:
+        """Batches a bug kept from becoming upload messages: their events, whole, as dead letters."""
+        self.listener.unreadable(envelopes.UNHANDLED)
+        error = (f"The worker failed to hand this event on for upload ({type(exc).__name__}) and set it aside so "
+                 "the rest could go on; see its log at failed_at. Replay it once the cause is fixed.")
+        details = {"problem": "internal_error", "exception": type(exc).__name__}
+        return [self.letters.event_text(envelopes.UNHANDLED, error, text, details=details, asset_id=batch.asset_id,
+                                        replays=batch.replays[index] if batch.replays else 0)
+                for batch in batches for index, text in enumerate(batch.events)]
 
     # --- suspects: handled alone before being called poison ---------------------------------------
 
@@ -251,21 +308,22 @@ class Ingest:
             except MalformedBody as exc:
                 self._malformed(message, exc.error, exc.details, hold)
                 return
+            except ForeignMessage as exc:
+                self._foreign(message, exc.task, hold)
+                return
             ticket = Ticket(hold)
             replays = replays_of(message)
-            loads: dict[str, UploadBatch] = {}
+            alone = Batcher(max_events=self.settings.batch_size, max_wait=0.0, max_bytes=self.settings.batch_max_bytes,
+                            max_buffered=MAX_EVENTS_PER_MESSAGE + 1, clock=self.clock)
+            full: list[Batch] = []
 
             def gather(asset_id: str, text: str, size: int) -> list[Batch]:
-                """One batch per asset_id, handed on at once (nothing waits in the batcher)."""
-                load = loads.setdefault(asset_id, UploadBatch(asset_id, [], replays=[] if replays else None))
-                load.events.append(text)
-                if load.replays is not None:
-                    load.replays.append(replays)
+                """Batches of the message alone, as the batcher cuts them (size, bytes), all handed on at once."""
+                full.extend(alone.add(asset_id, text, size, ticket, replays))
                 return []
 
             dead, _ = self._route(events, replays, gather)
-            batches = [_as_batch(load, ticket) for load in loads.values()]
-            self._send(dead, batches, [ticket.release])
+            self._send(dead, full + alone.drain(), [ticket.release])
         except CONNECTION_ERRORS:
             raise
         except Exception as exc:
@@ -280,6 +338,23 @@ class Ingest:
         self.listener.unreadable(envelopes.MALFORMED)
         logger.warning("Dead-lettering an unreadable message: %s", error)
         dead = self.letters.body(envelopes.MALFORMED, error, raw=message.body, details=details,
+                                 replays=replays_of(message))
+        self._send(dead, [], [hold])
+
+    def _foreign(self, message: Message, task: str, hold: _Once) -> None:
+        """Another application's task: none of ours to read. Kept whole, with what it takes to
+        send it on to where it belongs (``details.message``: its queue, headers and properties)."""
+        self.counts["unhandled"] += 1
+        self.listener.unreadable(envelopes.UNHANDLED)
+        queue = str((getattr(message, "delivery_info", None) or {}).get("routing_key") or "")
+        logger.warning("Dead-lettering a task message for %r that reached %s (this worker runs only %s)", task,
+                       queue or "a queue of the worker", INGEST_TASK)
+        error = (f"A task message for {task!r} reached {queue or 'a queue of this worker'}, which this worker consumes "
+                 f"for {INGEST_TASK!r} only: it was set aside, unread. Send that application's tasks to a queue of "
+                 "its own (or give this worker another ACTIVITY_TASK_QUEUE); then replay it to where it belongs.")
+        details = {"problem": "foreign_task", "task": task, "replay_body": False,
+                   "message": foreign_message_details(message, queue)}
+        dead = self.letters.body(envelopes.UNHANDLED, error, raw=message.body, details=details,
                                  replays=replays_of(message))
         self._send(dead, [], [hold])
 
@@ -354,10 +429,4 @@ class _Once:
             callback()
 
 
-def _as_batch(load: UploadBatch, ticket: Ticket) -> Batch:
-    """A batch of a quarantined message, holding its ticket once per event."""
-    batch = Batch(load.asset_id, 0.0, load.events, [ticket] * len(load), 2 + sum(len(t) + 1 for t in load.events),
-                  load.replays)
-    for _ in load.events:
-        ticket.hold()
-    return batch
+

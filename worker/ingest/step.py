@@ -9,8 +9,14 @@ events in upload tasks pile up), it stops taking messages; what it holds still l
 ``ACTIVITY_BATCH_WAIT``. Each upload task it makes is counted in the runtime's task sizes,
 with which the upload side counts its queue in events.
 
+Hand-offs are published by the runtime's background publisher (:mod:`worker.broker.background`):
+nothing here waits for the broker. A delivery kombu cannot decode reaches the pipeline all the
+same (``on_decode_error``), so that every delivery tag passes through it (the ack invariant,
+:mod:`worker.ingest.pipeline`).
+
 - Start: every queue of the worker is declared, so tools and monitors find them all at once.
-- Warm shutdown (SIGTERM): stop consuming, hand every open batch on, acknowledge, stop.
+- Warm shutdown (SIGTERM): stop consuming, hand every open batch on, wait for the broker's
+  confirms (:data:`FLUSH_TIMEOUT` at most), acknowledge, stop.
 - Connection lost: forget what is in memory; the broker redelivers those messages.
 """
 
@@ -23,7 +29,7 @@ from celery import bootsteps
 from kombu.messaging import Consumer
 
 from worker.broker.messages import Bundle, batches_per_bundle, upload_message
-from worker.broker.publisher import Outgoing, Publisher
+from worker.broker.publisher import Outgoing
 from worker.broker.topology import declare
 from worker.clock import SystemClock
 from worker.errors import PublishError
@@ -40,6 +46,9 @@ TICKS_PER_WAIT = 10
 #: on ticks (worker.ingest.acks), and a long wait must not leave them unacknowledged for long.
 MAX_TICK = 0.25
 
+#: Seconds a warm shutdown waits for the broker to confirm the last hand-offs.
+FLUSH_TIMEOUT = 30.0
+
 
 class IngestStep(bootsteps.ConsumerStep):
     """Consumes source messages into batches; see the module docstring."""
@@ -51,7 +60,6 @@ class IngestStep(bootsteps.ConsumerStep):
         self.runtime = c.app.runtime()
         self.settings = self.runtime.settings
         self.topology = self.runtime.topology
-        self.publisher = Publisher(self.settings.broker_url, declare=self.topology.publish_targets())
         self.ingest: Ingest | None = None
         self._timer: Any = None
         self._consuming = False
@@ -80,7 +88,7 @@ class IngestStep(bootsteps.ConsumerStep):
             settings=settings,
             batcher=batcher,
             acker=Acker(channel.basic_ack),
-            publish=self.publisher.publish,
+            publisher=self.runtime.background(self.call_soon),
             upload_message=make_upload,
             clock=clock,
             max_outstanding=max(1, settings.prefetch - settings.batch_size),
@@ -93,11 +101,13 @@ class IngestStep(bootsteps.ConsumerStep):
         self._consuming = True
         return [
             Consumer(channel, queues=[topology.source_queue(), topology.task_source_queue()],
-                     on_message=self.ingest.on_message, prefetch_count=settings.prefetch, no_ack=False)
+                     on_message=self.ingest.on_message, on_decode_error=self.ingest.on_undecodable,
+                     prefetch_count=settings.prefetch, no_ack=False)
         ]
 
     def start(self, c: Any) -> None:
         self.consumer_app = c.app
+        self.call_soon = c.hub.call_soon
         super().start(c)
         interval = min(MAX_TICK, max(0.01, self.settings.batch_wait / TICKS_PER_WAIT))
         self._timer = c.timer.call_repeatedly(interval, self._tick)
@@ -114,7 +124,7 @@ class IngestStep(bootsteps.ConsumerStep):
     def shutdown(self, c: Any) -> None:
         self._wind_down(c)
         super().shutdown(c)
-        self.publisher.close()
+        self.runtime.close_background()  # the last step that publishes through it (steps stop in reverse)
 
     def _tick(self) -> None:
         if self.ingest is not None:
@@ -153,7 +163,7 @@ class IngestStep(bootsteps.ConsumerStep):
             return
         try:
             buffered = ingest.batcher.buffered
-            ingest.flush_all()
+            ingest.flush_all(FLUSH_TIMEOUT)
             logger.info("Shutdown: handed on %d buffered events", buffered)
         except (PublishError, OSError) as exc:
             logger.warning("Shutdown: could not flush (%s); %d events will be redelivered", exc, ingest.discard())
@@ -173,7 +183,7 @@ class QuarantineStep(bootsteps.ConsumerStep):
     def get_consumers(self, channel: Any) -> list[Consumer]:
         channel.auto_decode = False
         return [Consumer(channel, queues=[self.runtime.topology.quarantine_queue()], on_message=self._on_message,
-                         prefetch_count=1, no_ack=False)]
+                         on_decode_error=self._on_undecodable, prefetch_count=1, no_ack=False)]
 
     def _on_message(self, message: Any) -> None:
         ingest = self.runtime.ingest
@@ -181,3 +191,10 @@ class QuarantineStep(bootsteps.ConsumerStep):
             message.reject(requeue=True)
             return
         ingest.handle_alone(message, message.ack)
+
+    def _on_undecodable(self, message: Any, exc: Exception) -> None:
+        ingest = self.runtime.ingest
+        if ingest is None:
+            message.reject(requeue=True)
+            return
+        ingest.undecodable_alone(message, exc, message.ack)
