@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from config.settings import load_or_exit
 
+#: The most upload threads one worker process runs, whatever the number of accounts.
+MAX_THREADS = 512
+
 #: Broker-side settings only: the API key is checked when the worker starts, so that
 #: the dead-letter command and producers can load this module without one.
 SETTINGS = load_or_exit(require_api=False)
@@ -24,10 +27,11 @@ broker_connection_retry_on_startup = True
 broker_transport_options = {"confirm_publish": True}
 
 #: Uploads wait on the network, not on the CPU: threads, as many as uploads may be in flight
-#: (UPLOAD_CONCURRENCY). How many actually are is adapted to the API (worker.upload.flow sets
-#: the upload queue's prefetch), so a task never waits in the worker for a free thread.
+#: (UPLOAD_CONCURRENCY per account: each account's limit is its own). How many actually are is
+#: adapted to each account's API (worker.upload.flow sets each upload queue's prefetch), so a
+#: task never waits in the worker for a free thread.
 worker_pool = "worker.upload.pool:UploadThreadPool"
-worker_concurrency = SETTINGS.upload_concurrency
+worker_concurrency = min(MAX_THREADS, SETTINGS.upload_concurrency * max(1, len(SETTINGS.accounts)))
 worker_prefetch_multiplier = 1
 
 #: Upload tasks: acknowledged only after they finished, and never acknowledged on failure

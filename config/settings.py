@@ -14,17 +14,13 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+from config import accounts as accounts_file
+from config.accounts import DEFAULT, REGIONS, UPLOAD_PATH, Account, Accounts
 from worker.errors import SettingsError
-
-#: The API's base URL for each Netcore data centre (``NETCORE_REGION``).
-REGIONS: dict[str, str] = {
-    "us": "https://api2.netcoresmartech.com",
-    "in": "https://apiin2.netcoresmartech.com",
-    "eu": "https://apieu2.netcoresmartech.com",
-}
 
 #: The API takes at most this many events in one request.
 API_MAX_BATCH = 1000
@@ -39,9 +35,6 @@ MAX_RETRY_WINDOW = 24 * 3600.0
 
 #: The most uploads one worker process may keep in flight (threads of its pool).
 MAX_UPLOAD_CONCURRENCY = 256
-
-#: The path of the upload endpoint, appended to the base URL.
-UPLOAD_PATH = "/v1/activity/upload"
 
 T = TypeVar("T", int, float)
 
@@ -97,11 +90,22 @@ class Settings:
     #: ``forward`` it as it is (the API accepts it; the worker counts it), or ``reject`` the
     #: event as invalid (dead-lettered, for teams that want every instant explicit).
     naive_timestamps: str = "forward"
+    #: NETCORE_ACCOUNTS_FILE: a TOML file of further Netcore accounts (config.accounts).
+    accounts_file: str = ""
+    #: The accounts of that file, read and checked once (by :meth:`from_env`).
+    file_accounts: tuple[Account, ...] = field(default=(), repr=False)
 
     @property
     def upload_url(self) -> str:
-        """Where batches are POSTed: ``NETCORE_API_URL`` if set, else the region's API."""
+        """Where the default account's batches are POSTed: ``NETCORE_API_URL`` if set, else the region's API."""
         return (self.api_url or REGIONS[self.region]).rstrip("/") + UPLOAD_PATH
+
+    @cached_property
+    def accounts(self) -> Accounts:
+        """Every account: ``default`` (``NETCORE_API_KEY``) when a key is set, then the file's."""
+        default = Account(DEFAULT, self.api_key, self.api_url or REGIONS[self.region],
+                          region="" if self.api_url else self.region) if self.api_key else None
+        return Accounts.of(list(self.file_accounts), default)
 
     @property
     def broker_url_redacted(self) -> str:
@@ -109,12 +113,12 @@ class Settings:
         return redact_url(self.broker_url)
 
     def check_api_key(self) -> None:
-        """Raise :class:`SettingsError` unless there is a key to upload with (the worker needs
+        """Raise :class:`SettingsError` unless there is an account to upload to (the worker needs
         one; the dead-letter command and producers do not)."""
-        if not self.api_key:
+        if not self.accounts:
             raise SettingsError(
-                "NETCORE_API_KEY is not set: the worker has no key to upload with "
-                "(for a local try-out, `make run` starts the sandbox API instead)"
+                "NETCORE_API_KEY is not set (and no NETCORE_ACCOUNTS_FILE names an account): the worker has no key "
+                "to upload with (for a local try-out, `make run` starts the sandbox API instead)"
             )
 
     @classmethod
@@ -132,6 +136,8 @@ class Settings:
         if api_url and urlsplit(api_url).scheme not in ("http", "https"):
             raise SettingsError(f"NETCORE_API_URL={api_url}: must be an http:// or https:// URL")
         api_key = get.text("NETCORE_API_KEY", "")
+        accounts_path = get.text("NETCORE_ACCOUNTS_FILE", "")
+        file_accounts = tuple(accounts_file.load(accounts_path, env)) if accounts_path else ()
         backoff = get.number("UPLOAD_RETRY_BACKOFF", float, 1.0, low=0.0, high=MAX_BACKOFF)
         settings = cls(
             broker_url=get.text("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//"),
@@ -164,7 +170,10 @@ class Settings:
             sentry_dsn=get.text("SENTRY_DSN", ""),
             log_format=get.choice("LOG_FORMAT", ("text", "json")),
             naive_timestamps=get.choice("ACTIVITY_NAIVE_TIMESTAMPS", ("forward", "reject")),
+            accounts_file=accounts_path,
+            file_accounts=file_accounts,
         )
+        settings.accounts  # noqa: B018  (an asset_id in two accounts stops start-up here)
         if require_api:
             settings.check_api_key()
         if settings.prefetch < settings.batch_size:

@@ -10,6 +10,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import requests
 
 from worker.errors import Permanent, Refused, Rejected, Transient, Unauthorized, UploadError
 from worker.events import jsonutil
+from worker.sandbox import Sandbox
 from worker.upload.client import BODY_EXCERPT, ApiClient, classify, parse_retry_after
 
 pytestmark = pytest.mark.timeout(30)
@@ -342,6 +344,25 @@ def test_read_timeout_is_transient(server: LocalServer) -> None:
     assert info.value.status is None
     assert "0.05" in str(info.value)
     assert_no_key(info.value)
+
+
+def test_an_answer_that_trickles_in_is_cut_off_at_the_deadline_not_only_per_read() -> None:
+    """A server that sends its answer one byte every 0.3 s never trips a 1 s read timeout;
+    the whole request's deadline (timeout + connect timeout) cuts it off."""
+    with Sandbox(api_key=KEY) as sandbox:
+        sandbox.add_fault(trickle=0.3)
+        client = client_for(sandbox.url + "/v1/activity/upload", timeout=1.0)
+        try:
+            began = time.monotonic()
+            with pytest.raises(Transient) as info:
+                client.post(EVENTS)
+            took = time.monotonic() - began
+            assert "within" in str(info.value) and info.value.status is None
+            assert took < client.deadline + 1.0  # the answer alone would take about 6 s
+            sandbox.clear_faults()
+            client.post(EVENTS)  # the connection cut is replaced: the next request goes through
+        finally:
+            client.close()
 
 
 def test_connection_refused_is_transient() -> None:

@@ -25,7 +25,7 @@ from worker.broker.topology import Topology
 from worker.clock import ManualClock
 from worker.errors import PublishError, Refused, Rejected, Transient, Unauthorized
 from worker.events import jsonutil
-from worker.upload.circuit import Circuit, State
+from worker.upload.circuit import ASSET_FAILURES_TO_HOLD, Circuit, Permit, State
 from worker.upload.concurrency import AdaptiveConcurrency
 from worker.upload.delivery import Delivery, Report
 from worker.upload.retry import RetryPolicy
@@ -37,7 +37,8 @@ ASSET = "asset-1"
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 NOW_TEXT = "2026-01-01T00:00:00Z"
 ENVELOPE_KEYS = {"reason", "error", "event", "details", "asset_id", "attempts", "failed_at"}
-SETTINGS = Settings.from_env({"UPLOAD_RETRY_BACKOFF": "1", "UPLOAD_RETRY_BACKOFF_MAX": "300"}, require_api=False)
+SETTINGS = Settings.from_env({"UPLOAD_RETRY_BACKOFF": "1", "UPLOAD_RETRY_BACKOFF_MAX": "300",
+                              "NETCORE_API_KEY": "k"}, require_api=False)
 TOPOLOGY = Topology.of(SETTINGS)
 DLQ = TOPOLOGY.dead_letter
 UPLOAD_QUEUE = TOPOLOGY.upload
@@ -125,7 +126,12 @@ class Harness:
                 replays: list[int] | None = None, batch_id: str = "b1") -> Report:
         # as the ingest step sends them: each event's JSON text
         texts = [jsonutil.dumps(e).decode("utf-8") for e in events]
-        return self.delivery.deliver(Bundle([UploadBatch(ASSET, texts, attempts, since, replays, batch_id)]))
+        batch = UploadBatch(ASSET, texts, attempts, since, replays, batch_id)
+        return self.delivery.deliver(Bundle([batch], "default"))
+
+    def api_works(self) -> None:
+        """Another asset_id's upload went through just now: the API works (failures count)."""
+        self.circuit.succeeded(Permit("another-asset"))
 
     @property
     def messages(self) -> list[Outgoing]:
@@ -283,11 +289,12 @@ def test_other_permanent_statuses_are_refused_without_splitting(status: int) -> 
 def test_transient_puts_the_batch_in_a_delay_queue_with_attempts_plus_one(attempts: int) -> None:
     events = [event(i) for i in range(20)]
     h = harness(unavailable())
+    h.api_works()
     report = h.deliver(events, attempts=attempts, since=NOW.timestamp() - 5 if attempts else None)
     ((queue, batch),) = h.retries
     assert batch.attempts == attempts + 1
     assert batch.id == "b1"  # the same batch, across its retries
-    assert batch.since == (NOW.timestamp() - 5 if attempts else NOW.timestamp())  # the window's start
+    assert batch.since == (NOW.timestamp() - 5 if attempts else h.clock.now().timestamp())  # the window's start
     assert events_of(batch) == events
     assert queue.startswith(UPLOAD_QUEUE + ".delay.") or queue == UPLOAD_QUEUE
     assert delay_of(queue) <= min(300.0, 2.0**attempts)  # full jitter under the bound, rounded down
@@ -327,7 +334,8 @@ def test_transient_during_bisection_retries_only_what_is_left() -> None:
 def test_exhausted_retries_dead_letter_every_event() -> None:
     events = [event(i) for i in range(5)]
     h = harness(unavailable(), max_retries=3)
-    report = h.deliver(events, attempts=3, since=NOW.timestamp())  # the 4th upload: no retry left
+    h.api_works()
+    report = h.deliver(events, attempts=3, since=NOW.timestamp() - 1)  # the 4th upload: no retry left
     assert h.retries == []
     assert report.dead == {"retries_exhausted": 5}
     assert [b["event"] for b in h.dead_letters] == events
@@ -340,7 +348,8 @@ def test_exhausted_retries_dead_letter_every_event() -> None:
 
 def test_last_retry_left_is_still_scheduled() -> None:
     h = harness(unavailable(), max_retries=3)
-    h.deliver([event(0)], attempts=2, since=NOW.timestamp())
+    h.api_works()
+    h.deliver([event(0)], attempts=2, since=NOW.timestamp() - 1)
     ((_, batch),) = h.retries
     assert batch.attempts == 3 and h.dead_letters == []
 
@@ -354,23 +363,91 @@ def test_the_retry_window_gives_up_whatever_the_attempts() -> None:
 
 def test_a_429_spends_no_attempt_and_pauses_every_upload() -> None:
     h = harness(unavailable(retry_after=30.0, status=429), max_retries=0)
+    h.api_works()
     report = h.deliver([event(0)])
     ((queue, batch),) = h.retries
     assert batch.attempts == 0  # a rate limit is about the API, not the batch
     assert report.dead == {} and report.held == 1
     assert delay_of(queue) >= 30.0
-    assert h.circuit.state is State.PAUSED and h.circuit.permit() is None  # no other upload starts
+    assert h.circuit.state is State.PAUSED and h.circuit.permit("x") is None  # no other upload starts
     h.clock.advance(30)
     assert h.circuit.poll() is State.HALF_OPEN
+
+
+def test_a_429_without_retry_after_backs_off_exponentially_and_spends_no_attempt() -> None:
+    h = harness(unavailable(status=429), max_retries=0)
+    h.api_works()
+    pauses = []
+    for _ in range(6):
+        h.deliver([event(0)])
+        pauses.append(round(h.circuit.wait_left(), 3))
+        h.clock.advance(h.circuit.wait_left())
+        assert h.circuit.poll() is State.HALF_OPEN
+    assert pauses == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]  # not every 0.8 s: the API asked to slow down
+    assert all(batch.attempts == 0 for _, batch in h.retries) and h.dead_letters == []
+
+
+# --- counted or not: does the API work? ---------------------------------------------------------------
+
+
+def test_a_failure_with_no_sign_of_life_from_the_api_spends_no_attempt() -> None:
+    h = harness(unavailable(), max_retries=0)
+    report = h.deliver([event(0)])  # nothing succeeded yet: it may be an outage
+    ((_, batch),) = h.retries
+    assert batch.attempts == 0 and report.held == 1 and h.dead_letters == []
+
+
+def test_a_failure_counts_once_the_api_accepted_another_upload_after_the_batch_first_failed() -> None:
+    h = harness(unavailable(), max_retries=2)
+    h.deliver([event(0)])  # nothing went through yet: maybe an outage
+    ((_, first),) = h.retries
+    assert first.attempts == 0 and first.since == NOW.timestamp()
+    h.clock.advance(10)
+    h.published.clear()
+    h.deliver([event(0)], attempts=first.attempts, since=first.since)  # still no sign of life
+    ((_, second),) = h.retries
+    assert second.attempts == 0
+    h.clock.advance(1)
+    h.api_works()  # another asset_id went through after this batch first failed: the batch is the problem
+    for expected in (1, 2):
+        h.clock.advance(100)  # however long after: the evidence stands
+        h.published.clear()
+        h.deliver([event(0)], attempts=second.attempts, since=second.since)
+        ((_, second),) = h.retries
+        assert second.attempts == expected
+
+
+def test_an_asset_id_failing_alone_with_no_sign_of_life_is_held_and_probed_alone() -> None:
+    h = harness(unavailable(), max_retries=0)
+    for _ in range(ASSET_FAILURES_TO_HOLD):
+        h.deliver([event(0)])
+    assert h.circuit.state is State.CLOSED and h.circuit.held_assets == 1  # one asset_id: not an outage
+    posts = len(h.client.posts)
+    h.published.clear()
+    h.deliver([event(1)])
+    assert len(h.client.posts) == posts  # held: no request
+    ((queue, batch),) = h.retries
+    assert batch.attempts == 0 and delay_of(queue) <= 1.0  # back about when its probe is due
+    assert h.circuit.permit("another-asset") is not None  # the others go on
+    h.clock.advance(h.circuit.wait_left(ASSET))
+    h.deliver([event(2)])
+    assert len(h.client.posts) == posts + 1  # its probe
+    h.api_works()  # another asset_id went through: the API works, this asset_id is the problem
+    assert h.circuit.held_assets == 0
 
 
 # --- the circuit: outages are waited out --------------------------------------------------------------
 
 
+def down(circuit: Circuit) -> None:
+    """Five failures from two asset_ids, with no success: the API is down."""
+    for n in range(5):
+        circuit.failed(circuit.permit(f"asset-{n % 2}") or pytest.fail("closed"), error="503", counted=False)
+
+
 def test_an_open_circuit_refuses_without_spending_attempts() -> None:
     h = harness(max_retries=0)
-    for n in range(5):  # five failures from two batches: the API is down
-        h.circuit.failed(h.circuit.permit() or pytest.fail("closed"), batch=n % 2, error="503")
+    down(h.circuit)
     assert h.circuit.state is State.OPEN
     report = h.deliver([event(i) for i in range(10)], attempts=0)
     assert h.client.posts == []  # nothing sent to a down API
@@ -380,11 +457,13 @@ def test_an_open_circuit_refuses_without_spending_attempts() -> None:
     check_adds_up(report)
 
 
-def test_one_batch_failing_alone_does_not_open_the_circuit() -> None:
+def test_one_asset_id_failing_alone_does_not_open_the_circuit() -> None:
     h = harness(unavailable(), max_retries=20)
     for attempts in range(10):
-        h.deliver([event(0)], attempts=attempts, since=NOW.timestamp(), batch_id="the-same-batch")
+        h.api_works()
+        h.deliver([event(0)], attempts=attempts, since=NOW.timestamp() - 1, batch_id="the-same-batch")
     assert h.circuit.state is State.CLOSED  # its own problem: its attempts count
+    assert [batch.attempts for _, batch in h.retries][-1] == 10
 
 
 def test_a_failed_probe_spends_no_attempt_and_a_good_one_closes_the_circuit() -> None:
@@ -395,8 +474,7 @@ def test_a_failed_probe_spends_no_attempt_and_a_good_one_closes_the_circuit() ->
             raise Transient("the API answered 503", status=503)
 
     h = harness(script, max_retries=0)
-    for n in range(5):
-        h.circuit.failed(h.circuit.permit() or pytest.fail("closed"), batch=n, error="503")
+    down(h.circuit)
     h.clock.advance(1.0)
     assert h.circuit.poll() is State.HALF_OPEN
     h.deliver([event(0)], attempts=0)
@@ -417,7 +495,7 @@ def test_a_bundle_delivers_each_batch_in_its_own_request() -> None:
     h = harness(rejects_bad)
     texts = {a: [jsonutil.dumps(event(i, asset_id=a, bad=(a == "b" and i == 1))).decode() for i in range(3)]
              for a in ("a", "b", "c")}
-    report = h.delivery.deliver(Bundle([UploadBatch(a, t) for a, t in texts.items()]))
+    report = h.delivery.deliver(Bundle([UploadBatch(a, t) for a, t in texts.items()], "default"))
     assert [{e["asset_id"] for e in post} for post in h.client.posts if len(post) == 3] == [{"a"}, {"b"}, {"c"}]
     assert report.delivered == 8 and report.dead == {"rejected": 1} and report.batches == 3
 
@@ -431,7 +509,7 @@ def test_a_bug_in_one_batch_retries_it_and_spares_the_others(caplog: pytest.LogC
     good = [jsonutil.dumps(event(i, asset_id="ok")).decode() for i in range(2)]
     boom = [jsonutil.dumps(event(i, asset_id="boom")).decode() for i in range(3)]
     with caplog.at_level(logging.ERROR):
-        report = h.delivery.deliver(Bundle([UploadBatch("boom", boom), UploadBatch("ok", good)]))
+        report = h.delivery.deliver(Bundle([UploadBatch("boom", boom), UploadBatch("ok", good)], "default"))
     assert report.delivered == 2
     ((_, batch),) = h.retries
     assert batch.asset_id == "boom" and batch.attempts == 1 and batch.events == boom
@@ -446,10 +524,13 @@ def test_replay_counts_travel_to_the_next_dead_letter() -> None:
 
 def test_replay_counts_travel_through_a_retry() -> None:
     h = harness(unavailable(), max_retries=1)
+    h.api_works()
     h.deliver([event(0), event(1)], replays=[0, 2])
     ((_, batch),) = h.retries
     assert batch.replays == [0, 2]
     h2 = harness(unavailable(), max_retries=1)
+    h2.clock.advance(1)
+    h2.api_works()
     h2.deliver([event(0), event(1)], attempts=batch.attempts, since=batch.since, replays=batch.replays)
     assert [b["replays"] for b in h2.dead_letters] == [0, 2]
 
@@ -586,10 +667,11 @@ def test_failed_at_follows_the_clock() -> None:
 
 def test_the_retry_message_is_a_task_with_a_summary_for_flower() -> None:
     h = harness(unavailable())
-    h.deliver([event(i) for i in range(3)], attempts=2, since=NOW.timestamp())
+    h.api_works()
+    h.deliver([event(i) for i in range(3)], attempts=2, since=NOW.timestamp() - 1)
     (message,) = [m for m in h.messages if m.queue != DLQ]
     assert message.headers["task"] == UPLOAD_TASK
-    assert message.headers["argsrepr"] == "asset_id='asset-1', 3 events, attempt 4"
+    assert message.headers["argsrepr"] == "account='default', asset_id='asset-1', 3 events, attempt 4"
     assert "sku-" not in message.headers["argsrepr"]  # Flower shows a summary only
 
 
@@ -630,7 +712,7 @@ def test_given_up_after_a_bug_each_event_is_kept_whole_even_one_the_strict_parse
     h = harness(max_retries=0)
     duplicate = '{"asset_id":"asset-1","asset_id":"asset-1","activity_params":{"i":7}}'
     good = jsonutil.dumps(event(1)).decode()
-    report = h.delivery.deliver(Bundle([UploadBatch(ASSET, [good, duplicate], replays=[0, 2])]))
+    report = h.delivery.deliver(Bundle([UploadBatch(ASSET, [good, duplicate], replays=[0, 2])], "default"))
     assert report.dead == {"retries_exhausted": 2}
     first, second = h.dead_letters
     assert first["event"] == event(1) and "raw" not in first

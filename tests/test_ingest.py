@@ -111,7 +111,7 @@ class Rig:
         batch_max_bytes: int = 4 * 1024 * 1024,
         delivery_limit: int = 10,
         max_message_size: int | None = None,
-        bundle_batches: Callable[[], int] = lambda: MAX_BATCHES_PER_BUNDLE,
+        bundle_batches: Callable[[str], int] = lambda account: MAX_BATCHES_PER_BUNDLE,
     ) -> None:
         self.settings = Settings.from_env(
             {
@@ -120,6 +120,7 @@ class Rig:
                 "ACTIVITY_BATCH_MAX_BYTES": str(batch_max_bytes),
                 "ACTIVITY_PREFETCH": "10000",
                 "ACTIVITY_DELIVERY_LIMIT": str(delivery_limit),
+                "NETCORE_API_KEY": "test-key",
             },
             require_api=False,
         )
@@ -363,7 +364,7 @@ def test_a_message_with_events_in_two_batches_is_acked_only_after_the_second() -
 
 def test_batches_per_bundle_are_asked_at_each_hand_off() -> None:
     per_bundle = [2]
-    rig = Rig(bundle_batches=lambda: per_bundle[0])  # what the API's round trip allows, as it changes
+    rig = Rig(bundle_batches=lambda account: per_bundle[0])  # what the API's round trip allows, as it changes
     for n in range(7):
         rig.send_event(event(f"asset-{n}", f"a{n}"))
     rig.wait_and_tick()
@@ -725,7 +726,7 @@ def test_1000_asset_ids_cost_the_broker_a_bounded_walk_per_message() -> None:
     its queue process took ~270 acks/s, delivering nothing meanwhile, and the worker stalled.
     Wired as the consumer step wires it, with the default settings; 5,000 messages/s."""
     prefetch, messages, tick = 30_000, 40_000, 0.2
-    settings = Settings.from_env({"ACTIVITY_PREFETCH": str(prefetch)}, require_api=False)
+    settings = Settings.from_env({"ACTIVITY_PREFETCH": str(prefetch), "NETCORE_API_KEY": "k"}, require_api=False)
     clock = ManualClock()
     batcher = Batcher(max_events=settings.batch_size, max_wait=settings.batch_wait,
                       max_bytes=settings.batch_max_bytes, max_buffered=prefetch - settings.batch_size,

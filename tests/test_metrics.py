@@ -29,14 +29,14 @@ from worker.ingest.acks import Acker
 from worker.ingest.batching import Batcher, Ticket
 from worker.ingest.pipeline import Ingest
 from worker.ops import metrics
-from worker.upload.circuit import Circuit, Permit
+from worker.upload.circuit import Circuit
 from worker.upload.concurrency import AdaptiveConcurrency
 from worker.upload.delivery import Delivery
 from worker.upload.retry import RetryPolicy
 
 pytestmark = pytest.mark.timeout(60)
 
-SETTINGS = Settings.from_env({"ACTIVITY_BATCH_WAIT": "1"}, require_api=False)
+SETTINGS = Settings.from_env({"ACTIVITY_BATCH_WAIT": "1", "NETCORE_API_KEY": "k"}, require_api=False)
 TOPOLOGY = Topology.of(SETTINGS)
 UPLOAD, DLQ = TOPOLOGY.upload, TOPOLOGY.dead_letter
 #: Timestamps around the ManualClock's wall time (2026-01-01T00:00:00Z).
@@ -165,24 +165,24 @@ def test_every_event_is_counted_once_and_the_sums_add_up() -> None:
     received, batched = value("events_received_total"), value("events_batched_total")
     assert (received, batched) == (15, 12)  # 14 events read, an unreadable body (the suspect: not yet)
     assert received == batched + total("events_dead_lettered_total", stage="ingest")
-    assert batched == value("events_valid_total") + total("events_invalid_total", stage="delivery")
-    assert value("events_valid_total") == 10
-    assert value("events_delivered_total") == 9
-    assert value("events_delivered_total") + total("events_dead_lettered_total") == received
-    assert value("events_stale_total") == 2
-    assert value("events_invalid_total", stage="ingest", reason="unroutable") == 1
+    assert batched == total("events_valid_total") + total("events_invalid_total", stage="delivery")
+    assert value("events_valid_total", account="default") == 10
+    assert value("events_delivered_total", account="default") == 9
+    assert total("events_delivered_total") + total("events_dead_lettered_total") == received
+    assert value("events_stale_total", account="default") == 2
+    assert value("events_invalid_total", stage="ingest", reason="missing_asset_id") == 1
     assert value("events_invalid_total", stage="ingest", reason="too_large") == 1
     assert value("events_invalid_total", stage="ingest", reason="malformed") == 1
     assert value("events_invalid_total", stage="delivery", reason="invalid") == 1
     assert value("events_invalid_total", stage="delivery", reason="malformed") == 1
-    assert value("events_dead_lettered_total", stage="ingest", reason="poison") == 0
-    assert value("events_dead_lettered_total", stage="delivery", reason="rejected") == 1
-    assert value("events_dead_lettered_total", stage="delivery", reason="refused") == 0  # exists, at zero
-    assert value("retries_scheduled_total") == 1
-    assert value("uploads_total", status="503", outcome="transient") == 1
-    assert total("uploads_total") == len(api.requests) == value("upload_batch_size_count")
-    assert value("upload_batch_size_sum") == sum(api.requests)
-    assert value("upload_duration_seconds_count") == len(api.requests)
+    assert value("events_dead_lettered_total", stage="ingest", reason="poison", account="") == 0
+    assert value("events_dead_lettered_total", stage="delivery", reason="rejected", account="default") == 1
+    assert total("events_dead_lettered_total", stage="delivery", reason="refused") == 0
+    assert value("retries_scheduled_total", account="default") == 1
+    assert value("uploads_total", account="default", status="503", outcome="transient") == 1
+    assert total("uploads_total") == len(api.requests) == value("upload_batch_size_count", account="default")
+    assert value("upload_batch_size_sum", account="default") == sum(api.requests)
+    assert value("upload_duration_seconds_count", account="default") == len(api.requests)
     assert value("oldest_event_age_seconds") == 0 and value("events_buffered") == 0
 
 
@@ -202,14 +202,16 @@ def test_requests_are_counted_by_status_whatever_the_answer() -> None:
     uploader = delivery(Script(answers), clock, lambda messages: None)
     texts = [jsonutil.dumps(event(f"e{i}")).decode() for i in range(1000)]
     for size in (1000, 3, 2, 1, 1):
-        uploader.deliver(Bundle([UploadBatch("asset-a", texts[:size])]))
-    assert value("uploads_total", status="200", outcome="success") == 1
-    assert value("uploads_total", status="error", outcome="transient") == 1
-    assert value("uploads_total", status="500", outcome="transient") == 1
-    assert value("uploads_total", status="400", outcome="permanent") == 1
-    assert value("uploads_total", status="error", outcome="error") == 1
-    assert value("upload_batch_size_count") == 5 and value("upload_batch_size_sum") == 1007
-    assert value("upload_batch_size_bucket", le="1.0") == 2 and value("upload_batch_size_bucket", le="500.0") == 4
+        uploader.deliver(Bundle([UploadBatch("asset-a", texts[:size])], "default"))
+    d = {"account": "default"}
+    assert value("uploads_total", status="200", outcome="success", **d) == 1
+    assert value("uploads_total", status="error", outcome="transient", **d) == 1
+    assert value("uploads_total", status="500", outcome="transient", **d) == 1
+    assert value("uploads_total", status="400", outcome="permanent", **d) == 1
+    assert value("uploads_total", status="error", outcome="error", **d) == 1
+    assert value("upload_batch_size_count", **d) == 5 and value("upload_batch_size_sum", **d) == 1007
+    assert value("upload_batch_size_bucket", le="1.0", **d) == 2
+    assert value("upload_batch_size_bucket", le="500.0", **d) == 4
 
 
 def test_oldest_event_age_follows_the_oldest_open_batch() -> None:
@@ -237,27 +239,27 @@ def test_oldest_event_age_follows_the_oldest_open_batch() -> None:
     assert value("oldest_event_age_seconds") == 0 and value("events_buffered") == 0
 
 
-def test_the_circuit_is_seen_in_the_metrics() -> None:
+def test_each_accounts_circuit_is_seen_in_the_metrics_under_its_name() -> None:
     clock = ManualClock()
-    listener = LISTENER
-    circuit = Circuit(clock=clock, probe_base=1.0, probe_max=8.0, listeners=[listener])
-    metrics.watch(CURRENT.circuit_state, lambda: metrics.CIRCUIT_STATES[circuit.state.value])
-    assert value("circuit_state") == 0
+    circuit = Circuit(clock=clock, probe_base=1.0, probe_max=8.0, account="brand-b", listeners=[LISTENER])
+    metrics.watch(CURRENT.circuit_state.labels("brand-b"), lambda: metrics.CIRCUIT_STATES[circuit.state.value])
+    b = {"account": "brand-b"}
+    assert value("circuit_state", **b) == 0
     for n in range(5):
-        circuit.failed(Permit(), batch=n, error="503")
-    assert value("circuit_state") == 3 and value("circuit_opened_total") == 1
+        circuit.failed(circuit.permit(f"a{n % 2}") or pytest.fail("refused"), error="503", counted=False)
+    assert value("circuit_state", **b) == 3 and value("circuit_opened_total", **b) == 1
     clock.advance(1.0)
     circuit.poll()
-    assert value("circuit_state") == 1
-    probe = circuit.permit()
+    assert value("circuit_state", **b) == 1
+    probe = circuit.permit("p")
     assert probe is not None
-    circuit.failed(probe, batch="p", error="503")
+    circuit.failed(probe, error="503", counted=False)
     clock.advance(2.0)
     circuit.poll()
-    probe = circuit.permit()
+    probe = circuit.permit("p")
     assert probe is not None
     circuit.succeeded(probe)
-    assert value("probes_total", result="failed") == 1 and value("probes_total", result="ok") == 1
+    assert value("probes_total", result="failed", **b) == 1 and value("probes_total", result="ok", **b) == 1
     assert value("circuit_state") == 0
 
 

@@ -1,4 +1,4 @@
-"""What a worker process builds once: settings, queues, the circuit, uploads, publishers.
+"""What a worker process builds once: settings, queues, a lane per account, publishers, metrics.
 
 The composition root: the only module that knows every part. The consumer steps and the
 upload task find the process's :class:`Runtime` with :func:`runtime_of`, given the app.
@@ -7,7 +7,7 @@ upload task find the process's :class:`Runtime` with :func:`runtime_of`, given t
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,18 +19,14 @@ from worker.broker.messages import Bundle, upload_message
 from worker.broker.publisher import Outgoing, Publisher, PublisherPool
 from worker.broker.topology import Topology
 from worker.clock import Clock, SystemClock
+from worker.deadletter import envelopes, salvage
 from worker.events import jsonutil
-from worker.gate import Gate
-from worker.ops.metrics import CIRCUIT_STATES, Metrics, MetricsListener, watch
+from worker.ops.metrics import Metrics, MetricsListener, watch_lanes
 from worker.ops.sentry import LogListener
-from worker.upload.circuit import Circuit
-from worker.upload.client import ApiClient
-from worker.upload.concurrency import AdaptiveConcurrency
-from worker.upload.delivery import Delivery
-from worker.upload.flow import TaskSizes
 from worker.upload.hooks import Fanout
-from worker.upload.retry import RetryPolicy
+from worker.upload.lanes import Lane, Lanes, build_lanes
 from worker.upload.seen import SeenTasks
+from worker.upload.task import OUTCOME_BACKOFF
 
 #: Publishers shared by the upload threads (each a connection of its own).
 PUBLISHERS = 4
@@ -42,25 +38,68 @@ class Runtime:
 
     settings: Settings
     topology: Topology
-    gate: Gate
-    circuit: Circuit
-    concurrency: AdaptiveConcurrency
-    delivery: Delivery
+    #: One lane per Netcore account: its client, circuit, adaptive limit, delivery and queue.
+    lanes: Lanes
     publishers: PublisherPool
     metrics: Metrics
-    #: Every hook of the consumer, delivery, the circuit and the flow: metrics, logs, Sentry.
+    #: Every hook of the consumer, delivery, the circuits and the flow: metrics, logs, Sentry.
     listener: Fanout
     #: Outcomes the broker did not confirm, by task id: a redelivered task publishes them
-    #: instead of uploading its events again.
+    #: instead of uploading its events again (and the salvage writes them, if it comes to that).
     unpublished: dict[str, tuple[int, list[Outgoing]]] = field(default_factory=dict)
     #: The consumer's pipeline, once its step started (the quarantine step shares it).
     ingest: Any = None
+    #: The flow that steers each account's upload consumer, once its step started.
+    flow: Any = None
     #: Tasks this process ran (or runs): a redelivery after a lost connection is not uploaded again.
     seen: SeenTasks = field(default_factory=SeenTasks)
-    #: Events per upload task this process hands on (backpressure counts the upload queue in events).
-    task_sizes: TaskSizes = field(default_factory=TaskSizes)
+    #: Seconds between the tries to publish an outcome the broker did not confirm.
+    outcome_backoff: Sequence[float] = OUTCOME_BACKOFF
     #: The event loop's publisher (made on the loop's first need: :meth:`background`).
     _background: BackgroundPublisher | None = None
+
+    def lane_of(self, bundle: Bundle) -> Lane:
+        """The lane of the account a bundle names (an older worker's bundle: of its asset_ids).
+        Raises ValueError for an account this worker does not know: the task is rejected and
+        the salvage keeps its events."""
+        name = bundle.account
+        if name is None and bundle.batches:
+            account = self.settings.accounts.route(bundle.batches[0].asset_id)
+            name = account.name if account is not None else None
+        lane = self.lanes.get(name) if name is not None else None
+        if lane is None:
+            raise ValueError(f"no account {name!r} is configured for this upload task (its asset_ids: "
+                             f"{[b.asset_id for b in bundle.batches][:3]})")
+        return lane
+
+    def attempt_bound(self, bundle: Bundle) -> float:
+        """The longest one upload attempt of ``bundle`` may take: a request per batch (bisection
+        aside), each within UPLOAD_TIMEOUT (plus the connect timeout)."""
+        per_request = self.settings.upload_timeout + self.settings.upload_connect_timeout
+        return per_request * max(1, len(bundle.batches)) + 5.0
+
+    def forward_to_ingest(self, event_or_list: Any) -> int:
+        """Publish a Celery producer's events to the ``activities`` queue; return how many."""
+        self.publishers.publish([Outgoing(self.settings.queue, jsonutil.dumps(event_or_list))])
+        return len(event_or_list) if isinstance(event_or_list, list) else 1
+
+    def outcome_as_dead_letters(self, messages: Sequence[Outgoing], *, error: str) -> list[Outgoing]:
+        """An outcome whose retries the broker would not take, as dead letters: its dead letters
+        as they are, each event of its retries as an ``unhandled`` envelope (replayable)."""
+        letters = envelopes.DeadLetters(queue=self.topology.dead_letter, clock=SystemClock())
+        out: list[Outgoing] = []
+        for message in messages:
+            if message.queue == self.topology.dead_letter:
+                out.append(message)
+            else:
+                headers = {**message.headers, "x-first-death-reason": f"not confirmed by the broker: {error}"}
+                out += salvage.dead_letters(message.body, headers, letters)
+        return out
+
+    def kept_outcome(self, task_id: str) -> list[Outgoing] | None:
+        """The dead letters of an outcome this process could not publish (for the salvage)."""
+        kept = self.unpublished.pop(task_id, None)
+        return None if kept is None else self.outcome_as_dead_letters(kept[1], error="set aside")
 
     def background(self, call_soon: Callable[[Callable[[], None]], Any]) -> BackgroundPublisher:
         """The publisher of the event loop's consumers (ingest, quarantine, salvage): a thread and a
@@ -75,17 +114,6 @@ class Runtime:
         if background is not None:
             background.close()
 
-    def attempt_bound(self, bundle: Bundle) -> float:
-        """The longest one upload attempt of ``bundle`` may take: a request per batch (bisection
-        aside), each within UPLOAD_TIMEOUT (plus the connect timeout)."""
-        per_request = self.settings.upload_timeout + self.settings.upload_connect_timeout
-        return per_request * max(1, len(bundle.batches)) + 5.0
-
-    def forward_to_ingest(self, event_or_list: Any) -> int:
-        """Publish a Celery producer's events to the ``activities`` queue; return how many."""
-        self.publishers.publish([Outgoing(self.settings.queue, jsonutil.dumps(event_or_list))])
-        return len(event_or_list) if isinstance(event_or_list, list) else 1
-
 
 def build_runtime(app: Celery, settings: Settings, *, clock: Clock | None = None,
                   metrics: Metrics | None = None) -> Runtime:
@@ -94,38 +122,16 @@ def build_runtime(app: Celery, settings: Settings, *, clock: Clock | None = None
     topology = Topology.of(settings)
     counted = metrics or Metrics()
     hooks = Fanout([MetricsListener(counted), LogListener()])
-    circuit = Circuit(clock=clock, probe_base=max(settings.retry_backoff, 0.1), probe_max=settings.probe_interval_max,
-                      listeners=[hooks])
-    concurrency = AdaptiveConcurrency(ceiling=settings.upload_concurrency, clock=clock)
     publishers = PublisherPool(settings.broker_url, size=min(PUBLISHERS, settings.upload_concurrency),
                                declare=topology.publish_targets())
-    gate = Gate()
 
     def retry_message(queue: str, bundle: Bundle) -> Outgoing:
         return upload_message(app, queue, bundle)
 
-    delivery = Delivery(
-        client=ApiClient(url=settings.upload_url, api_key=settings.api_key, timeout=settings.upload_timeout,
-                         connect_timeout=settings.upload_connect_timeout),
-        circuit=circuit,
-        concurrency=concurrency,
-        policy=RetryPolicy(max_retries=settings.max_retries, backoff=settings.retry_backoff,
-                           backoff_max=settings.retry_backoff_max, window=settings.retry_window),
-        topology=topology,
-        publish=publishers.publish,
-        retry_message=retry_message,
-        clock=clock,
-        max_bundle_events=settings.batch_size,
-        max_bundle_bytes=settings.batch_max_bytes,
-        naive_timestamps="reject" if settings.naive_timestamps == "reject" else "forward",
-        listener=hooks,
-    )
-    watch(counted.in_flight, lambda: concurrency.in_flight)
-    watch(counted.limit, lambda: concurrency.limit)
-    watch(counted.circuit_state, lambda: CIRCUIT_STATES[circuit.state.value])
-    watch(counted.ingest_paused, lambda: 0.0 if gate.is_open else 1.0)
-    return Runtime(settings, topology, gate, circuit, concurrency, delivery, publishers, counted, hooks,
-                   task_sizes=TaskSizes(initial=settings.batch_size))
+    lanes = build_lanes(settings, topology, clock=clock, publish=publishers.publish, retry_message=retry_message,
+                        listener=hooks)
+    watch_lanes(counted, lanes)
+    return Runtime(settings, topology, lanes, publishers, counted, hooks)
 
 
 _lock = threading.Lock()

@@ -6,8 +6,11 @@ of a worker with 1000 asset_ids releases hundreds of 10-event batches at once; s
 task, each would pay for a message, a confirm, a task and an acknowledgement). The task uploads
 a bundle's batches one after the other, one request in flight per task.
 
-Each batch carries what its retries need: ``attempts`` (failed attempts that counted),
-``since`` (unix time of its first failure: the retry window starts there) and ``replays``
+A bundle belongs to one Netcore account (its batches' asset_ids are that account's), named in
+the message: it travels in that account's upload queue. Each batch carries what its retries
+need: ``attempts`` (failed attempts that counted), ``since`` (unix time of its first failure:
+the retry window starts there, and its failures count once the account accepted another upload
+after it, :mod:`worker.upload.circuit`) and ``replays``
 (per event, how often it was replayed from the dead-letter queue, so that its next dead letter
 says so). Events are the JSON texts they arrived as, forwarded to the API unchanged.
 
@@ -81,7 +84,7 @@ class UploadBatch:
     attempts: int = 0
     since: float | None = None
     replays: list[int] | None = None
-    #: Names the batch across its retries (the circuit tells one failing batch from an outage).
+    #: Names the batch across its retries (logs follow one batch through them).
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
     def __len__(self) -> int:
@@ -111,16 +114,19 @@ class UploadBatch:
 
 @dataclass
 class Bundle:
-    """What one upload task carries."""
+    """What one upload task carries: batches of one account (None: an older worker's message,
+    routed by its asset_ids)."""
 
     batches: list[UploadBatch] = field(default_factory=list)
+    account: str | None = None
 
     @property
     def events(self) -> int:
         return sum(len(b) for b in self.batches)
 
     def summary(self) -> str:
-        """``asset_id='a', 1000 events`` or ``3 batches, 51 events: 'a', 'b', 'c'``: never events."""
+        """``account='a', asset_id='x', 1000 events`` or ``account='a', 3 batches, 51 events: 'x', 'y',
+        'z'``: never events."""
         attempt = max((b.attempts for b in self.batches), default=0)
         if len(self.batches) == 1:
             text = f"asset_id={self.batches[0].asset_id!r}, {self.events} events"
@@ -128,20 +134,23 @@ class Bundle:
             names = ", ".join(repr(b.asset_id) for b in self.batches[:SUMMARY_ASSETS])
             more = len(self.batches) - SUMMARY_ASSETS
             text = f"{len(self.batches)} batches, {self.events} events: {names}{f' (+{more})' if more > 0 else ''}"
-        return text + (f", attempt {attempt + 1}" if attempt else "")
+        account = f"account={self.account!r}, " if self.account else ""
+        return account + text + (f", attempt {attempt + 1}" if attempt else "")
 
 
 def read_bundle(args: Sequence[Any]) -> Bundle:
-    """The bundle of a task's arguments: ``[[batch, ...]]``, or an older worker's
-    ``[asset_id, events, attempts]`` (one batch), so a rolling deploy loses nothing.
+    """The bundle of a task's arguments: ``[[batch, ...], account]``, an older worker's
+    ``[[batch, ...]]`` (no account) or ``[asset_id, events, attempts]`` (one batch), so that a
+    rolling deploy loses nothing.
 
-    Raises ValueError (with a sentence) when they are neither.
+    Raises ValueError (with a sentence) when they are none of these.
     """
     if len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], list):
         attempts = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
         return Bundle([UploadBatch(args[0], list(args[1]), attempts)])
-    if len(args) != 1 or not isinstance(args[0], list):
-        raise ValueError("an upload task takes one argument, a list of batches")
+    account = args[1] if len(args) == 2 and isinstance(args[1], str) and args[1] else None
+    if len(args) not in (1, 2) or not isinstance(args[0], list) or (len(args) == 2 and account is None):
+        raise ValueError("an upload task takes a list of batches and the name of their account")
     batches = []
     for wire in args[0]:
         if not isinstance(wire, dict) or not isinstance(wire.get("asset_id"), str) or not isinstance(
@@ -156,21 +165,21 @@ def read_bundle(args: Sequence[Any]) -> Bundle:
         if isinstance(wire.get("id"), str):
             batch.id = wire["id"]
         batches.append(batch)
-    return Bundle(batches)
+    return Bundle(batches, account)
 
 
 def bundles(batches: Iterable[UploadBatch], *, max_events: int, max_bytes: int,
-            size: Any = None, max_batches: int = MAX_BATCHES_PER_BUNDLE) -> Iterator[Bundle]:
-    """Group batches into bundles of at most ``max_events`` events, ``max_bytes`` bytes (as
-    measured by ``size(batch)``, else the events' lengths) and ``max_batches`` batches."""
-    current = Bundle()
+            size: Any = None, max_batches: int = MAX_BATCHES_PER_BUNDLE, account: str | None = None) -> Iterator[Bundle]:
+    """Group batches (of ``account``) into bundles of at most ``max_events`` events, ``max_bytes``
+    bytes (as measured by ``size(batch)``, else the events' lengths) and ``max_batches`` batches."""
+    current = Bundle(account=account)
     events = nbytes = 0
     for batch in batches:
         batch_bytes = size(batch) if size is not None else sum(len(e) + 1 for e in batch.events)
         if current.batches and (events + len(batch) > max_events or nbytes + batch_bytes > max_bytes
                                 or len(current.batches) >= max_batches):
             yield current
-            current, events, nbytes = Bundle(), 0, 0
+            current, events, nbytes = Bundle(account=account), 0, 0
         current.batches.append(batch)
         events += len(batch)
         nbytes += batch_bytes
@@ -182,10 +191,13 @@ def upload_message(app: Celery, queue: str, bundle: Bundle) -> Outgoing:
     """An ``activities.upload`` task message carrying ``bundle``, addressed to ``queue`` (the
     upload queue, or a delay queue that hands it to the upload queue later)."""
     task_id = str(uuid.uuid4())
+    wire: list[Any] = [[batch.to_wire() for batch in bundle.batches]]
+    if bundle.account:
+        wire.append(bundle.account)
     task = app.amqp.as_task_v2(
         task_id,
         UPLOAD_TASK,
-        args=[[batch.to_wire() for batch in bundle.batches]],
+        args=wire,
         kwargs={},
         retries=max((b.attempts for b in bundle.batches), default=0),
         argsrepr=bundle.summary(),

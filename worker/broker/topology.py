@@ -6,11 +6,13 @@
 ``celery``                ``send_task("activities.ingest", ...)`` messages, declared as a
                           Celery producer declares it: no arguments but the queue type (a
                           producer in a cluster sets ``task_default_queue_type="quorum"``).
-``activities.upload``     one Celery task message per bundle of batches. Dead-letters what
-                          is rejected to ``activities.dead.unhandled``.
-``activities.upload.``    retries waiting in RabbitMQ, never in a worker: one queue per
-``delay.<ms>ms``          delay (``x-message-ttl``), dead-lettering back to the upload queue
-                          when the time is up.
+``activities.upload``     one Celery task message per bundle of batches, for the ``default``
+                          account (``NETCORE_API_KEY``); ``activities.upload.<account>`` for
+                          each account of the accounts file. Dead-letters what is rejected
+                          to ``activities.dead.unhandled``.
+``<upload queue>.``       retries waiting in RabbitMQ, never in a worker: one queue per
+``delay.<ms>ms``          delay (``x-message-ttl``) and account, dead-lettering back to that
+                          account's upload queue when the time is up.
 ``activities.quarantine``  a message a quorum queue delivered ``ACTIVITY_DELIVERY_LIMIT``
                           times (a suspect), handled there alone before it may be called
                           ``poison``. Dead-letters what is rejected to ``.unhandled``.
@@ -24,6 +26,10 @@ With ``ACTIVITY_QUEUE_TYPE=quorum`` every queue is a quorum queue, replicated on
 nodes, and dead-lettering out of the worker's own is ``at-least-once`` (RabbitMQ 3.10+), so a
 retry waiting in a delay queue survives a node failure. A classic queue lives on one node: when
 that node dies the queue is gone until it comes back, and so would the worker's consumer be.
+
+Each account has its upload queue and its ladder of delay queues: what waits for an account
+that is down waits there, in RabbitMQ, and the consumer of ``activities`` goes on serving the
+others (:mod:`worker.upload.flow`).
 
 Delays are a ladder of queues, 100 ms doubling up to the longest wait the settings allow; a
 delay is rounded down to a rung (or up, when a server's ``Retry-After`` asks for at least that
@@ -41,6 +47,7 @@ from typing import Any
 
 from kombu.entity import Queue
 
+from config.accounts import DEFAULT
 from config.settings import Settings
 
 #: The shortest rung of the delay ladder, in milliseconds; each rung doubles the one before.
@@ -73,6 +80,8 @@ class Topology:
     quorum: bool
     #: Delay rungs, milliseconds, ascending.
     rungs: tuple[int, ...]
+    #: The accounts' names (each has an upload queue and delay queues of its own).
+    accounts: tuple[str, ...] = (DEFAULT,)
 
     @classmethod
     def of(cls, settings: Settings) -> Topology:
@@ -86,7 +95,13 @@ class Topology:
             unhandled=f"{settings.dead_letter_queue}.unhandled",
             quorum=settings.queue_type == "quorum",
             rungs=delay_ladder(longest),
+            accounts=tuple(settings.accounts.names) or (DEFAULT,),
         )
+
+    def upload_for(self, account: str = DEFAULT) -> str:
+        """The upload queue of ``account``: ``activities.upload`` for ``default``, else
+        ``activities.upload.<account>``."""
+        return self.upload if account == DEFAULT else f"{self.upload}.{account}"
 
     # --- the queues ---------------------------------------------------------------------------
 
@@ -99,21 +114,21 @@ class Topology:
         ``task_default_queue_type="quorum"`` in a cluster)."""
         return Queue(self.task_source, durable=True, queue_arguments=dict(QUORUM) if self.quorum else None)
 
-    def upload_queue(self) -> Queue:
-        """The upload tasks' queue: what a worker rejects goes to :attr:`unhandled`."""
-        return Queue(self.upload, durable=True, queue_arguments=self._dead_lettering(self.unhandled))
+    def upload_queue(self, account: str = DEFAULT) -> Queue:
+        """An account's upload tasks' queue: what a worker rejects goes to :attr:`unhandled`."""
+        return Queue(self.upload_for(account), durable=True, queue_arguments=self._dead_lettering(self.unhandled))
 
     def quarantine_queue(self) -> Queue:
         """Suspects, handled one at a time: what a worker rejects goes to :attr:`unhandled`."""
         return Queue(self.quarantine, durable=True, queue_arguments=self._dead_lettering(self.unhandled))
 
-    def delay_queue(self, rung_ms: int) -> Queue:
-        """The queue where a retry waits ``rung_ms``, then goes back to the upload queue."""
-        arguments = {"x-message-ttl": rung_ms, **self._dead_lettering(self.upload)}
-        return Queue(self.delay_name(rung_ms), durable=True, queue_arguments=arguments)
+    def delay_queue(self, rung_ms: int, account: str = DEFAULT) -> Queue:
+        """The queue where an account's retry waits ``rung_ms``, then goes back to its upload queue."""
+        arguments = {"x-message-ttl": rung_ms, **self._dead_lettering(self.upload_for(account))}
+        return Queue(self.delay_name(rung_ms, account), durable=True, queue_arguments=arguments)
 
-    def delay_name(self, rung_ms: int) -> str:
-        return f"{self.upload}.delay.{rung_ms}ms"
+    def delay_name(self, rung_ms: int, account: str = DEFAULT) -> str:
+        return f"{self.upload_for(account)}.delay.{rung_ms}ms"
 
     def dead_letter_queue(self) -> Queue:
         return Queue(self.dead_letter, durable=True, queue_arguments=dict(QUORUM) if self.quorum else None)
@@ -121,18 +136,22 @@ class Topology:
     def unhandled_queue(self) -> Queue:
         return Queue(self.unhandled, durable=True, queue_arguments=dict(QUORUM) if self.quorum else None)
 
-    def delay_queues(self) -> list[Queue]:
-        return [self.delay_queue(rung) for rung in self.rungs]
+    def delay_queues(self, account: str = DEFAULT) -> list[Queue]:
+        return [self.delay_queue(rung, account) for rung in self.rungs]
+
+    def upload_queues(self) -> list[Queue]:
+        """Every account's upload queue and delay queues."""
+        return [queue for account in self.accounts
+                for queue in (self.upload_queue(account), *self.delay_queues(account))]
 
     def all_queues(self) -> list[Queue]:
         """Every queue of the worker: declared at start-up, so tools and monitors find them all."""
-        return [self.source_queue(), self.task_source_queue(), self.upload_queue(), *self.delay_queues(),
-                self.quarantine_queue(), self.dead_letter_queue(), self.unhandled_queue()]
+        return [self.source_queue(), self.task_source_queue(), *self.upload_queues(), self.quarantine_queue(),
+                self.dead_letter_queue(), self.unhandled_queue()]
 
     def publish_targets(self) -> list[Queue]:
         """The queues the worker publishes to (declared by each publisher before its first message)."""
-        return [self.source_queue(), self.upload_queue(), *self.delay_queues(), self.quarantine_queue(),
-                self.dead_letter_queue()]
+        return [self.source_queue(), *self.upload_queues(), self.quarantine_queue(), self.dead_letter_queue()]
 
     # --- delays -------------------------------------------------------------------------------
 

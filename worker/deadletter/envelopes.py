@@ -54,10 +54,18 @@ RETRIES_EXHAUSTED = "retries_exhausted"
 POISON = "poison"
 #: An upload task the worker could not handle (a bug, a message from another version): RabbitMQ
 #: dead-lettered it and the salvage wrote its events here. Replay them once the cause is fixed.
+#: Also another application's task message that reached a queue of the worker, kept whole.
 UNHANDLED = "unhandled"
+#: The event's asset_id belongs to no account of the accounts file, and there is no default
+#: account. Replay once the file names it.
+UNROUTABLE = "unroutable"
 
 #: Every reason this worker writes.
-REASONS = (MALFORMED, INVALID, REJECTED, UNAUTHORIZED, REFUSED, RETRIES_EXHAUSTED, POISON, UNHANDLED)
+REASONS = (MALFORMED, INVALID, REJECTED, UNAUTHORIZED, REFUSED, RETRIES_EXHAUSTED, POISON, UNHANDLED, UNROUTABLE)
+
+#: The envelope field naming the account an event was for (absent: written before there were
+#: several, or before its account was known: the ``default`` account).
+ACCOUNT_FIELD = "account"
 
 
 #: Most bytes of a body that one dead letter holds; a larger body is written in parts. An
@@ -101,6 +109,7 @@ def envelope(
     asset_id: str | None = None,
     attempts: int = 0,
     replays: int = 0,
+    account: str | None = None,
 ) -> Envelope:
     """The dead letter of one event, or of a body known to be small (``raw``: an event's
     text), kept whole in one envelope. A message's whole body goes to :func:`body_envelopes`,
@@ -115,6 +124,8 @@ def envelope(
         "failed_at": failed_at.isoformat().replace("+00:00", "Z"),
         "replays": replays,
     }
+    if account is not None:
+        body[ACCOUNT_FIELD] = account
     if raw is not None:
         body.update(raw_fields(raw))
     return body
@@ -167,9 +178,11 @@ class DeadLetters:
     """Writes the dead letters of one part of the worker (the consumer, delivery, the salvage):
     one queue, one clock, the contract's two shapes. The callers only say why."""
 
-    def __init__(self, *, queue: str, clock: Clock) -> None:
+    def __init__(self, *, queue: str, clock: Clock, account: str | None = None) -> None:
         self.queue = queue
         self.clock = clock
+        #: The account the events were for, written in each envelope (None: not known here).
+        self.account = account
 
     def event(self, reason: str, error: str, *, event: Any = None, raw: bytes | str | None = None,
               details: dict[str, Any] | None = None, asset_id: str | None = None, attempts: int = 0,
@@ -177,7 +190,7 @@ class DeadLetters:
         """The dead letter of one event (``raw``: its text, when it could not be parsed)."""
         return message(self.queue, envelope(reason=reason, error=error, failed_at=self.clock.now(), event=event,
                                             raw=raw, details=details, asset_id=asset_id, attempts=attempts,
-                                            replays=replays))
+                                            replays=replays, account=self.account))
 
     def event_text(self, reason: str, error: str, text: Any, *, details: dict[str, Any] | None = None,
                    asset_id: str | None = None, attempts: int = 0, replays: int = 0) -> Outgoing:

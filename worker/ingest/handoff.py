@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
+from config.accounts import DEFAULT
 from worker.broker.background import Submitter
 from worker.broker.messages import MAX_BATCHES_PER_BUNDLE, Bundle, UploadBatch, bundles
 from worker.broker.publisher import Outgoing
@@ -180,43 +181,54 @@ class HandOff:
 
 
 class Renderer:
-    """Batches released together -> upload task messages: bundled (several small batches of
-    different asset_ids per message, :func:`~worker.broker.messages.bundles`), and, under a
-    known broker limit, split until every message fits: fewer batches per message, then
+    """Batches released together -> upload task messages, per account (each account's in its own
+    upload queue): bundled (several small batches of different asset_ids per message,
+    :func:`~worker.broker.messages.bundles`, as many as the account's round trip allows), and,
+    under a known broker limit, split until every message fits: fewer batches per message, then
     fewer events per batch (a batch of one asset_id can be sent as two)."""
 
     def __init__(self, *, make: Callable[[Bundle], Outgoing], max_events: int, max_bytes: int,
                  oversized: Callable[[UploadBatch, int], list[Outgoing]],
-                 max_batches: Callable[[], int] = lambda: MAX_BATCHES_PER_BUNDLE) -> None:
+                 max_batches: Callable[[str], int] = lambda account: MAX_BATCHES_PER_BUNDLE,
+                 account_of: Callable[[str], str] = lambda asset_id: DEFAULT) -> None:
         self.make = make
         self.max_events = max_events
         self.max_bytes = max_bytes
-        #: Batches per bundle, asked at each hand-off (it follows the API's round trip).
+        #: Batches per bundle of an account, asked at each hand-off (it follows the account's round trip).
         self.max_batches = max_batches
+        #: asset_id -> the name of its account.
+        self.account_of = account_of
         #: (one event's batch, the limit) -> what to write instead: an event alone over the
         #: broker's limit cannot be uploaded through it (dead letters, in parts).
         self.oversized = oversized
 
     def __call__(self, batches: list[Batch], limit: int | None) -> list[Outgoing]:
-        loads = [UploadBatch(b.asset_id, b.events, replays=b.replays) for b in batches]
-        nbytes = {id(load): batch.nbytes for load, batch in zip(loads, batches)}
+        by_account: dict[str, list[UploadBatch]] = {}
+        nbytes: dict[int, int] = {}
+        for batch in batches:
+            load = UploadBatch(batch.asset_id, batch.events, replays=batch.replays)
+            nbytes[id(load)] = batch.nbytes
+            by_account.setdefault(self.account_of(batch.asset_id), []).append(load)
         cap = self.max_bytes if limit is None else min(self.max_bytes, limit)
         out: list[Outgoing] = []
-        for bundle in bundles(loads, max_events=self.max_events, max_bytes=cap, size=lambda b: nbytes[id(b)],
-                              max_batches=self.max_batches()):
-            out += self._fit(bundle, limit)
+        for account, loads in by_account.items():
+            for bundle in bundles(loads, max_events=self.max_events, max_bytes=cap, size=lambda b: nbytes[id(b)],
+                                  max_batches=self.max_batches(account), account=account):
+                out += self._fit(bundle, limit)
         return out
 
     def _fit(self, bundle: Bundle, limit: int | None) -> list[Outgoing]:
         message = self.make(bundle)
         if limit is None or len(message.body) <= limit:
             return [message]
+        account = bundle.account
         if len(bundle.batches) > 1:
             half = len(bundle.batches) // 2
-            return self._fit(Bundle(bundle.batches[:half]), limit) + self._fit(Bundle(bundle.batches[half:]), limit)
+            return (self._fit(Bundle(bundle.batches[:half], account), limit)
+                    + self._fit(Bundle(bundle.batches[half:], account), limit))
         (batch,) = bundle.batches
         if len(batch) == 1:
             return self.oversized(batch, limit)
         half = len(batch) // 2
-        return (self._fit(Bundle([batch.part(range(half))]), limit)
-                + self._fit(Bundle([batch.part(range(half, len(batch)))]), limit))
+        return (self._fit(Bundle([batch.part(range(half))], account), limit)
+                + self._fit(Bundle([batch.part(range(half, len(batch)))], account), limit))

@@ -92,7 +92,10 @@ class IngestListener(Protocol):
         """A message held ``received`` events; ``batched`` of them went into batches."""
 
     def refused_in_ingest(self, invalid_reason: str) -> None:
-        """One event dead-lettered ``invalid`` here (``unroutable``, ``too_large``)."""
+        """One event dead-lettered ``invalid`` here (``missing_asset_id``, ``too_large``)."""
+
+    def unroutable(self) -> None:
+        """One event dead-lettered ``unroutable``: its asset_id is of no account."""
 
     def unreadable(self, reason: str) -> None:
         """A whole message dead-lettered as ``reason`` (``malformed``, ``poison``, ``unhandled``)."""
@@ -105,6 +108,9 @@ class _Silent:
         pass
 
     def refused_in_ingest(self, invalid_reason: str) -> None:
+        pass
+
+    def unroutable(self) -> None:
         pass
 
     def unreadable(self, reason: str) -> None:
@@ -127,7 +133,7 @@ class Ingest:
         release_slack: int = 0,
         quarantine_queue: str | None = None,
         listener: IngestListener | None = None,
-        bundle_batches: Callable[[], int] = lambda: MAX_BATCHES_PER_BUNDLE,
+        bundle_batches: Callable[[str], int] = lambda account: MAX_BATCHES_PER_BUNDLE,
     ) -> None:
         self.settings = settings
         self.listener: IngestListener = listener or _Silent()
@@ -142,9 +148,11 @@ class Ingest:
         #: Where suspects go to be handled alone (None: set aside at once, as ``poison``).
         self.quarantine_queue = quarantine_queue
         self.letters = envelopes.DeadLetters(queue=settings.dead_letter_queue, clock=clock)
+        #: asset_id -> its account (None: no account takes it, and there is no default).
+        self.route = settings.accounts.route
         self.renderer = Renderer(make=upload_message, max_events=settings.batch_size,
                                  max_bytes=settings.batch_max_bytes, oversized=self._oversized,
-                                 max_batches=bundle_batches)
+                                 max_batches=bundle_batches, account_of=self._account_of)
         self.handoff = HandOff(publisher=publisher, render=self._render, clock=clock, fallback=self._unrenderable)
         self.counts = {"messages": 0, "events": 0, "malformed": 0, "invalid": 0, "batches": 0, "suspects": 0,
                        "unhandled": 0}
@@ -225,11 +233,14 @@ class Ingest:
         rest (it returns the batches that are ready)."""
         dead: list[Outgoing] = []
         ready: list[Batch] = []
+        route = self.route
         for asset_id, text, event, size in events:
             if asset_id is None:
                 dead.append(self._invalid(event, replays))
             elif size > MAX_EVENT_BYTES:
                 dead.append(self._too_large(event, asset_id, size, replays))
+            elif route(asset_id) is None:
+                dead.append(self._unroutable(event, asset_id, replays))
             else:
                 ready += batch(asset_id, text, size)
         self.listener.events_read(received=len(events), batched=len(events) - len(dead))
@@ -388,9 +399,24 @@ class Ingest:
         except Exception:  # the hand-off itself is broken: leave the message unacknowledged
             logger.exception("Could not even set the message aside; it stays unacknowledged")
 
+    def _account_of(self, asset_id: str) -> str:
+        account = self.route(asset_id)
+        assert account is not None, "only routable events are batched"
+        return account.name
+
+    def _unroutable(self, event: Any, asset_id: str, replays: int) -> Outgoing:
+        self.counts["invalid"] += 1
+        self.listener.unroutable()
+        error = (f"asset_id {asset_id!r} belongs to no account of NETCORE_ACCOUNTS_FILE, and there is no default "
+                 "account (NETCORE_API_KEY is not set). Add it to its account's asset_ids and restart the workers, "
+                 "then replay the reason 'unroutable'.")
+        details = {"asset_id": asset_id, "accounts": self.settings.accounts.names}
+        return self.letters.event(envelopes.UNROUTABLE, error, event=event, details=details, asset_id=asset_id,
+                                  replays=replays)
+
     def _invalid(self, event: Any, replays: int = 0) -> Outgoing:
         self.counts["invalid"] += 1
-        self.listener.refused_in_ingest("unroutable")
+        self.listener.refused_in_ingest("missing_asset_id")
         errors = validate_event(event) or {"asset_id": ["asset_id is missing or not a string."]}
         error = f"The event cannot be routed: {'; '.join(m for ms in errors.values() for m in ms)}"
         return self.letters.event(envelopes.INVALID, error, event=event, details=errors, replays=replays)

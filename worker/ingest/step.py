@@ -3,11 +3,10 @@
 It consumes the ``activities`` queue (plain JSON) and Celery's default queue (where
 ``send_task("activities.ingest", ...)`` lands) on a channel of its own, whose prefetch lets
 the broker hand over enough unacknowledged messages to fill whole batches. A timer on the
-worker's event loop releases the open batches once the oldest waited ``ACTIVITY_BATCH_WAIT``,
-and follows the gate (:mod:`worker.gate`): while the upload side says so (the API is down, or
-events in upload tasks pile up), it stops taking messages; what it holds still leaves within
-``ACTIVITY_BATCH_WAIT``. Each upload task it makes is counted in the runtime's task sizes,
-with which the upload side counts its queue in events.
+worker's event loop releases the open batches once the oldest waited ``ACTIVITY_BATCH_WAIT``.
+The consumer stops taking messages only while its hand-offs wait for the broker; nothing about
+the API stops it (:mod:`worker.upload.flow` says who stops whom): each batch goes to the upload
+queue of its asset_id's account, where it waits if that account's API is down.
 
 Hand-offs are published by the runtime's background publisher (:mod:`worker.broker.background`):
 nothing here waits for the broker. A delivery kombu cannot decode reaches the pipeline all the
@@ -28,6 +27,7 @@ from typing import Any
 from celery import bootsteps
 from kombu.messaging import Consumer
 
+from config.accounts import DEFAULT
 from worker.broker.messages import Bundle, batches_per_bundle, upload_message
 from worker.broker.publisher import Outgoing
 from worker.broker.topology import declare
@@ -81,8 +81,11 @@ class IngestStep(bootsteps.ConsumerStep):
         )
 
         def make_upload(bundle: Bundle) -> Outgoing:
-            self.runtime.task_sizes.add(bundle.events)  # backpressure counts the upload queue in events
-            return upload_message(app, topology.upload, bundle)
+            return upload_message(app, topology.upload_for(bundle.account or DEFAULT), bundle)
+
+        def bundle_batches(account: str) -> int:
+            lane = self.runtime.lanes.get(account)
+            return batches_per_bundle(lane.concurrency.round_trip if lane is not None else None)
 
         self.ingest = Ingest(
             settings=settings,
@@ -95,7 +98,7 @@ class IngestStep(bootsteps.ConsumerStep):
             release_slack=settings.prefetch // 20,
             quarantine_queue=topology.quarantine,
             listener=self.runtime.listener,
-            bundle_batches=lambda: batches_per_bundle(self.runtime.concurrency.round_trip),
+            bundle_batches=bundle_batches,
         )
         self.runtime.ingest = self.ingest  # the quarantine step hands its messages to the same pipeline
         self._consuming = True
@@ -112,9 +115,10 @@ class IngestStep(bootsteps.ConsumerStep):
         interval = min(MAX_TICK, max(0.01, self.settings.batch_wait / TICKS_PER_WAIT))
         self._timer = c.timer.call_repeatedly(interval, self._tick)
         logger.info(
-            "Consuming %s and %s from %s (prefetch %d, batches of %d, wait %.2f s) -> %s",
+            "Consuming %s and %s from %s (prefetch %d, batches of %d, wait %.2f s) -> accounts %s",
             self.settings.queue, self.settings.task_queue, self.settings.broker_url_redacted,
-            self.settings.prefetch, self.settings.batch_size, self.settings.batch_wait, self.settings.upload_url,
+            self.settings.prefetch, self.settings.batch_size, self.settings.batch_wait,
+            ", ".join(f"{a.name} ({a.where})" for a in self.settings.accounts),
         )
 
     def stop(self, c: Any) -> None:
@@ -129,15 +133,23 @@ class IngestStep(bootsteps.ConsumerStep):
     def _tick(self) -> None:
         if self.ingest is not None:
             self.ingest.tick()
-            self._follow_gate()
+            self._follow_broker()
             self.runtime.listener.observe_batcher(self.ingest.batcher)
 
-    def _follow_gate(self) -> None:
-        """Stop or resume taking messages as the gate says, and while a hand-off waits for the
-        broker (a basic.cancel / basic.consume)."""
-        wanted = self.runtime.gate.is_open and not (self.ingest is not None and self.ingest.blocked)
+    @property
+    def consuming(self) -> bool:
+        """Whether the consumer takes messages (False while a hand-off waits for the broker)."""
+        return self._consuming
+
+    def _follow_broker(self) -> None:
+        """Stop taking messages while a hand-off waits to be tried again, resume after (a
+        basic.cancel / basic.consume)."""
+        wanted = not (self.ingest is not None and self.ingest.blocked)
         if wanted == self._consuming:
             return
+        self.runtime.metrics.ingest_paused.set(0.0 if wanted else 1.0)
+        logger.warning("Consumer %s", "resumed: the broker confirms again" if wanted else
+                       "paused: the broker does not confirm its hand-offs (events wait in RabbitMQ)")
         for consumer in self.consumers or []:
             if wanted:
                 consumer.consume()

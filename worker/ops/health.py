@@ -7,9 +7,13 @@ share, two questions:
 1. Does the queue ``activities`` (``ACTIVITY_QUEUE``) exist and have a consumer? (a passive
    ``queue_declare``: its ``consumer_count``). With ``--max-depth N`` the queue must also hold
    at most N ready messages: the workers are keeping up.
-2. Does this worker answer Celery's remote-control ``ping`` within ``--timeout`` seconds? The
-   reply comes from the worker's main process, whose event loop also runs the consumer of
-   ``activities``: a hung or dead main process does not answer.
+2. Does this worker answer within ``--timeout`` seconds? It asks the worker's remote-control
+   command ``activities_status`` (:mod:`worker.ops.status`), whose reply comes from the main
+   process's event loop, which also runs the consumer of ``activities``: a hung or dead main
+   process does not answer. A worker with no consumer on the queue is healthy only when it says
+   it paused on purpose (its hand-offs wait for the broker). Accounts whose uploads are paused
+   (their API is down, or asks to slow down) are named in the line, and are no reason to fail:
+   restarting the worker would not bring their API back.
 
 ``--hostname`` names the worker as its ``--hostname`` option did; ``%h`` is this host's name.
 The default, ``activities@%h``, is the Procfile's: a probe running in the worker's container
@@ -25,7 +29,7 @@ Kubernetes, in the worker's container::
 
 A queue's depth says the workers together are behind, not that this one is broken: use
 ``--max-depth`` for readiness or alerting, never for liveness (restarting a busy worker makes
-the backlog worse). The probe takes at most about twice ``--timeout`` (connect, then ping).
+the backlog worse). The probe takes at most about twice ``--timeout`` (connect, then ask).
 """
 
 from __future__ import annotations
@@ -35,16 +39,17 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import amqp
 from celery import Celery
 from celery.utils.nodenames import default_nodename, host_format
-from kombu.connection import Connection
 from kombu.exceptions import OperationalError
 
 from config.settings import Settings
 from worker.broker.connection import connect
 from worker.errors import SettingsError
+from worker.ops.status import COMMAND as STATUS
 
 #: The worker's name in the Procfile (``--hostname=activities@%h``).
 DEFAULT_HOSTNAME = "activities@%h"
@@ -96,35 +101,34 @@ def check(
         except (amqp.exceptions.AMQPError, OperationalError, OSError) as exc:
             return Health(False, f"cannot inspect queue {queue!r} on {where}: {exc}")
         verdict = queue_health(consumers, ready, queue, max_depth)
-        if consumers < 1 and (max_depth is None or ready <= max_depth):
-            return _paused_on_purpose(settings, hostname, timeout, connection, app, verdict)
-        if not verdict.ok:
-            return verdict
+        if not verdict.ok and consumers >= 1:
+            return verdict  # too deep: the workers together are behind
         try:
-            replies = _app(app).control.ping(destination=[hostname], timeout=timeout, limit=1, connection=connection)
+            replies = _app(app).control.inspect(destination=[hostname], timeout=timeout,
+                                                connection=connection)._request(STATUS)
         except (amqp.exceptions.AMQPError, OperationalError, OSError) as exc:
-            return Health(False, f"cannot ping worker {hostname} through {where}: {exc}")
-    if not any(hostname in reply for reply in replies or []):
-        return Health(False, f"worker {hostname} did not answer a ping within {timeout:g} s ({verdict.reason})")
-    return Health(True, f"worker {hostname} answered a ping; {verdict.reason}")
-
-
-def _paused_on_purpose(settings: Settings, hostname: str, timeout: float, connection: Connection,
-                       app: Celery | None, verdict: Health) -> Health:
-    """No consumer on the queue: healthy only if the worker says it paused on purpose (the API
-    is down, or uploads pile up), which it answers on its event loop, so it is alive too."""
-    try:
-        replies = _app(app).control.inspect(destination=[hostname], timeout=timeout, connection=connection)._request(
-            "activities_status")
-    except (amqp.exceptions.AMQPError, OperationalError, OSError) as exc:
-        return Health(False, f"{verdict.reason}; cannot ask worker {hostname} why: {exc}")
+            return Health(False, f"cannot ask worker {hostname} through {where}: {exc}")
     status = (replies or {}).get(hostname)
     if not isinstance(status, dict):
-        return verdict
-    if status.get("consuming") is False:
-        return Health(True, f"worker {hostname} answered; it paused consuming {settings.queue!r} on purpose: "
-                            f"{status.get('paused_because') or 'see its log'} (circuit {status.get('circuit')})")
-    return Health(False, f"{verdict.reason}, although worker {hostname} says it consumes")
+        return Health(False, f"worker {hostname} did not answer within {timeout:g} s ({verdict.reason})")
+    if consumers < 1:
+        if status.get("consuming") is not False:
+            return Health(False, f"{verdict.reason}, although worker {hostname} says it consumes")
+        if not (max_depth is None or ready <= max_depth):
+            return verdict
+        verdict = Health(True, f"it paused consuming {settings.queue!r} on purpose: "
+                               f"{status.get('paused_because') or 'see its log'}")
+    return Health(True, f"worker {hostname} answered; {verdict.reason}{_paused_accounts(status)}")
+
+
+def _paused_accounts(status: dict[str, Any]) -> str:
+    """"; account 'b' circuit open: ..." for each account whose uploads are paused: news for the
+    operator (its events wait in RabbitMQ), never a reason to restart the worker."""
+    accounts = status.get("accounts")
+    if not isinstance(accounts, dict):
+        return ""
+    return "".join(f"; account {name!r} {info.get('paused_because')}" for name, info in accounts.items()
+                   if isinstance(info, dict) and info.get("paused_because"))
 
 
 def _app(app: Celery | None) -> Celery:

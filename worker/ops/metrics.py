@@ -2,7 +2,10 @@
 
 The worker is one process (the consumer on its event loop, uploads on its thread pool), so
 the counters live in memory and add up by themselves. The label ``stage`` says which side
-counted: ``ingest`` (reading and batching) or ``delivery`` (validating and uploading).
+counted: ``ingest`` (reading and batching) or ``delivery`` (validating and uploading). Every
+metric of the upload side has the label ``account`` (the Netcore account's name, ``default``
+for the one of ``NETCORE_API_KEY``; never its key); what ingest dead-letters before an event
+has an account carries ``account=""``.
 
 How they add up (``dead`` is ``events_dead_lettered_total``)::
 
@@ -21,13 +24,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from config.settings import Settings
 from worker.deadletter import envelopes
 from worker.ingest.batching import Batcher
+from worker.upload.circuit import Circuit
 from worker.upload.delivery import Report
+from worker.upload.lanes import Lanes
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +44,13 @@ PREFIX = "netcore_activity_"
 INGEST, DELIVERY = "ingest", "delivery"
 
 #: (stage, reason) of every invalid-event series, made at zero so that each one exists.
-INVALID_SERIES = ((INGEST, "unroutable"), (INGEST, "too_large"), (INGEST, envelopes.MALFORMED),
+INVALID_SERIES = ((INGEST, "missing_asset_id"), (INGEST, "too_large"), (INGEST, envelopes.MALFORMED),
                   (DELIVERY, envelopes.INVALID), (DELIVERY, envelopes.MALFORMED))
 
-#: (stage, reason) of every dead-letter series, made at zero too.
-DEAD_SERIES = tuple((INGEST, r) for r in (envelopes.INVALID, envelopes.MALFORMED, envelopes.POISON)) + tuple(
-    (DELIVERY, r) for r in envelopes.REASONS if r != envelopes.POISON)
+#: Reasons ingest dead-letters for (``account=""``), and those delivery does (per account).
+INGEST_REASONS = (envelopes.INVALID, envelopes.MALFORMED, envelopes.POISON, envelopes.UNHANDLED,
+                  envelopes.UNROUTABLE)
+DELIVERY_REASONS = tuple(r for r in envelopes.REASONS if r not in (envelopes.POISON, envelopes.UNROUTABLE))
 
 #: Events per upload request: bisection makes small ones, full batches hold 1000.
 BATCH_SIZE_BUCKETS: tuple[float, ...] = (1, 2, 5, 10, 25, 50, 100, 250, 500, 750, 1000)
@@ -64,41 +71,47 @@ class Metrics:
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(PREFIX + name, doc, labels, registry=self.registry)
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(PREFIX + name, doc, registry=self.registry)
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=self.registry)
 
+        account = ("account",)
         self.received = counter("events_received", "Events read from source messages.")
         self.batched = counter("events_batched", "Events put into a batch for upload.")
-        self.valid = counter("events_valid", "Events valid on their batch's first attempt.")
+        self.valid = counter("events_valid", "Events valid on their batch's first attempt.", account)
         self.invalid = counter("events_invalid", "Events refused before any upload.", ("stage", "reason"))
-        self.stale = counter("events_stale", "Valid events older than 24 hours: stored, no journey.")
-        self.naive = counter("events_naive_timestamp", "Valid events whose timestamp has no zone (forwarded).")
-        self.delivered = counter("events_delivered", "Events the API accepted.")
-        self.dead = counter("events_dead_lettered", "Dead letters written.", ("stage", "reason"))
-        self.retries = counter("retries_scheduled", "Retry messages published (batches put back in RabbitMQ).")
-        self.held = counter("events_held", "Events put back without spending an attempt (the API was down).")
-        self.uploads = counter("uploads", "Upload requests by HTTP status.", ("status", "outcome"))
-        self.batch_size = Histogram(PREFIX + "upload_batch_size", "Events per upload request.",
+        self.stale = counter("events_stale", "Valid events older than 24 hours: stored, no journey.", account)
+        self.naive = counter("events_naive_timestamp", "Valid events whose timestamp has no zone (forwarded).",
+                             account)
+        self.delivered = counter("events_delivered", "Events the API accepted.", account)
+        self.dead = counter("events_dead_lettered", "Dead letters written.", ("stage", "reason", "account"))
+        self.retries = counter("retries_scheduled", "Retry messages published (batches put back in RabbitMQ).",
+                               account)
+        self.held = counter("events_held", "Events put back without spending an attempt (the API was down, or "
+                                           "their asset_id is held).", account)
+        self.uploads = counter("uploads", "Upload requests by HTTP status.", ("account", "status", "outcome"))
+        self.batch_size = Histogram(PREFIX + "upload_batch_size", "Events per upload request.", account,
                                     registry=self.registry, buckets=BATCH_SIZE_BUCKETS)
-        self.duration = Histogram(PREFIX + "upload_duration_seconds", "Seconds per upload request.",
+        self.duration = Histogram(PREFIX + "upload_duration_seconds", "Seconds per upload request.", account,
                                   registry=self.registry, buckets=DURATION_BUCKETS)
         self.oldest_age = gauge("oldest_event_age_seconds", "Seconds the oldest buffered event has waited.")
         self.buffered = gauge("events_buffered", "Events waiting in open batches.")
-        self.circuit_state = gauge("circuit_state", "The API circuit: 0 closed, 1 half-open, 2 paused "
-                                                    "(Retry-After), 3 open (the API is down).")
-        self.circuit_opened = counter("circuit_opened", "Times the circuit opened (the API went down).")
-        self.probes = counter("probes", "Probe requests to an API that was down, by result.", ("result",))
-        self.in_flight = gauge("uploads_in_flight", "Upload requests in flight.")
-        self.limit = gauge("upload_concurrency_limit", "The adaptive limit on upload requests in flight.")
-        self.retries_waiting = gauge("retries_waiting", "Upload tasks waiting in RabbitMQ's delay queues.")
-        self.upload_queue = gauge("upload_queue_ready", "Upload tasks ready in the upload queue.")
-        self.ingest_paused = gauge("ingest_paused", "1 while the consumer does not take new messages.")
+        self.circuit_state = gauge("circuit_state", "An account's circuit: 0 closed, 1 half-open, 2 paused "
+                                                    "(429), 3 open (its API is down).", account)
+        self.circuit_opened = counter("circuit_opened", "Times an account's circuit opened (its API went down).",
+                                      account)
+        self.probes = counter("probes", "Probe requests to an API that was down, by result.", ("account", "result"))
+        self.assets_held = gauge("assets_held", "asset_ids held: failing alone with no sign the API works.", account)
+        self.in_flight = gauge("uploads_in_flight", "Upload requests in flight.", account)
+        self.limit = gauge("upload_concurrency_limit", "The adaptive limit on upload requests in flight.", account)
+        self.retries_waiting = gauge("retries_waiting", "Upload tasks waiting in an account's delay queues.",
+                                     account)
+        self.upload_queue = gauge("upload_queue_ready", "Upload tasks ready in an account's upload queue.", account)
+        self.ingest_paused = gauge("ingest_paused", "1 while the consumer does not take new messages (the broker "
+                                                    "does not confirm its hand-offs).")
         for series in INVALID_SERIES:
             self.invalid.labels(*series)
-        for series in DEAD_SERIES:
-            self.dead.labels(*series)
-        for result in ("ok", "failed"):
-            self.probes.labels(result)
+        for reason in INGEST_REASONS:
+            self.dead.labels(INGEST, reason, "")
         #: Counts of the consumer's hot path, added up in plain ints and written once per tick.
         self._pending = {"received": 0, "batched": 0}
         self._lock = threading.Lock()
@@ -119,13 +132,26 @@ class Metrics:
 
     def refused_in_ingest(self, invalid_reason: str) -> None:
         self.invalid.labels(INGEST, invalid_reason).inc()
-        self.dead.labels(INGEST, envelopes.INVALID).inc()
+        self.dead.labels(INGEST, envelopes.INVALID, "").inc()
+
+    def unroutable(self) -> None:
+        self.dead.labels(INGEST, envelopes.UNROUTABLE, "").inc()
 
     def unreadable(self, reason: str) -> None:
         self.received.inc()
-        self.dead.labels(INGEST, reason).inc()
+        self.dead.labels(INGEST, reason, "").inc()
         if reason == envelopes.MALFORMED:
             self.invalid.labels(INGEST, reason).inc()
+
+    def add_account(self, account: str) -> None:
+        """Make every series of ``account`` at zero, so that each one exists from the start."""
+        for reason in DELIVERY_REASONS:
+            self.dead.labels(DELIVERY, reason, account)
+        for result in ("ok", "failed"):
+            self.probes.labels(account, result)
+        for counter in (self.valid, self.stale, self.naive, self.delivered, self.retries, self.held,
+                        self.circuit_opened):
+            counter.labels(account)
 
     def observe_batcher(self, batcher: Batcher) -> None:
         """Each tick, after due batches left: the hot path's counts, then the open batches."""
@@ -155,6 +181,9 @@ class MetricsListener:
     def refused_in_ingest(self, invalid_reason: str) -> None:
         self.m.refused_in_ingest(invalid_reason)
 
+    def unroutable(self) -> None:
+        self.m.unroutable()
+
     def unreadable(self, reason: str) -> None:
         self.m.unreadable(reason)
 
@@ -163,54 +192,65 @@ class MetricsListener:
 
     # delivery
 
-    def request_done(self, *, status: str, outcome: str, events: int, seconds: float) -> None:
-        self.m.uploads.labels(status, outcome).inc()
-        self.m.batch_size.observe(events)
-        self.m.duration.observe(seconds)
+    def request_done(self, *, account: str, status: str, outcome: str, events: int, seconds: float) -> None:
+        self.m.uploads.labels(account, status, outcome).inc()
+        self.m.batch_size.labels(account).observe(events)
+        self.m.duration.labels(account).observe(seconds)
 
     def bundle_done(self, report: Report, *, first_attempt_events: int) -> None:
-        m = self.m
-        m.delivered.inc(report.delivered)
-        m.stale.inc(report.stale)
-        m.naive.inc(report.naive)
+        m, account = self.m, report.account
+        m.delivered.labels(account).inc(report.delivered)
+        m.stale.labels(account).inc(report.stale)
+        m.naive.labels(account).inc(report.naive)
         invalid = report.dead.get(envelopes.INVALID, 0) + report.dead.get(envelopes.MALFORMED, 0)
-        m.valid.inc(max(0, first_attempt_events - invalid))
+        m.valid.labels(account).inc(max(0, first_attempt_events - invalid))
         for reason, count in report.dead.items():
-            m.dead.labels(DELIVERY, reason).inc(count)
+            m.dead.labels(DELIVERY, reason, account).inc(count)
             if (DELIVERY, reason) in INVALID_SERIES:
                 m.invalid.labels(DELIVERY, reason).inc(count)
-        m.retries.inc(report.retry_messages)
-        m.held.inc(report.held)
+        m.retries.labels(account).inc(report.retry_messages)
+        m.held.labels(account).inc(report.held)
 
-    def gave_up(self, *, reason: str, status: int | None, asset_id: str, events: int, error: str) -> None:
+    def gave_up(self, *, account: str, reason: str, status: int | None, asset_id: str, events: int,
+                error: str) -> None:
         """Counted by :meth:`bundle_done`; Sentry and the logs hear of it elsewhere."""
 
-    # the circuit
+    # the circuits
 
-    def circuit_opened(self, *, failures: int, batches: int, last_error: str, probe_in: float) -> None:
-        self.m.circuit_opened.inc()
+    def circuit_opened(self, *, account: str, failures: int, assets: int, last_error: str, probe_in: float) -> None:
+        self.m.circuit_opened.labels(account).inc()
 
-    def circuit_paused(self, *, seconds: float) -> None:
+    def circuit_paused(self, *, account: str, seconds: float) -> None:
         """The state gauge says it."""
 
-    def circuit_closed(self, *, open_for: float, probes: int) -> None:
+    def circuit_closed(self, *, account: str, open_for: float, probes: int) -> None:
         """The state gauge says it."""
 
-    def probe_done(self, *, ok: bool, next_in: float | None) -> None:
-        self.m.probes.labels("ok" if ok else "failed").inc()
+    def probe_done(self, *, account: str, ok: bool, next_in: float | None) -> None:
+        self.m.probes.labels(account, "ok" if ok else "failed").inc()
 
-    # the flow
-
-    def upload_queue_ready(self, count: int) -> None:
-        self.m.upload_queue.set(count)
-
-    def retries_waiting(self, count: int) -> None:
-        self.m.retries_waiting.set(count)
+    def asset_held(self, *, account: str, asset_id: str, failures: int, last_error: str) -> None:
+        """The assets_held gauge says it."""
 
 
 def watch(gauge: Gauge, read: Callable[[], float]) -> None:
     """Have ``gauge`` read its value from ``read`` at each scrape."""
     gauge.set_function(read)
+
+
+def watch_lanes(metrics: Metrics, lanes: Lanes) -> None:
+    """The gauges of every account's lane, read at each scrape; its series made at zero."""
+    for lane in lanes:
+        name, circuit, concurrency = lane.name, lane.circuit, lane.concurrency
+        metrics.add_account(name)
+        watch(metrics.in_flight.labels(name), partial(getattr, concurrency, "in_flight"))
+        watch(metrics.limit.labels(name), partial(getattr, concurrency, "limit"))
+        watch(metrics.circuit_state.labels(name), partial(_state_value, circuit))
+        watch(metrics.assets_held.labels(name), partial(getattr, circuit, "held_assets"))
+
+
+def _state_value(circuit: Circuit) -> float:
+    return CIRCUIT_STATES[circuit.state.value]
 
 
 def setup(settings: Settings, metrics: Metrics) -> str | None:

@@ -7,8 +7,9 @@ Three jobs, kept in one place so that a reviewer can check them together:
   key, a refused endpoint, an API down for longer than the retry budget), so that Sentry pages
   for those and stays quiet about bad data from producers, which the dead-letter queue already
   holds. The log record carries the reason, the status and the asset_id as extras;
-  :func:`make_before_send` turns them into tags and a fingerprint of (reason, status), so that
-  a wrong key makes one Sentry issue, not one per batch.
+  :func:`make_before_send` turns them into tags and a fingerprint of (reason, status, account),
+  so that a wrong key makes one Sentry issue per account, not one per batch; an account's
+  circuit opening is one issue per account too.
 - **Nothing secret or personal leaves.** :class:`Scrubber` walks the whole event (message,
   exception values, breadcrumbs, extra, contexts, request headers, at any depth) and removes
   the API key, ``Authorization``/``Bearer`` values, the broker's password and the userinfo of
@@ -41,6 +42,8 @@ EXTRA_STATUS = "netcore_status"
 EXTRA_ASSET_ID = "asset_id"
 #: How many events the failure concerns (not part of the fingerprint: counts vary).
 EXTRA_COUNT = "netcore_events"
+#: The Netcore account (its name, never its key).
+EXTRA_ACCOUNT = "netcore_account"
 
 #: First element of every failure fingerprint, so the worker's issues sort together.
 FINGERPRINT_PREFIX = "netcore-activity"
@@ -69,9 +72,10 @@ LIKELY_CAUSES: dict[str, str] = {
     envelopes.MALFORMED: "the producer sent a body that is not JSON events",
 }
 
-def failure_fingerprint(reason: str, status: int | None) -> list[str]:
-    """One Sentry issue per kind of failure: (reason, status), never asset_id or counts."""
-    return [FINGERPRINT_PREFIX, reason, "none" if status is None else str(status)]
+def failure_fingerprint(reason: str, status: int | None, account: str | None = None) -> list[str]:
+    """One Sentry issue per kind of failure and account: (reason, status, account), never asset_id
+    or counts."""
+    return [FINGERPRINT_PREFIX, reason, "none" if status is None else str(status), account or "default"]
 
 
 def make_before_send(settings: Settings) -> Callable[[dict[str, Any], dict[str, Any]], dict[str, Any] | None]:
@@ -90,16 +94,21 @@ def make_before_send(settings: Settings) -> Callable[[dict[str, Any], dict[str, 
         reason = extra.get(EXTRA_REASON, getattr(record, EXTRA_REASON, None))
         status = extra.get(EXTRA_STATUS, getattr(record, EXTRA_STATUS, None))
         asset_id = extra.get(EXTRA_ASSET_ID, getattr(record, EXTRA_ASSET_ID, None))
+        account = extra.get(EXTRA_ACCOUNT, getattr(record, EXTRA_ACCOUNT, None))
         if reason in DATA_REASONS:
             return None
         tags = event.get("tags")
         if not isinstance(tags, dict):
             tags = event["tags"] = {}
-        tags["region"] = settings.region
+        known = settings.accounts.named(account) if isinstance(account, str) else None
+        tags["region"] = known.where if known is not None else settings.region
+        if isinstance(account, str) and account:
+            tags["account"] = account
         if isinstance(reason, str) and reason:
             tags["reason"] = reason
             tags["status"] = "none" if status is None else str(status)
-            event["fingerprint"] = failure_fingerprint(reason, status if isinstance(status, int) else None)
+            event["fingerprint"] = failure_fingerprint(reason, status if isinstance(status, int) else None,
+                                                       account if isinstance(account, str) else None)
         if isinstance(asset_id, str) and asset_id:
             tags["asset_id"] = asset_id
         scrubbed: dict[str, Any] | None = scrubber.value(event)
@@ -147,48 +156,58 @@ def flush_sentry(timeout: float = 2.0) -> None:
         client.flush(timeout=timeout)
 
 
-def report_failure(reason: str, status: int | None, asset_id: str, count: int, message: str) -> None:
-    """Log that ``count`` events of ``asset_id`` were dead-lettered for ``reason``.
+def report_failure(reason: str, status: int | None, asset_id: str, count: int, message: str,
+                   account: str = "default") -> None:
+    """Log that ``count`` events of ``asset_id`` (of ``account``) were dead-lettered for ``reason``.
 
-    ERROR (a Sentry event, one issue per (reason, status)) for what an operator must fix;
-    WARNING (a breadcrumb, no event) for bad data, which producers fix from the dead letters.
+    ERROR (a Sentry event, one issue per (reason, status, account)) for what an operator must
+    fix; WARNING (a breadcrumb, no event) for bad data, which producers fix from the dead letters.
     The message leads with the likely cause, so the page says what to do.
     """
     level = logging.WARNING if reason in DATA_REASONS else logging.ERROR
     cause = LIKELY_CAUSES.get(reason, "see the dead letters' details")
     failure_logger.log(
         level,
-        "%d events for asset_id=%s dead-lettered as '%s' (HTTP status %s): %s. Details: %s",
-        count, asset_id, reason, "none" if status is None else status, cause, message,
-        extra={EXTRA_REASON: reason, EXTRA_STATUS: status, EXTRA_ASSET_ID: asset_id, EXTRA_COUNT: count},
+        "%d events for account=%s asset_id=%s dead-lettered as '%s' (HTTP status %s): %s. Details: %s",
+        count, account, asset_id, reason, "none" if status is None else status, cause, message,
+        extra={EXTRA_REASON: reason, EXTRA_STATUS: status, EXTRA_ASSET_ID: asset_id, EXTRA_COUNT: count,
+               EXTRA_ACCOUNT: account},
     )
 
 
 class LogListener:
-    """The upload side's story in the logs (and so in Sentry): one line when the circuit opens,
-    one when it closes, and each batch given up on (see :func:`report_failure`)."""
+    """The upload side's story in the logs (and so in Sentry), per account: one line when an
+    account's circuit opens, one when it closes, one when an asset_id is held, and each batch
+    given up on (see :func:`report_failure`)."""
 
-    def gave_up(self, *, reason: str, status: int | None, asset_id: str, events: int, error: str) -> None:
-        report_failure(reason, status, asset_id, events, error)
+    def gave_up(self, *, account: str, reason: str, status: int | None, asset_id: str, events: int,
+                error: str) -> None:
+        report_failure(reason, status, asset_id, events, error, account)
 
-    def circuit_opened(self, *, failures: int, batches: int, last_error: str, probe_in: float) -> None:
+    def circuit_opened(self, *, account: str, failures: int, assets: int, last_error: str, probe_in: float) -> None:
         failure_logger.error(
-            "The API looks down: %d uploads in a row failed (last: %s). Circuit OPEN: uploads and the "
-            "consumer are paused, events wait in RabbitMQ; probing the API every %.1f s and more (up to "
-            "UPLOAD_PROBE_INTERVAL_MAX). Nothing is dead-lettered for it.",
-            failures, last_error, probe_in,
-            extra={EXTRA_REASON: "circuit_open", EXTRA_STATUS: None},
+            "Account %s: its API looks down: %d uploads in a row failed, for %d asset_ids (last: %s). Circuit OPEN: "
+            "its uploads are paused and its events wait in its RabbitMQ queues (the other accounts go on); probing "
+            "every %.1f s and more (up to UPLOAD_PROBE_INTERVAL_MAX). Nothing is dead-lettered for it.",
+            account, failures, assets, last_error, probe_in,
+            extra={EXTRA_REASON: "circuit_open", EXTRA_STATUS: None, EXTRA_ACCOUNT: account},
         )
 
-    def circuit_paused(self, *, seconds: float) -> None:
-        failure_logger.warning("The API asked to slow down (429, Retry-After): every upload waits %.1f s", seconds)
+    def circuit_paused(self, *, account: str, seconds: float) -> None:
+        failure_logger.warning("Account %s: the API asked to slow down (429): its uploads wait %.1f s", account,
+                               seconds)
 
-    def circuit_closed(self, *, open_for: float, probes: int) -> None:
+    def circuit_closed(self, *, account: str, open_for: float, probes: int) -> None:
         failure_logger.warning(
-            "The API answers again: circuit CLOSED after %.1f s and %d probe(s); uploads and the consumer "
-            "resume, ramping up from one upload in flight.", open_for, probes,
+            "Account %s: the API answers again: circuit CLOSED after %.1f s and %d probe(s); its uploads resume, "
+            "ramping up from one upload in flight.", account, open_for, probes,
         )
 
-    def probe_done(self, *, ok: bool, next_in: float | None) -> None:
+    def probe_done(self, *, account: str, ok: bool, next_in: float | None) -> None:
         if not ok:
-            failure_logger.debug("Probe failed; next probe in %.1f s", next_in or 0.0)
+            failure_logger.debug("Account %s: probe failed; next probe in %.1f s", account, next_in or 0.0)
+
+    def asset_held(self, *, account: str, asset_id: str, failures: int, last_error: str) -> None:
+        failure_logger.warning(
+            "Account %s: asset_id=%s failed %d times in a row with no sign the API works (last: %s): its uploads "
+            "wait, probed alone; the account's other asset_ids go on.", account, asset_id, failures, last_error)

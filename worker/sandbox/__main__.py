@@ -1,8 +1,10 @@
 """``python -m worker.sandbox``: run the sandbox API in the foreground until SIGTERM or Ctrl-C.
 
-The API key comes from ``--api-key``, else ``SANDBOX_API_KEY``, else ``sandbox-key``. It is never
-printed or logged: the banner says only where the sandbox listens, and loudly that it is not the
-real Netcore API, so nobody mistakes a demo's "success" for delivered events.
+The API key comes from ``--api-key``, else ``SANDBOX_API_KEY``, else ``sandbox-key``: the account
+``default``. ``--account NAME=KEY`` (repeatable) serves more keys, each an account of its own, as
+the real API does for several Netcore panels. Keys are never printed or logged: the banner says
+only where the sandbox listens, and loudly that it is not the real Netcore API, so nobody
+mistakes a demo's "success" for delivered events.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--api-key", default=os.environ.get("SANDBOX_API_KEY", DEFAULT_API_KEY),
                         help="the Bearer key clients must send (default: $SANDBOX_API_KEY)")
+    parser.add_argument("--account", action="append", default=[], metavar="NAME=KEY", type=_account,
+                        help="another account: its name and the key its clients send (repeatable)")
     parser.add_argument("--fail-rate", type=float, default=0.0,
                         help="probability that an upload fails with --fail-status")
     parser.add_argument("--fail-status", type=int, default=500)
@@ -43,11 +47,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="seconds every upload waits before it is answered")
     parser.add_argument("--fault", action="append", default=[], metavar="JSON",
                         help='an extra fault rule, e.g. \'{"status": 429, "retry_after": 2, '
-                             '"count": 3}\'; "asset_id": "..." limits it to one tenant\'s uploads '
-                             '(repeatable)')
+                             '"count": 3}\'; "asset_id": "..." limits it to one tenant\'s uploads, '
+                             '"account": "..." to one account\'s (repeatable)')
     parser.add_argument("--seed", type=int, default=None, help="seed of the random faults")
     parser.add_argument("--quiet", action="store_true", help="do not log every request")
     return parser.parse_args(argv)
+
+
+def _account(text: str) -> tuple[str, str]:
+    name, _, key = text.partition("=")
+    if not name or not key:
+        raise argparse.ArgumentTypeError(f"{text.split('=')[0]}=...: give NAME=KEY")
+    return name, key
 
 
 def fault_rules(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -74,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bad fault option: {error}", file=sys.stderr)
         return 2
     sandbox = Sandbox(api_key=args.api_key, host=args.host, port=args.port, seed=args.seed,
-                      log_requests=not args.quiet)
+                      log_requests=not args.quiet, accounts=dict(args.account))
     for rule in rules:
         sandbox.add_fault(**rule)
     stop = threading.Event()

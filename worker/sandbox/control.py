@@ -4,6 +4,7 @@ see what the sandbox received and to set its faults, over plain HTTP without aut
 ========  ==========================  =======================================================
 GET       /_sandbox/health            ``{"status": "ok"}``
 GET       /_sandbox/accepted          ``{"events": [...], "count": N}``: every stored event
+GET       /_sandbox/accepted?account=A  the same, for the events uploaded with account A's key
 GET       /_sandbox/dropped           ``{"events": [...], "count": N}``: answered 200, not stored
 GET       /_sandbox/requests          ``[{"status", "events", "asset_ids", "fault", "at", ...}]``:
                                       one record per upload request, in arrival order
@@ -75,7 +76,8 @@ def _health(store: Store, body: bytes, query: Query) -> Answer:
 
 
 def _accepted(store: Store, body: bytes, query: Query) -> Answer:
-    events = store.accepted()
+    account = query.get("account", [None])[-1]
+    events = store.accepted(account or None)
     return 200, {"events": events, "count": len(events)}
 
 

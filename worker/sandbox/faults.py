@@ -9,9 +9,16 @@ A rule is a small dict, for example::
     {"drop": True, "count": 1}                      # close the connection, answer nothing
     {"status": 200, "body": "<html/>", "content_type": "text/html"}  # odd 200, nothing stored
     {"status": 503, "asset_id": "tenant-b"}         # only uploads of tenant-b's events fail
+    {"status": 503, "account": "brand-b"}           # only uploads with brand-b's key fail
+    {"trickle": 0.5}                                # the answer comes one byte every 0.5 s
 
 ``count`` omitted means "until cleared". Rules apply only to upload requests that passed
 authentication (a wrong key is always a 401, so auth tests never depend on faults).
+
+``account`` (an account's name: the sandbox serves several keys, each its own account) narrows a
+rule to requests made with that account's key, as ``asset_id`` does to its events; both may be
+given. ``trickle`` answers normally but sends the answer one byte every ``trickle`` seconds, a
+server that keeps a socket alive without ever finishing (a read timeout per byte never fires).
 
 ``asset_id`` (a non-empty string) narrows a rule to upload requests with at least one event
 carrying that ``asset_id``: the API failing for one tenant while the others go through. Other
@@ -36,7 +43,7 @@ from typing import Any
 
 #: The keys a rule may hold.
 RULE_KEYS = frozenset({"status", "count", "rate", "retry_after", "latency", "drop", "body",
-                       "content_type", "asset_id"})
+                       "content_type", "asset_id", "account", "trickle"})
 
 #: Messages the vendor documents for some statuses; others use the standard HTTP phrase.
 VENDOR_MESSAGES: dict[int, str] = {408: "Request Time Out", 500: "Internal Server Error"}
@@ -60,6 +67,8 @@ class FaultRule:
     body: bytes | None = None
     content_type: str = "application/json"
     asset_id: str | None = None  #: only requests with an event of this asset_id; None = all
+    account: str | None = None  #: only requests made with this account's key; None = all
+    trickle: float = 0.0  #: seconds between the bytes of the answer (0: all at once)
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> FaultRule:
@@ -77,6 +86,8 @@ class FaultRule:
         rule.body = None if spec.get("body") is None else _text("body", spec["body"]).encode()
         rule.content_type = _text("content_type", spec.get("content_type", rule.content_type))
         rule.asset_id = _asset_id(spec.get("asset_id"))
+        rule.account = _name("account", spec.get("account"))
+        rule.trickle = _non_negative("trickle", spec.get("trickle", 0.0))
         rule._check_coherent()
         return rule
 
@@ -85,9 +96,10 @@ class FaultRule:
         """True when the rule chooses the answer (a status or a drop), not just a delay."""
         return self.status is not None or self.drop
 
-    def applies_to(self, asset_ids: Collection[str]) -> bool:
-        """Whether a request whose events carry ``asset_ids`` is one this rule is about."""
-        return self.asset_id is None or self.asset_id in asset_ids
+    def applies_to(self, asset_ids: Collection[str], account: str | None = None) -> bool:
+        """Whether a request of ``account`` whose events carry ``asset_ids`` is one this rule is about."""
+        return ((self.asset_id is None or self.asset_id in asset_ids)
+                and (self.account is None or self.account == account))
 
     def fires(self, rng: random.Random) -> bool:
         """Whether the rule fires for a request it applies to (its ``rate``); uses up one of
@@ -119,8 +131,10 @@ class FaultRule:
         return json.dumps({"status": "fail", "message": message}).encode()
 
     def _check_coherent(self) -> None:
-        if not (self.decides or self.latency > 0):
-            raise FaultError("a rule needs 'status', 'drop' or a positive 'latency'")
+        if not (self.decides or self.latency > 0 or self.trickle > 0):
+            raise FaultError("a rule needs 'status', 'drop', a positive 'latency' or a positive 'trickle'")
+        if self.trickle and self.drop:
+            raise FaultError("'drop' answers nothing, so it cannot 'trickle'")
         if self.drop and self.status is not None:
             raise FaultError("'drop' answers nothing, so it cannot have a 'status'")
         answer_keys = {"body", "content_type", "retry_after"} & set(self.spec)
@@ -135,6 +149,7 @@ class Decision:
     latency: float = 0.0
     answer: FaultRule | None = None  #: None = handle the request normally
     applied: dict[str, Any] | None = None  #: the rule to report: the answering one, else a delay
+    trickle: float = 0.0  #: seconds between the answer's bytes
 
 
 class FaultPlan:
@@ -162,20 +177,21 @@ class FaultPlan:
         """The active rules, each as given plus ``remaining`` uses (null = until cleared)."""
         return [{**rule.spec, "remaining": rule.count} for rule in self._rules]
 
-    def decide(self, asset_ids: Collection[str] = ()) -> Decision:
-        """Check the rules in order for one request whose events carry ``asset_ids``, using up
-        the counts of those that fire."""
-        latency, delay_rule = 0.0, None
+    def decide(self, asset_ids: Collection[str] = (), account: str | None = None) -> Decision:
+        """Check the rules in order for one request of ``account`` whose events carry
+        ``asset_ids``, using up the counts of those that fire."""
+        latency, trickle, delay_rule = 0.0, 0.0, None
         for rule in list(self._rules):
-            if not rule.applies_to(asset_ids) or not rule.fires(self._random):
+            if not rule.applies_to(asset_ids, account) or not rule.fires(self._random):
                 continue
             if rule.spent:
                 self._rules.remove(rule)
             latency += rule.latency
+            trickle = max(trickle, rule.trickle)
             if rule.decides:
-                return Decision(latency, rule, dict(rule.spec))
+                return Decision(latency, rule, dict(rule.spec), trickle)
             delay_rule = rule
-        return Decision(latency, None, None if delay_rule is None else dict(delay_rule.spec))
+        return Decision(latency, None, None if delay_rule is None else dict(delay_rule.spec), trickle)
 
 
 def _status(value: Any) -> int | None:
@@ -223,10 +239,14 @@ def _retry_after(value: Any) -> str | None:
 
 
 def _asset_id(value: Any) -> str | None:
+    return _name("asset_id", value)
+
+
+def _name(key: str, value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value:
-        raise FaultError(f"'asset_id' must be a non-empty string, not {value!r}")
+        raise FaultError(f"{key!r} must be a non-empty string, not {value!r}")
     return value
 
 

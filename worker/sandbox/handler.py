@@ -57,6 +57,8 @@ class Handler(BaseHTTPRequestHandler):
     wbufsize = 64 * 1024  #: headers and body leave in one write (flushed after each request)
     server: _Server
     arrived: float = 0.0  #: unix time the current request's headers were read
+    account: str | None = None  #: the account whose key the current request carries
+    trickle: float = 0.0  #: seconds between the bytes of the current answer (a trickle fault)
 
     def setup(self) -> None:
         super().setup()
@@ -78,6 +80,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _route(self) -> None:
         self.arrived = time.time()
+        self.account, self.trickle = None, 0.0
         body = self._read_body()
         if body is None:
             return
@@ -114,14 +117,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _upload(self, body: bytes) -> None:
         sandbox = self.server.sandbox
+        self.account = sandbox.account_of(self.headers.get("Authorization"))
         if self.command != "POST":
             self._refuse(405, METHOD_NOT_ALLOWED, {"Allow": "POST"})
-        elif self.headers.get("Authorization") != f"Bearer {sandbox.api_key}":
+        elif self.account is None:
             self._refuse(401, UNAUTHORIZED)
         else:
             events, problem = _read_events(body)
             assets = tuple(asset_ids(events))
-            decision = sandbox.store.decide_fault(assets)
+            decision = sandbox.store.decide_fault(assets, self.account)
+            self.trickle = decision.trickle
             if decision.latency:
                 sandbox.store.arrived(+1)  # a test can wait for "an upload is in progress"
                 try:
@@ -147,7 +152,7 @@ class Handler(BaseHTTPRequestHandler):
         except BadRequest as error:
             payload = {"status": "fail", "message": str(error)}
             return self._finish(400, dumps(payload), events, assets, fault, str(error))
-        record = RequestRecord(200, len(events), assets, fault, at=self.arrived)
+        record = RequestRecord(200, len(events), assets, fault, at=self.arrived, account=self.account)
         dropped = [events[index] for index in verdict.dropped]
         self.server.sandbox.store.record(
             record, body=body, stored=verdict.stored, total=len(events), dropped=dropped
@@ -163,7 +168,8 @@ class Handler(BaseHTTPRequestHandler):
     def _drop(self, events: list[Any], assets: tuple[str, ...],
               fault: dict[str, Any] | None) -> None:
         """Close the connection without a word, like a crashed proxy."""
-        record = RequestRecord(None, len(events), assets, fault, at=self.arrived, message="drop")
+        record = RequestRecord(None, len(events), assets, fault, at=self.arrived, message="drop",
+                               account=self.account)
         self.server.sandbox.store.record(record)
         self._log(record)
         self.close_connection = True
@@ -178,7 +184,7 @@ class Handler(BaseHTTPRequestHandler):
                 content_type: str = "application/json") -> None:
         """Record a request that stored nothing, then answer it."""
         record = RequestRecord(status, len(events), assets, fault, at=self.arrived,
-                               message=message)
+                               message=message, account=self.account)
         self.server.sandbox.store.record(record)
         self._log(record)
         self._send(status, answer, headers, content_type)
@@ -193,8 +199,19 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return
+        if not self.trickle:
             self.wfile.write(body)
+            return
+        self.wfile.flush()  # the headers now, then the body one byte at a time
+        stopping = self.server.sandbox.stopping
+        for index in range(len(body)):
+            if stopping.wait(self.trickle):
+                self.close_connection = True
+                return
+            self.wfile.write(body[index:index + 1])
+            self.wfile.flush()
 
     def _log(self, record: RequestRecord) -> None:
         """One line per upload: status, event count, asset ids. Never identities or the key."""

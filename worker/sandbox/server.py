@@ -9,7 +9,7 @@ import logging
 import socket
 import socketserver
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http.server import ThreadingHTTPServer
 from typing import Any
 
@@ -17,6 +17,9 @@ from worker.sandbox.handler import Handler
 from worker.sandbox.store import RequestRecord, Store
 
 log = logging.getLogger(__name__)
+
+#: The name of the account of the sandbox's own key (``api_key``).
+DEFAULT_ACCOUNT = "default"
 
 #: How often the accept loop looks for a stop request: bounds how long stop() takes.
 SHUTDOWN_POLL_SECONDS = 0.05
@@ -61,8 +64,12 @@ class Sandbox:
     """
 
     def __init__(self, *, api_key: str = "sandbox-key", host: str = "127.0.0.1", port: int = 0,
-                 seed: int | None = None, log_requests: bool = False) -> None:
+                 seed: int | None = None, log_requests: bool = False,
+                 accounts: Mapping[str, str] | None = None) -> None:
         self.api_key = api_key
+        #: Account name -> its API key: each key is an account of its own (``api_key`` is
+        #: ``default``'s); records, stored events and fault rules know which account a request is.
+        self.accounts: dict[str, str] = {DEFAULT_ACCOUNT: api_key, **(accounts or {})}
         self.log_requests = log_requests
         self.store = Store(seed)
         self._address = (host, port)
@@ -108,11 +115,18 @@ class Sandbox:
         host, port = self._bound
         return f"http://{'127.0.0.1' if host in ('', '0.0.0.0') else host}:{port}"
 
-    def accepted(self) -> list[dict[str, Any]]:
-        return self.store.accepted()
+    def account_of(self, authorization: str | None) -> str | None:
+        """The account whose key an ``Authorization`` header carries (None: no valid key)."""
+        for name, key in self.accounts.items():
+            if authorization == f"Bearer {key}":
+                return name
+        return None
 
-    def accepted_count(self) -> int:
-        return self.store.accepted_count()
+    def accepted(self, account: str | None = None) -> list[dict[str, Any]]:
+        return self.store.accepted(account)
+
+    def accepted_count(self, account: str | None = None) -> int:
+        return self.store.accepted_count(account)
 
     def in_flight(self) -> int:
         """Upload requests being held by a latency fault right now (an upload in progress)."""

@@ -33,12 +33,13 @@ class RequestRecord:
     fault: dict[str, Any] | None  #: the fault rule that shaped the answer, if any
     at: float = field(default_factory=time.time)  #: unix time the request arrived
     message: str = ""  #: the error message answered, "" on success
+    account: str | None = None  #: the account whose key the request carried (None: no valid key)
 
     def to_dict(self) -> dict[str, Any]:
         """The record as JSON-ready values; written out by hand, as ``dataclasses.asdict``
         (a deep copy) costs ten times as much and a benchmark reads 100,000 of them."""
         return {"status": self.status, "events": self.events, "asset_ids": list(self.asset_ids),
-                "fault": self.fault, "at": self.at, "message": self.message}
+                "fault": self.fault, "at": self.at, "message": self.message, "account": self.account}
 
 
 #: zlib level for stored bodies: level 1 already shrinks repetitive JSON several times, fast.
@@ -51,6 +52,7 @@ class _Batch:
 
     compressed: bytes
     indexes: list[int] | None  #: None = every event in the body
+    account: str | None = None  #: whose key uploaded them
 
     def events(self) -> list[Any]:
         events = parse_body(zlib.decompress(self.compressed))
@@ -66,6 +68,7 @@ class Store:
         self.faults = FaultPlan(seed)
         self._batches: list[_Batch] = []
         self._accepted_count = 0
+        self._accepted_by: dict[str | None, int] = {}
         self._dropped: list[dict[str, Any]] = []
         self._records: list[RequestRecord] = []
         self._delayed = 0
@@ -81,10 +84,10 @@ class Store:
         with self.lock:
             return self._delayed
 
-    def decide_fault(self, asset_ids: Collection[str] = ()) -> Decision:
-        """What the faults do to an upload whose events carry ``asset_ids``."""
+    def decide_fault(self, asset_ids: Collection[str] = (), account: str | None = None) -> Decision:
+        """What the faults do to an upload of ``account`` whose events carry ``asset_ids``."""
         with self.lock:
-            return self.faults.decide(asset_ids)
+            return self.faults.decide(asset_ids, account)
 
     def record(
         self,
@@ -99,25 +102,28 @@ class Store:
         batch = None
         if stored:  # compressed before taking the lock: other requests need not wait for it
             indexes = None if len(stored) == total else list(stored)
-            batch = _Batch(zlib.compress(body, COMPRESSION_LEVEL), indexes)
+            batch = _Batch(zlib.compress(body, COMPRESSION_LEVEL), indexes, record.account)
         with self.lock:
             self._records.append(record)
             if batch is not None:
                 self._batches.append(batch)
                 self._accepted_count += len(stored)
+                self._accepted_by[record.account] = self._accepted_by.get(record.account, 0) + len(stored)
             self._dropped.extend(dropped)
             self.changed.notify_all()
 
-    def accepted(self) -> list[dict[str, Any]]:
-        """Every stored event, in arrival order: parsed afresh, outside the lock, on each call."""
+    def accepted(self, account: str | None = None) -> list[dict[str, Any]]:
+        """Every stored event (of ``account``, when named), in arrival order: parsed afresh,
+        outside the lock, on each call."""
         with self.lock:
-            batches = list(self._batches)
+            batches = [b for b in self._batches if account is None or b.account == account]
         return [event for batch in batches for event in batch.events()]
 
-    def accepted_count(self) -> int:
-        """How many events are stored: cheap, so it suits :meth:`wait_until` predicates."""
+    def accepted_count(self, account: str | None = None) -> int:
+        """How many events are stored (for ``account``, when named): cheap, so it suits
+        :meth:`wait_until` predicates."""
         with self.lock:
-            return self._accepted_count
+            return self._accepted_count if account is None else self._accepted_by.get(account, 0)
 
     def dropped(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -140,6 +146,7 @@ class Store:
         with self.lock:
             self._batches.clear()
             self._accepted_count = 0
+            self._accepted_by.clear()
             self._dropped.clear()
             self._records.clear()
             self.faults.reset()

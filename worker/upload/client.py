@@ -12,6 +12,9 @@ it. Its rules (the contract's "Outcomes"):
 - 401: unauthorized (the API key). 403, 404, 405, 422: refused. All permanent.
 - 408, 425, 429, 5xx, timeouts, connection errors: transient, with ``Retry-After`` if given.
 - A TLS certificate error: permanent (``refused``); never retried, never downgraded to http.
+
+A request has a deadline as a whole (``UPLOAD_TIMEOUT`` plus the connect timeout), not only per
+socket read: an answer that trickles in is cut off (:mod:`worker.upload.deadline`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from requests.adapters import HTTPAdapter
 
 from worker.errors import Refused, Rejected, Transient, Unauthorized
 from worker.events import jsonutil
+from worker.upload.deadline import WATCHED_POOLS, Deadlines
 
 #: Statuses worth retrying.
 TRANSIENT_STATUSES = frozenset({408, 425, 429}) | frozenset(range(500, 600))
@@ -49,9 +53,13 @@ class ApiClient:
         timeout: float,
         connect_timeout: float,
         session: requests.Session | None = None,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.url = url
         self.timeout = (min(connect_timeout, timeout), timeout)
+        #: The longest a whole request may take: connecting, sending, the answer to its last byte.
+        self.deadline = self.timeout[0] + timeout
+        self.deadlines = deadlines or process_deadlines()
         self._shared = session
         #: One session (one keep-alive connection) per upload thread: requests' sessions are not
         #: documented as thread-safe, and a connection each is what many requests in flight need.
@@ -81,17 +89,22 @@ class ApiClient:
             body = jsonutil.dumps(list(events))
         request = self._template.copy()
         request.prepare_body(body, None)
-        try:
-            response = self.session.send(request, timeout=self.timeout, **self._options)
-        except requests.exceptions.SSLError as exc:
-            raise Refused(
-                f"TLS failed talking to {self.url}: {type(exc).__name__}. Not retried: check the "
-                "URL and the certificate store",
-            ) from None
-        except requests.exceptions.Timeout:
-            raise Transient(f"no answer from the API within {self.timeout[1]} s") from None
-        except requests.exceptions.RequestException as exc:
-            raise Transient(f"could not reach the API: {type(exc).__name__}") from None
+        with self.deadlines.watch(self.deadline) as watch:
+            try:
+                response = self.session.send(request, timeout=self.timeout, **self._options)
+            except requests.exceptions.SSLError as exc:
+                if watch.expired:
+                    raise Transient(f"no whole answer from the API within {self.deadline:g} s") from None
+                raise Refused(
+                    f"TLS failed talking to {self.url}: {type(exc).__name__}. Not retried: check the "
+                    "URL and the certificate store",
+                ) from None
+            except requests.exceptions.Timeout:
+                raise Transient(f"no answer from the API within {self.timeout[1]} s") from None
+            except requests.exceptions.RequestException as exc:
+                if watch.expired:
+                    raise Transient(f"no whole answer from the API within {self.deadline:g} s") from None
+                raise Transient(f"could not reach the API: {type(exc).__name__}") from None
         classify(response.status_code, response.text, response.headers.get("Retry-After"))
 
     @property
@@ -158,10 +171,36 @@ def _is_success(body: str) -> bool:
     return isinstance(answer, dict) and str(answer.get("status", "")).lower() == "success"
 
 
+class _WatchedAdapter(HTTPAdapter):
+    """requests' adapter, whose connections join their request's deadline (worker.upload.deadline)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = dict(WATCHED_POOLS)
+
+    def proxy_manager_for(self, proxy: str, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        manager.pool_classes_by_scheme = dict(WATCHED_POOLS)
+        return manager
+
+
+_deadlines: Deadlines | None = None
+_deadlines_lock = threading.Lock()
+
+
+def process_deadlines() -> Deadlines:
+    """The process's one watchdog of upload deadlines (a thread, started on first use)."""
+    global _deadlines
+    with _deadlines_lock:
+        if _deadlines is None:
+            _deadlines = Deadlines()
+        return _deadlines
+
+
 def _session() -> requests.Session:
     session = requests.Session()
     session.trust_env = False  # the environment's proxies and CA bundle were read once (ApiClient)
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+    adapter = _WatchedAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session

@@ -1,6 +1,8 @@
 """Delivering one bundle: validate -> upload each batch (bisecting rejections) -> dead letters, retries.
 
-This runs in the ``activities.upload`` task, on one of the pool's threads. For each batch:
+This runs in the ``activities.upload`` task, on one of the pool's threads, for one Netcore
+account (each account has its own :class:`Delivery`: its API client, circuit, adaptive limit and
+queues, :mod:`worker.upload.lanes`). For each batch:
 
 1. every event is parsed strictly and validated (marshmallow); what fails is dead-lettered
    (``malformed``, ``invalid``) and its neighbours go on;
@@ -11,8 +13,10 @@ This runs in the ``activities.upload`` task, on one of the pool's threads. For e
    it is dead-lettered (``rejected``); other permanent answers dead-letter the part that got
    them (``unauthorized``, ``refused``);
 4. a transient failure ends the batch's attempt: what is left waits in a RabbitMQ delay queue
-   and comes back to the upload queue (:meth:`Delivery.retry_messages`); a request the circuit
-   refused waits the same way, without spending an attempt.
+   of the account and comes back to its upload queue (:meth:`Delivery.retry_messages`). It
+   spends an attempt only when the circuit says it counts (the API accepted other uploads since
+   the batch first failed: :meth:`~worker.upload.circuit.Circuit.counts`); a request the
+   circuit refused waits the same way, without spending one.
 
 An unexpected error (a bug) in one batch is retried like a transient failure, counted, so that
 it is neither acknowledged unhandled nor retried for ever; the other batches go on.
@@ -53,6 +57,9 @@ PERMANENT_REASONS: dict[type[Permanent], str] = {
 #: (queue, bundle) -> the task message that carries ``bundle`` to ``queue``.
 RetryMessageFn = Callable[[str, Bundle], Outgoing]
 
+#: Why a batch waits when the circuit refused it leave to go.
+_HELD = "the API is down, or this asset_id fails with no sign the API works (the circuit holds it)"
+
 
 class Poster(Protocol):
     """What delivery needs of :class:`~worker.upload.client.ApiClient`."""
@@ -63,11 +70,12 @@ class Poster(Protocol):
 class DeliveryListener(Protocol):
     """Hooks for metrics, logs and Sentry, so that delivery imports none of them."""
 
-    def request_done(self, *, status: str, outcome: str, events: int, seconds: float) -> None: ...
+    def request_done(self, *, account: str, status: str, outcome: str, events: int, seconds: float) -> None: ...
 
     def bundle_done(self, report: Report, *, first_attempt_events: int) -> None: ...
 
-    def gave_up(self, *, reason: str, status: int | None, asset_id: str, events: int, error: str) -> None: ...
+    def gave_up(self, *, account: str, reason: str, status: int | None, asset_id: str, events: int,
+                error: str) -> None: ...
 
 
 @dataclass
@@ -77,6 +85,8 @@ class Report:
     batches: int
     received: int
     asset_ids: list[str] = field(default_factory=list)
+    #: The account the bundle was delivered for.
+    account: str = "default"
     delivered: int = 0
     invalid: int = 0
     stale: int = 0
@@ -119,6 +129,7 @@ class Delivery:
         publish: PublishFn,
         retry_message: RetryMessageFn,
         clock: Clock,
+        account: str = "default",
         max_bundle_events: int = 1000,
         max_bundle_bytes: int = 4 * 1024 * 1024,
         naive_timestamps: NaiveTimestamps = "forward",
@@ -137,12 +148,14 @@ class Delivery:
         #: ACTIVITY_NAIVE_TIMESTAMPS: forward zone-less timestamps (counted), or dead-letter them.
         self.naive_timestamps: NaiveTimestamps = naive_timestamps
         self.listener = listener
-        self.letters = envelopes.DeadLetters(queue=topology.dead_letter, clock=clock)
+        #: The account's name: its queues, its metrics' label, each dead letter's ``account``.
+        self.account = account
+        self.letters = envelopes.DeadLetters(queue=topology.dead_letter, clock=clock, account=account)
 
     def deliver(self, bundle: Bundle) -> Report:
         """Deliver every batch of ``bundle``; publish its dead letters and retries; report."""
         started = time.monotonic()
-        report = Report(len(bundle.batches), bundle.events, [b.asset_id for b in bundle.batches])
+        report = Report(len(bundle.batches), bundle.events, [b.asset_id for b in bundle.batches], self.account)
         dead: list[Outgoing] = []
         retries: list[_Retry] = []
         first_attempt_events = 0
@@ -190,10 +203,10 @@ class Delivery:
         pending = [valid] if valid else []
         while pending:
             part = pending.pop()
-            with self.circuit.request() as permit:
-                if permit is None:  # the API is down: wait, without spending an attempt
+            with self.circuit.request(batch.asset_id) as permit:
+                if permit is None:  # the API (or this asset_id) is held: wait, without spending an attempt
                     left = sorted(part + [i for chunk in pending for i in chunk])
-                    retries.append(_Retry(batch.part(left), False, "the API is down (the circuit is open)"))
+                    retries.append(_Retry(batch.part(left), False, _HELD))
                     return
                 report.requests += 1
                 began = self.concurrency.started()
@@ -202,11 +215,11 @@ class Delivery:
                 except Transient as exc:
                     self._request_done(began, exc.status, "transient", len(part), congested=True)
                     rate_limited = exc.rate_limited
-                    self.circuit.failed(permit, batch=batch.id, error=str(exc),
+                    counted = self.circuit.counts(permit, rate_limited=rate_limited, since=batch.since)
+                    self.circuit.failed(permit, error=str(exc), counted=counted, rate_limited=rate_limited,
                                         retry_after=exc.retry_after if rate_limited else None)
                     left = sorted(part + [i for chunk in pending for i in chunk])
-                    retries.append(_Retry(batch.part(left), self.circuit.counts(permit, rate_limited=rate_limited),
-                                          str(exc), exc.status, exc.body, exc.retry_after))
+                    retries.append(_Retry(batch.part(left), counted, str(exc), exc.status, exc.body, exc.retry_after))
                     report.statuses.append(exc.status)
                     return
                 except Permanent as exc:
@@ -222,8 +235,8 @@ class Delivery:
                     dead.extend(self._dead(reason, str(exc), batch, i, details, attempts=batch.attempts + 1)
                                 for i in part)
                     if self.listener is not None:
-                        self.listener.gave_up(reason=reason, status=exc.status, asset_id=batch.asset_id,
-                                              events=len(part), error=str(exc))
+                        self.listener.gave_up(account=self.account, reason=reason, status=exc.status,
+                                              asset_id=batch.asset_id, events=len(part), error=str(exc))
                 except BaseException:
                     self._request_done(began, None, "error", len(part), congested=False)
                     raise
@@ -236,8 +249,8 @@ class Delivery:
     def _request_done(self, began: float, status: int | None, outcome: str, events: int, *, congested: bool) -> None:
         self.concurrency.finished(began, congested=congested)
         if self.listener is not None:
-            self.listener.request_done(status="error" if status is None else str(status), outcome=outcome,
-                                       events=events, seconds=self.clock.monotonic() - began)
+            self.listener.request_done(account=self.account, status="error" if status is None else str(status),
+                                       outcome=outcome, events=events, seconds=self.clock.monotonic() - began)
 
     # --- retries ------------------------------------------------------------------------------
 
@@ -256,26 +269,30 @@ class Delivery:
                 dead.extend(self._dead(envelopes.RETRIES_EXHAUSTED, gave_up, batch, i, details, attempts=attempts)
                             for i in range(len(batch)))
                 if self.listener is not None:
-                    self.listener.gave_up(reason=envelopes.RETRIES_EXHAUSTED, status=retry.status,
-                                          asset_id=batch.asset_id, events=len(batch), error=gave_up)
+                    self.listener.gave_up(account=self.account, reason=envelopes.RETRIES_EXHAUSTED,
+                                          status=retry.status, asset_id=batch.asset_id, events=len(batch),
+                                          error=gave_up)
                 continue
             if retry.counted:
                 delay = self.policy.delay(attempts, retry.retry_after)
                 report.retried += len(batch)
-                logger.warning("Upload of %d events for asset_id=%s failed (%s); retry %d of %d in %.1f s",
-                               len(batch), batch.asset_id, retry.error, attempts, self.policy.max_retries, delay)
+                logger.warning("Upload of %d events for account=%s asset_id=%s failed (%s); retry %d of %d in %.1f s",
+                               len(batch), self.account, batch.asset_id, retry.error, attempts,
+                               self.policy.max_retries, delay)
             else:
-                delay = max(self.circuit.wait_left(), retry.retry_after or 0.0, self.policy.backoff)
+                delay = max(self.circuit.wait_left(batch.asset_id), retry.retry_after or 0.0, self.policy.backoff)
                 report.held += len(batch)
             # a Retry-After is a floor; other waits round down, so a batch the open circuit refused
             # is back in the upload queue before the probe (it waits there, not in a delay queue)
             rung = self.topology.rung_for(delay, at_least=retry.retry_after is not None)
-            queue = self.topology.upload if rung is None else self.topology.delay_name(rung)
+            queue = (self.topology.upload_for(self.account) if rung is None
+                     else self.topology.delay_name(rung, self.account))
             waiting.setdefault(queue, []).append(batch.part(range(len(batch)), attempts=attempts, since=since))
         messages = [
             self.retry_message(queue, bundle)
             for queue, batches in waiting.items()
-            for bundle in bundles(batches, max_events=self.max_bundle_events, max_bytes=self.max_bundle_bytes)
+            for bundle in bundles(batches, max_events=self.max_bundle_events, max_bytes=self.max_bundle_bytes,
+                                  account=self.account)
         ]
         report.retry_messages += len(messages)
         return messages

@@ -1,8 +1,17 @@
-"""The upload flow as a consumer bootstep: plugs :class:`~worker.upload.flow.UploadFlow` into the
-worker's event loop, after Celery's own task consumer exists.
+"""The upload side as a consumer bootstep: one consumer per account's upload queue, steered by the flow.
 
-It also makes Celery's consumer reject (not acknowledge) a task message it cannot decode, so
-that RabbitMQ dead-letters it to the salvage instead of deleting it.
+Celery consumes its task queues with one consumer and one prefetch; here each account has a
+consumer on a channel of its own (its prefetch is its adaptive limit, :mod:`worker.upload.flow`),
+whose messages go through Celery's own task handler, so that they are requests like any other:
+run on the pool, acknowledged late, reported to Flower. Celery's task consumer is left consuming
+nothing.
+
+**The ack invariant, upload side.** Every delivery of an upload queue ends in Celery's task
+handler or in :func:`reject` (kombu could not decode it, or the handler raised before Celery took
+it: a header no task message has, a name no worker knows): rejected without requeue, it goes
+down the queue's dead-letter route to the salvage (:mod:`worker.deadletter.salvage`), which keeps
+its events. Celery's own ``on_decode_error`` acknowledges (deletes); this step replaces it when
+it is made, before Celery's task consumer starts on the first connection.
 """
 
 from __future__ import annotations
@@ -10,60 +19,111 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import amqp
 from celery import bootsteps
+from kombu.messaging import Consumer
 
+from worker.broker.watch import QueueWatcher
 from worker.clock import SystemClock
-from worker.upload.flow import TICK, BrokerDepths, CeleryUploadConsumer, UploadFlow
+from worker.upload.flow import TICK, LaneConsumer, UploadConsumer, UploadFlow
+from worker.upload.lanes import Lane
 
 logger = logging.getLogger(__name__)
 
+#: Errors that mean the channel or the connection is gone (Celery reconnects).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (amqp.exceptions.ConnectionError,
+                                                      amqp.exceptions.ChannelError, OSError)
 
-class UploadFlowStep(bootsteps.StartStopStep):
+
+def reject(message: Any, exc: BaseException) -> None:
+    """Set a delivery this worker cannot take aside, down its queue's dead-letter route."""
+    logger.error("An upload task message could not be handled (%s: %s); rejecting it to %s's dead-letter route",
+                 type(exc).__name__, exc, (message.delivery_info or {}).get("routing_key"))
+    if not message.acknowledged:
+        message.reject(requeue=False)
+
+
+def guarded(handler: Any) -> Any:
+    """Celery's task handler, with anything it raises turned into :func:`reject`."""
+
+    def on_message(message: Any) -> None:
+        try:
+            handler(message)
+        except CONNECTION_ERRORS:
+            raise
+        except Exception as exc:
+            reject(message, exc)
+
+    return on_message
+
+
+class UploadStep(bootsteps.StartStopStep):
     """See the module docstring."""
 
-    name = "netcore.UploadFlow"
+    name = "netcore.Uploads"
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
+        c.on_decode_error = reject  # bound by Celery's task consumer when it is made (after this)
         self._timer: Any = None
-        self._depths: BrokerDepths | None = None
+        self.flow: UploadFlow | None = None
+        self._consumers: list[LaneConsumer] = []
+        self._watcher: QueueWatcher | None = None
 
     def start(self, c: Any) -> None:
         runtime = c.app.runtime()
-        self._depths = BrokerDepths(runtime.settings.broker_url, runtime.topology)
-        # Celery starts with a prefetch of UPLOAD_CONCURRENCY: take no more than the adaptive
-        # limit from the first message on (the consumer has not started consuming yet)
-        consumer = CeleryUploadConsumer(c, runtime.topology.upload, clock=SystemClock())
-        consumer.set_prefetch(runtime.concurrency.limit)
-        flow = UploadFlow(
-            circuit=runtime.circuit, concurrency=runtime.concurrency, gate=runtime.gate,
-            consumer=consumer, depths=self._depths, clock=SystemClock(),
-            task_sizes=runtime.task_sizes, listener=runtime.listener,
-        )
-        c.on_decode_error = _reject_undecodable
-        # the first tick comes from the timer, inside the event loop: only then has Celery given
-        # its task consumer a callback and started it (consuming earlier would lose messages)
-        self._timer = c.timer.call_repeatedly(TICK, flow.tick)
+        for queue in list(c.task_consumer.queues):  # each account's queue has a consumer of its own
+            c.task_consumer.cancel_by_queue(queue.name)
+        handler = guarded(c.create_task_handler())
+        steered: list[tuple[Lane, UploadConsumer]] = []
+        for lane in runtime.lanes:
+            channel = c.connection.channel()
+            consumer = Consumer(channel, queues=[runtime.topology.upload_queue(lane.name)], on_message=handler,
+                                on_decode_error=reject, no_ack=False, auto_declare=True)
+            steered.append((lane, LaneConsumer(consumer, quorum=runtime.topology.quorum, clock=SystemClock())))
+        self._consumers = [consumer for _, consumer in steered if isinstance(consumer, LaneConsumer)]
+        self.flow = runtime.flow = UploadFlow(steered)
+        # the first tick comes from the timer, inside the event loop: only then do the consumers start
+        self._timer = c.timer.call_repeatedly(TICK, self.flow.tick)
+        if self._watcher is None:
+            self._watcher = _watch_queues(runtime).start()
 
     def stop(self, c: Any) -> None:
-        self._stop()
-
-    def shutdown(self, c: Any) -> None:
-        self._stop()
-
-    def _stop(self) -> None:
+        """Stop taking tasks; the channels stay open, so that the tasks still running (a warm
+        shutdown waits for them) can be acknowledged on them."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._depths is not None:
-            self._depths.close()
-            self._depths = None
+        for consumer in self._consumers:
+            try:
+                consumer.pause()
+            except Exception:  # the connection is gone already
+                pass
+
+    def shutdown(self, c: Any) -> None:
+        self.stop(c)
+        for consumer in self._consumers:
+            try:
+                consumer.channel.close()
+            except Exception:  # the connection is gone already
+                pass
+        self._consumers = []
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
 
 
-def _reject_undecodable(message: Any, exc: Exception) -> None:
-    """Celery acknowledges (deletes) a task message it cannot decode; reject it instead, so that
-    the upload queue's dead-letter route keeps it."""
-    logger.error("An upload task message could not be decoded (%s: %s); rejecting it to %s's dead-letter route",
-                 type(exc).__name__, exc, message.delivery_info.get("routing_key"))
-    message.reject()
+def _watch_queues(runtime: Any) -> QueueWatcher:
+    """The metrics' readings of each account's upload and delay queues."""
+    topology, metrics = runtime.topology, runtime.metrics
+    groups: dict[str, list[str]] = {}
+    for lane in runtime.lanes:
+        groups[f"ready:{lane.name}"] = [lane.queue]
+        groups[f"delayed:{lane.name}"] = [topology.delay_name(rung, lane.name) for rung in topology.rungs]
+
+    def report(group: str, total: int) -> None:
+        kind, account = group.split(":", 1)
+        (metrics.upload_queue if kind == "ready" else metrics.retries_waiting).labels(account).set(total)
+
+    return QueueWatcher(runtime.settings.broker_url, groups, report)
