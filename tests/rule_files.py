@@ -85,9 +85,17 @@ def with_for(path: Path, durations: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def unit_test_pointing_at(test_file: Path, rules: Path) -> str:
-    """The text of a unit-test file whose ``rule_files`` names ``rules`` instead of its own."""
+def unit_test_pointing_at(test_file: Path, rules: Path, *, about: str | None = None) -> str:
+    """The text of a unit-test file whose ``rule_files`` names ``rules`` instead of its own;
+    with ``about``, only its test groups (``  - name: ...`` under ``tests:``) with a case of
+    that alert."""
     text = test_file.read_text()
     own = re.findall(r"^\s*- (\S*deploy/prometheus/\S+\.yml)\s*$", text, re.MULTILINE)
     assert len(own) == 1, f"{test_file.name} should name exactly one rule file, not {own}"
-    return text.replace(own[0], str(rules))
+    text = text.replace(own[0], str(rules))
+    if about is None:
+        return text
+    head, groups = text.split("\ntests:\n")
+    kept = [group for group in re.split(r"(?m)^(?=  - name: )", groups) if f"alertname: {about}\n" in group]
+    assert kept, f"{test_file.name} has no case of {about}"
+    return head + "\ntests:\n" + "".join(kept)

@@ -74,7 +74,7 @@ def test_every_for_duration_is_pinned_by_the_unit_tests(rules: Path, tmp_path: P
             assert check_rules(changed) == len(read_rules(rules))
             assert {r.name: r.for_minutes for r in read_rules(changed)}[rule.name] == minutes
             test = tmp_path / f"{rule.name}-for-{minutes}m.test.yml"
-            test.write_text(unit_test_pointing_at(UNIT_TESTS[rules], changed))
+            test.write_text(unit_test_pointing_at(UNIT_TESTS[rules], changed, about=rule.name))
             changes[f"{rule.name} with for: {minutes}m (instead of {rule.for_minutes}m)"] = test
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
         passed = dict(zip(changes, pool.map(lambda test: promtool("test", "rules", test).returncode == 0,

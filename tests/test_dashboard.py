@@ -11,16 +11,11 @@ real worker.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from tests.harness import ROOT
+from tests.dashboard import load, panels, queries
 from tests.promql import SCRAPE_SERIES, check_parse, exported_names, metric_names, substitute
-
-DASHBOARD = ROOT / "deploy" / "grafana" / "netcore-activity.json"
 
 #: What Grafana puts in place of its variables, as far as Prometheus' parser is concerned.
 VARIABLES = {"__rate_interval": "1m", "__interval": "1m", "job": "netcore-activity", "instance": ".*"}
@@ -30,34 +25,6 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 #: The matchers that narrow every selector to the chosen job and workers.
 SCOPE = ('job=~"$job"', 'instance=~"$instance"')
-
-#: A variable query: ``label_values(<selector>, <label>)``.
-LABEL_VALUES = re.compile(r"^label_values\((?P<selector>.+),\s*(?P<label>\w+)\)$")
-
-
-def load() -> dict[str, Any]:
-    return json.loads(DASHBOARD.read_text())
-
-
-def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Every panel but the rows, those inside collapsed rows included."""
-    for panel in dashboard["panels"]:
-        if panel["type"] == "row":
-            yield from panel.get("panels", [])
-        else:
-            yield panel
-
-
-def queries(dashboard: dict[str, Any]) -> dict[str, str]:
-    """Every PromQL expression, named ``panel_<id>_<refId>`` or ``variable_<name>``."""
-    found = {f"panel_{panel['id']}_{target['refId']}": target["expr"]
-             for panel in panels(dashboard) for target in panel["targets"]}
-    for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
-            match = LABEL_VALUES.match(variable["query"]["query"])
-            assert match, f"variable {variable['name']}: not label_values(<selector>, <label>)"
-            found[f"variable_{variable['name']}"] = match["selector"]
-    return found
 
 
 def test_every_query_names_only_metrics_the_worker_exports() -> None:
