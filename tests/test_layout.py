@@ -1,7 +1,7 @@
 """The layout's rules, read from the code's own imports (every ``import`` of every module).
 
 - ``worker.ingest`` (the consumer, on the event loop) and ``worker.upload`` (the uploads, on the
-  threads) never import each other: they meet in RabbitMQ and in :mod:`worker.gate`;
+  threads) never import each other: they meet in RabbitMQ (and the runtime wires them);
 - ``worker.deadletter`` needs only ``worker.broker`` and ``worker.events`` (and the core:
   ``worker.errors``, ``worker.clock``, ``config``), so the dead-letter command stays light;
 - ``worker.ops`` (metrics, Sentry, logs...) is reached through hooks: the data path
@@ -22,7 +22,7 @@ import pytest
 from tests.harness import ROOT
 
 #: The core every package may use.
-CORE = {"worker.errors", "worker.clock", "worker.gate", "config"}
+CORE = {"worker.errors", "worker.clock", "config"}
 
 #: package -> the worker packages (besides itself and the core) it may import.
 ALLOWED: dict[str, set[str]] = {

@@ -290,8 +290,9 @@ def test_settings() -> None:
         Settings.from_env({"METRICS_PORT": "70000"}, require_api=False)
 
 
-def test_bundles_handed_back_count_nothing_but_their_requests() -> None:
-    """A delivery whose dead letters the broker refused is redone later: counted then, once."""
+def test_a_delivery_whose_outcome_the_broker_refused_is_counted_once_when_it_happened() -> None:
+    """What was delivered is delivered, whatever the broker says of the dead letters next; the
+    task publishes the kept outcome again without uploading (worker.upload.task): counted once."""
     def refuse(messages: Sequence[Outgoing]) -> None:
         raise PublishError("not confirmed", messages=messages)
 
@@ -300,5 +301,5 @@ def test_bundles_handed_back_count_nothing_but_their_requests() -> None:
     with pytest.raises(PublishError):
         uploader.deliver(Bundle([UploadBatch("asset-a", [jsonutil.dumps(e).decode() for e in (event("e1"), bad)])]))
     assert total("uploads_total") == 3  # the requests did happen: 400, then 200 and 400
-    assert value("events_delivered_total") == 0 and value("events_valid_total") == 0
-    assert total("events_dead_lettered_total") == 0
+    assert total("events_delivered_total") == 1 and total("events_valid_total") == 2
+    assert total("events_dead_lettered_total") == 1

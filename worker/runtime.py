@@ -87,13 +87,14 @@ class Runtime:
         """An outcome whose retries the broker would not take, as dead letters: its dead letters
         as they are, each event of its retries as an ``unhandled`` envelope (replayable)."""
         letters = envelopes.DeadLetters(queue=self.topology.dead_letter, clock=SystemClock())
+        why = (f"The broker would not take this event's retry ({error}), again and again; the worker set it aside "
+               "here instead, whole. It was not delivered: replay it once the broker is healthy.")
         out: list[Outgoing] = []
         for message in messages:
             if message.queue == self.topology.dead_letter:
                 out.append(message)
             else:
-                headers = {**message.headers, "x-first-death-reason": f"not confirmed by the broker: {error}"}
-                out += salvage.dead_letters(message.body, headers, letters)
+                out += salvage.dead_letters(message.body, dict(message.headers), letters, why=why)
         return out
 
     def kept_outcome(self, task_id: str) -> list[Outgoing] | None:

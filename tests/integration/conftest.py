@@ -130,4 +130,4 @@ def assert_no_secrets(log: str, api_key: str) -> None:
     secrets = {"the API key": api_key, "the identity": str(EVENT_TEMPLATE["identity"]),
                "the broker password": TEST_BROKER_PASSWORD}
     for what, value in secrets.items():
-        assert value not in log, f"{what} appears in the worker's log"
+        assert not value or value not in log, f"{what} appears in the worker's log"

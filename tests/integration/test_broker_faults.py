@@ -69,3 +69,28 @@ def test_broker_fault_mid_run(start_worker, queues: QueueSet, sandbox: Sandbox, 
     # the uploads in flight finish and their redeliveries are recognised: not sent twice
     assert duplicates <= len(sent) // 10, f"{duplicates} duplicates: a storm"
     assert worker.process.poll() is None  # it reconnected by itself, no restart needed
+
+
+def test_a_memory_alarm_pauses_the_worker_and_it_resumes_by_itself(
+        start_worker, queues: QueueSet, sandbox: Sandbox, rabbit_node: RabbitNode) -> None:
+    """RabbitMQ blocks every publishing connection while a memory (or disk) alarm is on: the worker
+    cannot hand its batches on, so it stops taking messages and waits (nothing acknowledged);
+    once the alarm clears it goes on by itself, nothing lost, no restart."""
+    sent = [f"m{i}" for i in range(3000)]
+    publish_events(queues.settings.queue, [event(i, asset_id=f"asset-{n % 7}") for n, i in enumerate(sent)])
+    # batches of 1000 per asset_id never fill: they leave after ACTIVITY_BATCH_WAIT, during the alarm
+    worker = start_worker(ACTIVITY_BATCH_WAIT=8)
+    rabbit_node.ctl("set_vm_memory_high_watermark", "absolute", "1")  # an alarm at once: publishers blocked
+    mark = worker.mark
+    try:
+        assert worker.wait_for_log("the broker does not confirm", timeout=150, start=mark), worker.log()[-3000:]
+        assert sandbox.accepted_count() == 0  # nothing handed on, so nothing uploaded...
+        assert queues.depth(queues.settings.queue) == 0  # ... and nothing given back: held, unacknowledged
+        assert worker.process is not None and worker.process.poll() is None
+    finally:
+        rabbit_node.ctl("set_vm_memory_high_watermark", "0.4")
+    wanted = set(sent)
+    assert sandbox.wait_until(lambda s: wanted <= {event_id_of(e) for e in s.accepted()}, timeout=180)
+    assert worker.wait_for_log("resumed: the broker confirms again", timeout=60, start=mark)
+    assert queues.depth(queues.settings.dead_letter_queue) == 0
+    assert worker.process.poll() is None  # no restart needed

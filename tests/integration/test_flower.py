@@ -92,7 +92,7 @@ def test_flower_shows_the_worker_and_batch_summaries_behind_a_password(
     task = tasks[0]
     assert task["name"] == "activities.upload"
     assert task["worker"] == name
-    assert task["args"] == f"asset_id={asset_id!r}, 3 events"
+    assert task["args"] == f"account='default', asset_id={asset_id!r}, 3 events"
     assert task["kwargs"] == "{}"
     shown = repr(task)
     for private in ("customer-", "@example.com", "identity", "activity_params", "Purchase", "ev-0"):

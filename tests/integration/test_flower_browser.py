@@ -2,8 +2,8 @@
 
 Flower's tasks page is an empty table until its JavaScript fetches ``/tasks/datatable`` (behind
 the same password): only a browser shows what an operator sees. The check: every batch is listed
-as an ``activities.upload`` task whose arguments read ``asset_id='...', N events``, and nothing of
-the events themselves (fields, identities, emails) is on the page.
+as an ``activities.upload`` task whose arguments read ``account='...', asset_id='...', N events``,
+and nothing of the events themselves (fields, identities, emails) is on the page.
 
 The page is also saved as a screenshot; with ``UPDATE_SCREENSHOTS=1`` it replaces the README's
 ``docs/flower-tasks.png``.
@@ -214,8 +214,8 @@ def test_flower_tasks_page_lists_batch_summaries_in_a_browser(
 
     full, *small = batches
     expected = {  # what each task's arguments say: a summary, never events
-        full: f"asset_id={full!r}, {batches[full]} events",
-        small[0]: f"{len(small)} batches, {sum(batches[a] for a in small)} events: "
+        full: f"account='default', asset_id={full!r}, {batches[full]} events",
+        small[0]: f"account='default', {len(small)} batches, {sum(batches[a] for a in small)} events: "
                   + ", ".join(repr(a) for a in small),
     }
 

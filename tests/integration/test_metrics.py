@@ -83,7 +83,7 @@ def test_the_numbers_add_up_across_the_main_process_and_the_pool(
                                                                               "sandbox_reject": True})
                 for i in range(3)]
     invalid: list[dict[str, Any]] = [event(f"bad{i}", assets[2], timestamp="yesterday") for i in range(3)]
-    invalid.append(event("no-asset", 42, timestamp=now))  # unroutable: refused by the main process
+    invalid.append(event("no-asset", 42, timestamp=now))  # no asset_id: refused by the main process
     invalid.append({k: v for k, v in event("no-asset-2", timestamp=now).items() if k != "asset_id"})
     sandbox.add_fault(status=500, count=1)  # the first upload fails once: one retry
     publish_events(queues.settings.queue, [valid[:60] + rejected + invalid[:2], valid[60:] + invalid[2:]])
@@ -117,7 +117,7 @@ def test_the_numbers_add_up_across_the_main_process_and_the_pool(
     assert {k: v for k, v in dead.items() if v} == {
         ("ingest", "invalid"): 2, ("ingest", "malformed"): 2, ("delivery", "invalid"): 3, ("delivery", "rejected"): 3,
     }
-    assert s.total("events_invalid_total", stage="ingest", reason="unroutable") == 2
+    assert s.total("events_invalid_total", stage="ingest", reason="missing_asset_id") == 2
     assert s.total("events_invalid_total", stage="ingest", reason="malformed") == 2
     assert s.total("events_invalid_total", stage="delivery", reason="invalid") == 3
     # uploads: one per request the sandbox saw, by status; a retry for the 500
@@ -130,3 +130,7 @@ def test_the_numbers_add_up_across_the_main_process_and_the_pool(
     # nothing waits any more; the gauge is the main process's, without a pid label
     assert s.total("oldest_event_age_seconds") == 0 and s.total("events_buffered") == 0
     assert s.labels("oldest_event_age_seconds") == [{}]
+    # the upload side's numbers are the account's (the one of NETCORE_API_KEY: "default")
+    assert s.total("events_delivered_total", account="default") == 120
+    assert {labels["account"] for labels in s.labels("uploads_total")} == {"default"}
+    assert s.total("circuit_state", account="default") == 0

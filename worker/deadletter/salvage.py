@@ -39,8 +39,11 @@ RETRY_BASE = 1.0
 RETRY_MAX = 60.0
 
 
-def dead_letters(body: bytes | str, headers: dict[str, Any], letters: envelopes.DeadLetters) -> list[Outgoing]:
-    """The dead letters for one dead-lettered message (see the module docstring)."""
+def dead_letters(body: bytes | str, headers: dict[str, Any], letters: envelopes.DeadLetters, *,
+                 why: str | None = None) -> list[Outgoing]:
+    """The dead letters for one dead-lettered message (see the module docstring): its events
+    (written for the bundle's account), or its whole body. ``why``: the sentence of an upload
+    task's events, when it was not RabbitMQ that dead-lettered it."""
     death = _first_death(headers)
     where = f"{death.get('queue', 'the upload queue')} ({death.get('reason', 'rejected')})"
     task = headers.get("task")
@@ -56,9 +59,11 @@ def dead_letters(body: bytes | str, headers: dict[str, Any], letters: envelopes.
         error = (f"RabbitMQ dead-lettered this message from {where}: the worker could not handle it and could "
                  "not read events out of it. Its whole body is in raw; see the worker's log at failed_at.")
         return letters.body(envelopes.UNHANDLED, error, raw=body, details=details)
-    error = (f"RabbitMQ dead-lettered this upload task from {where}: the worker failed on it without handling "
-             "the failure (see its log and Sentry at failed_at). The event may or may not have reached Netcore; "
-             "replay it once the cause is fixed.")
+    error = why or (f"RabbitMQ dead-lettered this upload task from {where}: the worker failed on it without "
+                    "handling the failure (see its log and Sentry at failed_at). The event may or may not have "
+                    "reached Netcore; replay it once the cause is fixed.")
+    if bundle.account is not None:
+        letters = envelopes.DeadLetters(queue=letters.queue, clock=letters.clock, account=bundle.account)
     out = []
     for batch in bundle.batches:
         for index, text in enumerate(batch.events):
@@ -86,16 +91,25 @@ class Salvage:
     """
 
     def __init__(self, *, publisher: Submitter, dead_letter_queue: str, clock: Clock,
-                 later: Callable[[float, Callable[[], None]], Any]) -> None:
+                 later: Callable[[float, Callable[[], None]], Any],
+                 kept_outcome: Callable[[str], list[Outgoing] | None] = lambda task_id: None,
+                 counted: Callable[[str | None, int], None] = lambda account, events: None) -> None:
         self.publisher = publisher
         self.later = later
+        #: (account, events) of a readable upload task's events written here (for the metrics).
+        self.counted = counted
+        #: task id -> the dead letters of the outcome this process could not publish for it (only
+        #: what was not delivered), or None: then every event of the message is written.
+        self.kept_outcome = kept_outcome
         self.letters = envelopes.DeadLetters(queue=dead_letter_queue, clock=clock)
         self._generation = 0
 
     def on_message(self, message: Any) -> None:
         headers = dict(message.headers or {})
         try:
-            letters = dead_letters(message.body, headers, self.letters)
+            task_id = headers.get("id")
+            kept = self.kept_outcome(task_id) if isinstance(task_id, str) else None
+            letters = kept if kept is not None else dead_letters(message.body, headers, self.letters)
         except Exception:  # a bug here: keep the message whole rather than lose it
             logger.exception("Salvage: could not read a dead-lettered message; writing it whole")
             letters = self.letters.body(envelopes.UNHANDLED, "The worker could not read this dead-lettered message.",
@@ -115,6 +129,18 @@ class Salvage:
         """The channel is gone: results and retries of what was in hand no longer matter."""
         self._generation += 1
 
+    def _count(self, letters: list[Outgoing]) -> None:
+        """Count the events written (not the bodies kept whole: no event of those was counted
+        as received), by account."""
+        by_account: dict[str | None, int] = {}
+        for letter in letters:
+            body = jsonutil.loads(letter.body)
+            if body.get("event") is not None and body.get("reason") == envelopes.UNHANDLED:
+                account = body.get(envelopes.ACCOUNT_FIELD)
+                by_account[account] = by_account.get(account, 0) + 1
+        for account, events in by_account.items():
+            self.counted(account, events)
+
     def _publish(self, message: Any, letters: list[Outgoing], death: dict[str, Any], delay: float) -> None:
         generation = self._generation
 
@@ -124,6 +150,7 @@ class Salvage:
             if error is None:
                 logger.error("Salvage: wrote %d events of a message RabbitMQ dead-lettered (%s) to %s as 'unhandled'",
                              len(letters), death, self.letters.queue)
+                self._count(letters)
                 _ack(message)
                 return
             logger.error("Salvage: the broker did not confirm %d dead letters (%s); trying again in %.1f s",
@@ -159,7 +186,8 @@ class SalvageStep(bootsteps.ConsumerStep):
     def start(self, c: Any) -> None:
         self.salvage = Salvage(publisher=self.runtime.background(c.hub.call_soon),
                                dead_letter_queue=self.topology.dead_letter, clock=SystemClock(),
-                               later=lambda seconds, fn: c.timer.call_after(seconds, fn))
+                               later=lambda seconds, fn: c.timer.call_after(seconds, fn),
+                               kept_outcome=self.runtime.kept_outcome, counted=self.runtime.listener.salvaged)
         super().start(c)
 
     def get_consumers(self, channel: Any) -> list[Consumer]:

@@ -137,6 +137,12 @@ class Batcher:
             return max(0.0, batch.opened_at + self.max_wait - self.clock.monotonic())
         return None
 
+    def oldest_opened_at(self) -> float | None:
+        """When the oldest open batch opened (its clock's monotonic seconds), None when none is."""
+        for batch in self._open.values():
+            return batch.opened_at
+        return None
+
     def release_oldest(self) -> Batch | None:
         """Release the oldest open batch (backpressure), or None when none is open."""
         for asset_id in self._open:

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from functools import partial
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from config.settings import Settings
+from worker.clock import Clock
 from worker.deadletter import envelopes
 from worker.ingest.batching import Batcher
 from worker.upload.circuit import Circuit
@@ -93,7 +95,10 @@ class Metrics:
                                     registry=self.registry, buckets=BATCH_SIZE_BUCKETS)
         self.duration = Histogram(PREFIX + "upload_duration_seconds", "Seconds per upload request.", account,
                                   registry=self.registry, buckets=DURATION_BUCKETS)
-        self.oldest_age = gauge("oldest_event_age_seconds", "Seconds the oldest buffered event has waited.")
+        self.oldest_age = gauge("oldest_event_age_seconds", "Seconds the oldest buffered event has waited (at the "
+                                                            "scrape: it grows if the consumer stops).")
+        self.last_tick = gauge("consumer_last_tick_timestamp_seconds", "Unix time of the consumer's last tick (a "
+                                                                       "stuck event loop stops it).")
         self.buffered = gauge("events_buffered", "Events waiting in open batches.")
         self.circuit_state = gauge("circuit_state", "An account's circuit: 0 closed, 1 half-open, 2 paused "
                                                     "(429), 3 open (its API is down).", account)
@@ -114,6 +119,9 @@ class Metrics:
             self.dead.labels(INGEST, reason, "")
         #: Counts of the consumer's hot path, added up in plain ints and written once per tick.
         self._pending = {"received": 0, "batched": 0}
+        #: (the batcher's clock, when its oldest open batch opened), as of the last tick.
+        self._oldest: tuple[Clock, float] | None = None
+        self.oldest_age.set_function(self._oldest_age)
         self._lock = threading.Lock()
 
     # --- the consumer ---------------------------------------------------------------------------
@@ -156,9 +164,21 @@ class Metrics:
     def observe_batcher(self, batcher: Batcher) -> None:
         """Each tick, after due batches left: the hot path's counts, then the open batches."""
         self.flush()
-        wait = batcher.next_due()
-        self.oldest_age.set(0.0 if wait is None else max(0.0, batcher.max_wait - wait))
+        opened = batcher.oldest_opened_at()
+        self._oldest = None if opened is None else (batcher.clock, opened)
         self.buffered.set(batcher.buffered)
+        self.last_tick.set(time.time())
+
+    def _oldest_age(self) -> float:
+        """At each scrape, from the oldest batch of the last tick: a consumer that stopped ticking
+        shows an age that keeps growing, not the last value it wrote."""
+        oldest = self._oldest
+        return 0.0 if oldest is None else max(0.0, oldest[0].monotonic() - oldest[1])
+
+    def salvaged(self, account: str | None, events: int) -> None:
+        """Events of upload tasks the worker could not handle, written to the dead-letter queue by
+        the salvage as ``unhandled``: counted once received, so counted here as delivery's."""
+        self.dead.labels(DELIVERY, envelopes.UNHANDLED, account or "").inc(events)
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
         """One value, for tests and the benchmark."""
@@ -189,6 +209,9 @@ class MetricsListener:
 
     def observe_batcher(self, batcher: Batcher) -> None:
         self.m.observe_batcher(batcher)
+
+    def salvaged(self, account: str | None, events: int) -> None:
+        self.m.salvaged(account, events)
 
     # delivery
 

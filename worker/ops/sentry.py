@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, cast
 
+from config.accounts import DEFAULT
 from config.settings import Settings
 from worker.deadletter import envelopes
 from worker.ops.scrubbing import REDACTED, Scrubber, secrets_of  # noqa: F401 (REDACTED: re-exported)
@@ -101,7 +102,9 @@ def make_before_send(settings: Settings) -> Callable[[dict[str, Any], dict[str, 
         if not isinstance(tags, dict):
             tags = event["tags"] = {}
         known = settings.accounts.named(account) if isinstance(account, str) else None
-        tags["region"] = known.where if known is not None else settings.region
+        # the account's region (the default account's is NETCORE_REGION, whatever NETCORE_API_URL says)
+        tags["region"] = (known.region or "custom_url") if known is not None and known.name != DEFAULT \
+            else settings.region
         if isinstance(account, str) and account:
             tags["account"] = account
         if isinstance(reason, str) and reason:

@@ -171,10 +171,12 @@ class Delivery:
         messages = dead + self.retry_messages(retries, report, dead)
         for message in dead:
             report.dead[message.headers.get(REASON_HEADER, "unknown")] += 1
-        self.publish(messages)
+        # told before publishing: what was delivered is delivered, whatever the broker says next
+        # (an outcome it refuses is published again by the task: worker.upload.task)
         if self.listener is not None:
             self.listener.bundle_done(report, first_attempt_events=first_attempt_events)
         _log(report, bundle, time.monotonic() - started)
+        self.publish(messages)
         return report
 
     # --- one batch ----------------------------------------------------------------------------
@@ -282,6 +284,10 @@ class Delivery:
             else:
                 delay = max(self.circuit.wait_left(batch.asset_id), retry.retry_after or 0.0, self.policy.backoff)
                 report.held += len(batch)
+                if retry.error != _HELD:  # a request failed, with no sign yet that the API works
+                    logger.warning("Upload of %d events for account=%s asset_id=%s failed (%s), with no sign yet that "
+                                   "the API works: trying again in %.1f s without spending an attempt", len(batch),
+                                   self.account, batch.asset_id, retry.error, delay)
             # a Retry-After is a floor; other waits round down, so a batch the open circuit refused
             # is back in the upload queue before the probe (it waits there, not in a delay queue)
             rung = self.topology.rung_for(delay, at_least=retry.retry_after is not None)

@@ -7,11 +7,10 @@ run on the pool, acknowledged late, reported to Flower. Celery's task consumer i
 nothing.
 
 **The ack invariant, upload side.** Every delivery of an upload queue ends in Celery's task
-handler or in :func:`reject` (kombu could not decode it, or the handler raised before Celery took
-it: a header no task message has, a name no worker knows): rejected without requeue, it goes
-down the queue's dead-letter route to the salvage (:mod:`worker.deadletter.salvage`), which keeps
-its events. Celery's own ``on_decode_error`` acknowledges (deletes); this step replaces it when
-it is made, before Celery's task consumer starts on the first connection.
+handler, which takes it as a request or sets it aside (:mod:`worker.consumer`), or in
+:func:`reject` (kombu could not decode it, or the handler raised before Celery took it: a header
+no task message has): rejected without requeue, it goes down the queue's dead-letter route to the
+salvage (:mod:`worker.deadletter.salvage`), which keeps it whole.
 """
 
 from __future__ import annotations
@@ -35,12 +34,17 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (amqp.exceptions.Connection
                                                       amqp.exceptions.ChannelError, OSError)
 
 
-def reject(message: Any, exc: BaseException) -> None:
-    """Set a delivery this worker cannot take aside, down its queue's dead-letter route."""
-    logger.error("An upload task message could not be handled (%s: %s); rejecting it to %s's dead-letter route",
-                 type(exc).__name__, exc, (message.delivery_info or {}).get("routing_key"))
+def set_aside(message: Any, what: str) -> None:
+    """Reject ``message`` down its queue's dead-letter route, saying what it was, never its body."""
+    logger.error("Setting aside %s from %s: rejected to its dead-letter route, where the salvage keeps it whole",
+                 what, (message.delivery_info or {}).get("routing_key"))
     if not message.acknowledged:
         message.reject(requeue=False)
+
+
+def reject(message: Any, exc: BaseException) -> None:
+    """Set a delivery this worker cannot take aside, down its queue's dead-letter route."""
+    set_aside(message, f"an upload task message it could not handle ({type(exc).__name__})")
 
 
 def guarded(handler: Any) -> Any:
@@ -65,7 +69,6 @@ class UploadStep(bootsteps.StartStopStep):
 
     def __init__(self, c: Any, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
-        c.on_decode_error = reject  # bound by Celery's task consumer when it is made (after this)
         self._timer: Any = None
         self.flow: UploadFlow | None = None
         self._consumers: list[LaneConsumer] = []
