@@ -5,19 +5,20 @@
 #   bash tests/rabbitmq4-root.sh --where   print where it lives (built or not)
 #
 # Where: $RABBITMQ4_ROOT, else ${XDG_CACHE_HOME:-$HOME/.cache}/netcore-activity/rabbitmq4-trixie,
-# outside the checkout: about 250 MB that every clone and worktree of the machine shares.
+# outside the checkout: about 300 MB that every clone and worktree of the machine shares.
 #
 # What: debootstrap's minbase variant plus rabbitmq-server and what it depends on (Erlang), and
-# an /etc/hosts that names localhost. Nothing is started in it and nothing stays mounted: each of
-# debootstrap's runs is in a mount namespace of its own, so the /proc and /sys it mounts in the
-# root go with it, even when it is killed. It is built in a directory beside the root and renamed
-# into place when complete, so an interrupted build leaves no half root behind (the next build
-# starts over). Needs root (debootstrap, chroot) and debootstrap (Debian's package). Takes a few
-# minutes, most of it downloading; the mirror is the machine's own (the first Debian URI of its
-# APT sources) unless $RABBITMQ4_MIRROR names one.
+# an /etc/hosts that names localhost. Nothing is started in it and nothing stays mounted:
+# debootstrap runs in a mount namespace of its own, so the /proc and /sys it mounts in the root go
+# with it, even when it is killed. It is built in a directory beside the root and renamed into
+# place when complete, so an interrupted build leaves no half root behind (the next build starts
+# over). Needs root (debootstrap, chroot) and debootstrap (Debian's package). Takes from half a
+# minute to four, nearly all of it downloading; the mirror is the machine's own (the first Debian
+# URI of its APT sources) unless $RABBITMQ4_MIRROR names one.
 set -euo pipefail
 
 SUITE=trixie
+HOME="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"
 ROOT="${RABBITMQ4_ROOT:-${XDG_CACHE_HOME:-$HOME/.cache}/netcore-activity/rabbitmq4-$SUITE}"
 # The marker a complete root carries: the rabbitmq-server version in it.
 MARKER=.rabbitmq-server-version
