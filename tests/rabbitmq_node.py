@@ -67,10 +67,17 @@ class NodeError(RuntimeError):
 
 @dataclass(frozen=True)
 class Tools:
-    """Where ``rabbitmq-server`` and ``rabbitmqctl`` are (the scripts themselves)."""
+    """Where ``rabbitmq-server`` and ``rabbitmqctl`` are (the scripts themselves), and how they run."""
 
     server: str
     ctl: str
+    #: Where a set of nodes makes its directory (None: the system's temporary directory).
+    scratch: Path | None = None
+
+    def launch(self, argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment that run ``argv`` (a script and its arguments) with
+        ``env``: here, as they are. A subclass runs them elsewhere (``tests/rabbitmq4.py``)."""
+        return argv, env
 
 
 def find_tools() -> Tools | None:
@@ -89,7 +96,7 @@ def find_tools() -> Tools | None:
         if real.name == "rabbitmq-script-wrapper":
             real = (real.parent / name).resolve()
         tools.append(str(real))
-    return Tools(*tools)
+    return Tools(server=tools[0], ctl=tools[1])
 
 
 class RabbitNode:
@@ -153,8 +160,9 @@ class RabbitNode:
         self.app_stopped = False
         output = open(self.directory / "server.out", "ab")
         try:
+            argv, env = self.tools.launch([self.tools.server], self.env)
             self.process = subprocess.Popen(
-                [self.tools.server], cwd=self.directory, env=self.env, stdin=subprocess.DEVNULL,
+                argv, cwd=self.directory, env=env, stdin=subprocess.DEVNULL,
                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
             )
         finally:
@@ -186,9 +194,9 @@ class RabbitNode:
 
     def _tool(self, script: str, args: tuple[str, ...], timeout: float) -> str:
         name = Path(script).name
+        argv, env = self.tools.launch([script, "-n", self.name, *args], self.env)
         try:
-            done = subprocess.run([script, "-n", self.name, *args], env=self.env, cwd=self.directory,
-                                  capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(argv, env=env, cwd=self.directory, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             raise NodeError(f"{name} {' '.join(args)} on {self.name}: no answer in {timeout:.0f} s") from None
         if done.returncode != 0:
@@ -291,7 +299,7 @@ class RabbitNodes:
         if found is None:
             raise NodeError("RabbitMQ is not installed: rabbitmq-server and rabbitmqctl are not on PATH")
         self.tools = found
-        self.base = Path(tempfile.mkdtemp(prefix="rabbitmq-nodes-"))
+        self.base = Path(tempfile.mkdtemp(prefix="rabbitmq-nodes-", dir=self.tools.scratch))
         self.home = self.base / "home"
         self.home.mkdir()
         cookie = self.home / ".erlang.cookie"

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests import rabbitmq4
 from tests.harness import (
     EVENT_TEMPLATE,
     TEST_BROKER_PASSWORD,
@@ -75,6 +76,22 @@ def rabbit_cluster() -> Iterator[list[RabbitNode]]:
 def rabbit_node(rabbit_nodes: RabbitNodes) -> RabbitNode:
     """One started RabbitMQ node of this test's own (see ``rabbit_nodes``)."""
     return rabbit_nodes.start_node()
+
+
+@pytest.fixture
+def rabbit4_nodes() -> Iterator[rabbitmq4.Rabbit4Nodes]:
+    """Like ``rabbit_nodes``, RabbitMQ 4.x nodes (``tests/rabbitmq4.py``). Without the Debian 13
+    root they run from, the test fails on CI and is skipped elsewhere, naming the command that
+    builds it."""
+    rabbitmq4.require()
+    with rabbitmq4.Rabbit4Nodes(user=TEST_BROKER_USER, password=TEST_BROKER_PASSWORD) as nodes:
+        yield nodes
+
+
+@pytest.fixture
+def rabbit4_node(rabbit4_nodes: rabbitmq4.Rabbit4Nodes) -> RabbitNode:
+    """One started RabbitMQ 4.x node of this test's own (see ``rabbit4_nodes``)."""
+    return rabbit4_nodes.start_node()
 
 
 @pytest.fixture
