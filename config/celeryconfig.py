@@ -23,8 +23,13 @@ netcore_settings = SETTINGS
 
 broker_url = SETTINGS.broker_url
 broker_connection_retry_on_startup = True
-#: Wait for RabbitMQ's confirm on every publish Celery makes (our own publisher groups them).
-broker_transport_options = {"confirm_publish": True}
+#: Celery's own publishes in the worker (task events, its heartbeat events, remote-control
+#: replies) are fire-and-forget: none carries an event. They are made on the event loop, and
+#: waiting there for RabbitMQ's confirm would stop the loop for as long as the broker does not
+#: answer: during a memory or disk alarm (RabbitMQ blocks publishers) that is until the alarm
+#: clears. Everything the worker must not lose is published by its own publishers, confirmed,
+#: off the loop (worker.broker.background, worker.broker.publisher).
+broker_transport_options = {"confirm_publish": False}
 
 #: Uploads wait on the network, not on the CPU: threads, as many as uploads may be in flight
 #: (UPLOAD_CONCURRENCY per account: each account's limit is its own). How many actually are is

@@ -36,6 +36,11 @@ MAX_RETRY_WINDOW = 24 * 3600.0
 #: The most uploads one worker process may keep in flight (threads of its pool).
 MAX_UPLOAD_CONCURRENCY = 256
 
+#: The most deliveries ACTIVITY_DELIVERY_LIMIT may allow: RabbitMQ 4.x quorum queues drop (or
+#: dead-letter, where a target is set) a message handed back 20 times, and ``activities`` is
+#: declared as producers declare it, without a target: a higher limit, on 4.x, loses messages.
+MAX_DELIVERY_LIMIT = 20
+
 T = TypeVar("T", int, float)
 
 
@@ -57,7 +62,8 @@ class Settings:
     #: ``classic`` or ``quorum`` (replicated, for a RabbitMQ cluster) for ACTIVITY_QUEUE.
     queue_type: str = "classic"
     #: On a quorum queue: a message delivered this many times without being handled (the
-    #: worker died each time) is dead-lettered as ``poison`` instead of tried again. 0: never.
+    #: worker died each time) is a suspect, handled alone, then ``poison`` (worker.ingest.pipeline).
+    #: At most :data:`MAX_DELIVERY_LIMIT`: RabbitMQ 4.x drops a message handed back more often.
     delivery_limit: int = 10
     batch_size: int = API_MAX_BATCH
     batch_wait: float = 2.0
@@ -149,7 +155,7 @@ class Settings:
             task_queue=get.text("ACTIVITY_TASK_QUEUE", cls.task_queue),
             upload_queue=get.text("ACTIVITY_UPLOAD_QUEUE", cls.upload_queue),
             queue_type=get.choice("ACTIVITY_QUEUE_TYPE", ("classic", "quorum")),
-            delivery_limit=get.number("ACTIVITY_DELIVERY_LIMIT", int, 10, low=0, high=1000),
+            delivery_limit=get.number("ACTIVITY_DELIVERY_LIMIT", int, 10, low=1, high=MAX_DELIVERY_LIMIT),
             batch_size=get.number("ACTIVITY_BATCH_SIZE", int, API_MAX_BATCH, low=1, high=API_MAX_BATCH),
             batch_wait=get.number("ACTIVITY_BATCH_WAIT", float, 2.0, low=0.01, high=3600.0),
             batch_max_bytes=get.number(

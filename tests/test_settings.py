@@ -106,12 +106,14 @@ NUMERIC: dict[str, tuple[list[str], list[str]]] = {
     "UPLOAD_RETRY_WINDOW": (["0", "0.5", "86401", "nan", "inf"], ["1", "86400"]),
     "UPLOAD_CONCURRENCY": (["0", "-1", "257"], ["1", "256"]),
     "UPLOAD_PROBE_INTERVAL_MAX": (["0", "0.05", "3601", "nan"], ["0.1", "3600"]),
+    # RabbitMQ 4.x drops a quorum queue's message handed back 20 times: the worker must see it first
+    "ACTIVITY_DELIVERY_LIMIT": (["0", "21", "1000"], ["1", "20"]),
 }
 
 NON_NUMERIC = ["abc", "ten", "1,5", "10s", "0x10", "--1"]
 INT_ONLY_BAD = ["1.5", "1e3", "nan"]
 INT_SETTINGS = {"ACTIVITY_BATCH_SIZE", "ACTIVITY_BATCH_MAX_BYTES", "ACTIVITY_PREFETCH", "UPLOAD_MAX_RETRIES",
-                "UPLOAD_CONCURRENCY"}
+                "UPLOAD_CONCURRENCY", "ACTIVITY_DELIVERY_LIMIT"}
 
 
 def _cases() -> list[tuple[str, str]]:
@@ -150,6 +152,7 @@ ATTRIBUTES = {
     "UPLOAD_MAX_RETRIES": "max_retries", "UPLOAD_RETRY_BACKOFF": "retry_backoff",
     "UPLOAD_RETRY_BACKOFF_MAX": "retry_backoff_max", "UPLOAD_RETRY_WINDOW": "retry_window",
     "UPLOAD_CONCURRENCY": "upload_concurrency", "UPLOAD_PROBE_INTERVAL_MAX": "probe_interval_max",
+    "ACTIVITY_DELIVERY_LIMIT": "delivery_limit",
 }
 
 

@@ -59,6 +59,11 @@ def dead_letters(body: bytes | str, headers: dict[str, Any], letters: envelopes.
         error = (f"RabbitMQ dead-lettered this message from {where}: the worker could not handle it and could "
                  "not read events out of it. Its whole body is in raw; see the worker's log at failed_at.")
         return letters.body(envelopes.UNHANDLED, error, raw=body, details=details)
+    if why is None and death.get("reason") == "delivery_limit":
+        why = (f"RabbitMQ dead-lettered this upload task from {where}: it was delivered too often without being "
+               "handled (RabbitMQ's delivery limit), so a worker died holding it again and again (see the workers' "
+               "logs and exits at failed_at). The event may or may not have reached Netcore; replay it once the "
+               "cause is fixed.")
     error = why or (f"RabbitMQ dead-lettered this upload task from {where}: the worker failed on it without "
                     "handling the failure (see its log and Sentry at failed_at). The event may or may not have "
                     "reached Netcore; replay it once the cause is fixed.")
