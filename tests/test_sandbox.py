@@ -649,3 +649,54 @@ def test_the_sandbox_imports_nothing_else_from_the_worker() -> None:
                 outside = [name for name in names if name.split(".")[0] == "worker"
                            and not name.startswith("worker.sandbox")]
                 assert outside == [], f"{module.name} imports {outside}"
+
+
+# --- several accounts, each a key of its own --------------------------------------------------------
+
+
+def test_each_key_is_an_account_with_its_own_events_records_and_faults() -> None:
+    with Sandbox(api_key=KEY, accounts={"brand-b": "key-b"}) as sandbox:
+        sandbox.add_fault(status=503, account="brand-b")
+        assert upload(sandbox, [event(asset_id="a")]).status_code == 200
+        assert upload(sandbox, [event(asset_id="b")], headers={"Authorization": "Bearer key-b"}).status_code == 503
+        assert upload(sandbox, [event()], headers={"Authorization": "Bearer unknown"}).status_code == 401
+        sandbox.clear_faults()
+        assert upload(sandbox, [event(asset_id="b")], headers={"Authorization": "Bearer key-b"}).status_code == 200
+        assert [r.account for r in sandbox.requests()] == ["default", "brand-b", None, "brand-b"]
+        assert sandbox.accepted_count("default") == 1 and sandbox.accepted_count("brand-b") == 1
+        assert [e["asset_id"] for e in sandbox.accepted("brand-b")] == ["b"]
+        answer = control(sandbox, "GET", "accepted?account=brand-b").json()
+        assert answer["count"] == 1 and answer["events"][0]["asset_id"] == "b"
+        sandbox.accounts["brand-b"] = "rotated"  # the old key is refused from now on: a revoked key
+        assert upload(sandbox, [event()], headers={"Authorization": "Bearer key-b"}).status_code == 401
+
+
+def test_an_account_rule_and_an_asset_rule_both_narrow_a_fault() -> None:
+    with Sandbox(api_key=KEY, accounts={"brand-b": "key-b"}) as sandbox:
+        sandbox.add_fault(status=500, account="brand-b", asset_id="x")
+        b = {"Authorization": "Bearer key-b"}
+        assert upload(sandbox, [event(asset_id="x")]).status_code == 200  # default's x: not this rule's
+        assert upload(sandbox, [event(asset_id="y")], headers=b).status_code == 200  # brand-b's y: neither
+        assert upload(sandbox, [event(asset_id="x")], headers=b).status_code == 500
+
+
+def test_a_trickling_answer_sends_one_byte_at_a_time(sandbox: Sandbox) -> None:
+    sandbox.add_fault(trickle=0.05, count=1)
+    with socket.create_connection(("127.0.0.1", int(sandbox.url.rsplit(":", 1)[1])), timeout=5) as sock:
+        body = json.dumps([event()]).encode()
+        sock.sendall(b"POST /v1/activity/upload HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        reads = 0
+        while not received.endswith(b'{"status":"success"}'):
+            chunk = sock.recv(4096)
+            assert chunk, received
+            received += chunk
+            reads += 1
+    assert reads >= 10  # the body came in pieces, one byte every 0.05 s
+    assert sandbox.accepted_count() == 1
+
+
+def test_an_unknown_rule_key_names_account_and_trickle_among_the_allowed(sandbox: Sandbox) -> None:
+    with pytest.raises(FaultError, match="'account'.*'trickle'"):
+        sandbox.add_fault(status=500, acount="brand-b")

@@ -19,17 +19,34 @@ connection pool can push tens of thousands of events per second through it.
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from worker.sandbox.control import CONTROL_PREFIX, handle_control
 from worker.sandbox.control import to_json as dumps
 from worker.sandbox.rules import BadRequest, asset_ids, judge, parse_body
-from worker.sandbox.store import RequestRecord
+from worker.sandbox.store import RequestRecord, Store
 
-if TYPE_CHECKING:
-    from worker.sandbox.server import _Server
+
+class Served(Protocol):
+    """What a request needs of the sandbox serving it (:class:`worker.sandbox.server.Sandbox`)."""
+
+    store: Store
+    stopping: threading.Event
+    log_requests: bool
+
+    def account_of(self, authorization: str | None) -> str | None: ...
+
+    def track_connection(self, connection: socket.socket, *, open_: bool) -> None: ...
+
+
+class Serving(Protocol):
+    """The HTTP server a handler belongs to: it carries the sandbox."""
+
+    sandbox: Served
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +72,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "NetcoreSandbox/1.0"
     disable_nagle_algorithm = True  #: small answers must not wait for delayed ACKs
     wbufsize = 64 * 1024  #: headers and body leave in one write (flushed after each request)
-    server: _Server
+    server: Serving  # type: ignore[assignment]  # the socketserver's, which carries the sandbox
     arrived: float = 0.0  #: unix time the current request's headers were read
     account: str | None = None  #: the account whose key the current request carries
     trickle: float = 0.0  #: seconds between the bytes of the current answer (a trickle fault)
