@@ -1,18 +1,33 @@
-# make install | run | test | lint | bench | soak
+# make install | run | test | lint | lock | bench | soak
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX_PORT ?= 8080
+# pip-tools, for make lock, in a virtualenv of its own
+LOCK_VENV := .venv-lock
 
-.PHONY: install run test cluster-test lint bench soak clean
+.PHONY: install run test cluster-test lint lock bench soak clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# The pinned lock (requirements.txt), then the project itself, editable and without its
+# dependencies (they are the lock's): the netcore-activity command in .venv/bin
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps --editable .
 	touch $@
+
+# Refreshes requirements.txt, the pinned lock make install uses, from pyproject.toml: its ranges and
+# its test and typing extras, resolved by pip-tools' pip-compile. Pins that still fit are kept;
+# `make lock UPGRADE=1` moves every one to the newest release in range.
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip 'pip-tools>=7.5,<8'
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --extra test --extra typing \
+	  --strip-extras --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) \
+	  --output-file requirements.txt pyproject.toml
 
 # Runs the Procfile with worker/ops/supervisor.py: Ctrl-C stops everything it started, even with the
 # output piped (make run 2>&1 | tee run.log); a second Ctrl-C kills it. Without NETCORE_API_KEY and
@@ -63,4 +78,4 @@ soak: install
 	$(BIN)/python -m tests.soak
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LOCK_VENV)
