@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX_PORT ?= 8080
+# Where make run keeps the RabbitMQ node it starts when no broker answers (see run)
+RABBITMQ_DIR ?= .rabbitmq
 # pip-tools, for make lock, in a virtualenv of its own
 LOCK_VENV := .venv-lock
 
@@ -33,7 +35,9 @@ lock:
 # output piped (make run 2>&1 | tee run.log); a second Ctrl-C kills it. Without NETCORE_API_KEY and
 # NETCORE_API_URL it starts the sandbox API instead of talking to Netcore, and says so. Flower
 # never runs without a password: without FLOWER_BASIC_AUTH, this run makes one up (user admin)
-# and prints it once.
+# and prints it once. When nothing answers on CELERY_BROKER_URL (this machine's), it starts a
+# RabbitMQ node of its own (data in RABBITMQ_DIR), says so, and stops it with the rest; without
+# RabbitMQ installed, one line says how to get it.
 run: install
 	@if [ -z "$$FLOWER_BASIC_AUTH" ]; then \
 	  FLOWER_BASIC_AUTH="admin:$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(18))')"; \
@@ -51,9 +55,9 @@ run: install
 	  printf '# %-60s #\n' "at http://127.0.0.1:$(SANDBOX_PORT). Nothing reaches Netcore."; \
 	  echo "################################################################"; \
 	  NETCORE_API_URL=http://127.0.0.1:$(SANDBOX_PORT) NETCORE_API_KEY=sandbox-key SANDBOX_API_KEY=sandbox-key \
-	    SANDBOX_PORT=$(SANDBOX_PORT) exec $(BIN)/python -m worker.ops.supervisor; \
+	    SANDBOX_PORT=$(SANDBOX_PORT) exec $(BIN)/python -m worker.ops.supervisor --local-broker $(RABBITMQ_DIR); \
 	else \
-	  exec $(BIN)/python -m worker.ops.supervisor worker flower; \
+	  exec $(BIN)/python -m worker.ops.supervisor --local-broker $(RABBITMQ_DIR) worker flower; \
 	fi
 
 test: install lint
