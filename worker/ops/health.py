@@ -155,8 +155,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         prog=prog, description="Exit 0 if the worker answers a ping and the activities queue has a consumer; "
         "else exit 1, saying why in one line (2: a bad setting).")
     parser.add_argument("--hostname", default=DEFAULT_HOSTNAME, metavar="NAME",
-                        help=f"the worker's --hostname; %%h is this host's name (default {DEFAULT_HOSTNAME}, "
-                             "the Procfile's)")
+                        help="the worker's --hostname; %%h is this host's name (default "
+                             f"{DEFAULT_HOSTNAME.replace('%', '%%')}, the Procfile's)")
     parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"to connect, then to wait for the pong (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--max-depth", type=_depth, metavar="N",
