@@ -52,8 +52,9 @@ def start_if_needed(broker_url: str, *, directory: Path, timeout: float = PROBE_
     if parts.scheme not in PLAIN_SCHEMES or (parts.hostname or "") not in LOCAL_HOSTS:
         return None, ""
     reached = reach(broker_url, timeout=timeout)
+    answered = reached.broker_answered
     reached.close()
-    if reached.broker_answered:
+    if answered:
         return None, ""
     tools = find_tools()
     if tools is None:

@@ -62,9 +62,9 @@ class Reached:
         return " ".join(_text(properties.get(key)) for key in ("product", "version") if properties.get(key))
 
     def close(self) -> None:
+        """Close the connection (what was reached stays said)."""
         if self.connection is not None:
             self.connection.release()
-            self.connection = None
 
 
 def reach(broker_url: str, *, timeout: float = DEFAULT_TIMEOUT) -> Reached:
