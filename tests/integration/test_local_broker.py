@@ -14,6 +14,7 @@ from kombu import Connection
 
 from tests.harness import TEST_BROKER_PASSWORD, QueueSet, free_port, wait_for_exit
 from tests.integration.conftest import require_rabbitmq
+from tests.test_local_broker import started_for
 from worker.ops.localbroker import start_if_needed
 
 pytestmark = pytest.mark.timeout(180)
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.timeout(180)
 def test_a_broker_that_answers_is_used_even_when_it_refuses(queues: QueueSet, tmp_path: Path) -> None:
     url = queues.broker_url
     for answering in (url, url.replace(f":{TEST_BROKER_PASSWORD}@", ":wrong@"), url.rsplit("/", 1)[0] + "/no-vhost"):
-        assert start_if_needed(answering, directory=tmp_path / "node") == (None, "")
+        assert not started_for(answering, tmp_path / "node")
     assert not (tmp_path / "node").exists()
 
 
