@@ -112,7 +112,7 @@ def describe_uploads(context: Context) -> list[str]:
         f"would POST to {redact_url(s.upload_url)} with NETCORE_API_KEY (set, never shown)",
         f"up to {s.upload_concurrency} uploads in flight (adapted to the API, from 1), each answered within "
         f"{s.upload_timeout:g} s; a failing batch retried {s.max_retries} times within {s.retry_window / 3600:g} h",
-        f"batches per asset_id of up to {s.batch_size} events or {s.batch_max_bytes} bytes, "
+        f"batches per asset_id of up to {s.batch_size} events or {_size(s.batch_max_bytes)}, "
         f"none waiting more than {s.batch_wait:g} s",
         f"metrics: {metrics}",
     ]
@@ -125,6 +125,11 @@ STEPS: tuple[tuple[str, Step], ...] = (
     ("queues", describe_queues),
     ("uploads", describe_uploads),
 )
+
+
+def _size(count: int) -> str:
+    """``4 MiB`` for 4194304, ``1536 bytes`` for 1536."""
+    return f"{count / 2**20:g} MiB" if count % 2**20 == 0 else f"{count} bytes"
 
 
 def _state(connection: Connection, queue: str) -> str:
@@ -145,12 +150,12 @@ def _state(connection: Connection, queue: str) -> str:
 
 
 def run_check(*, env: Mapping[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT,
-              out: TextIO = sys.stdout, err: TextIO = sys.stderr, steps: Sequence[tuple[str, Step]] = STEPS) -> int:
-    """Run ``steps``; return 0, 1 (a step failed) or 2 (a bad setting), as the module docstring says."""
+              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Run :data:`STEPS`; return 0, 1 (a step failed) or 2 (a bad setting), as the module docstring says."""
     context = Context(env, timeout)
     name = ""
     try:
-        for name, step in steps:
+        for name, step in STEPS:
             for line in step(context):
                 print(f"{name}: {line}", file=out, flush=True)
     except SettingsError as exc:

@@ -1,4 +1,4 @@
-"""``python -m worker.ops.health``: exit 0 when the worker is consuming, else 1 and one line saying why.
+"""``netcore-activity health``: exit 0 when the worker is consuming, else 1 and one line saying why.
 
 Made for a Kubernetes liveness or readiness probe (or any supervisor): no Flower, no HTTP
 port, nothing to run beside the worker. It asks the broker, the one thing probe and worker
@@ -18,7 +18,7 @@ The default, ``activities@%h``, is the Procfile's: a probe running in the worker
 Kubernetes, in the worker's container::
 
     livenessProbe:
-      exec: {command: [".venv/bin/python", "-m", "worker.ops.health"]}
+      exec: {command: ["netcore-activity", "health"]}
       periodSeconds: 30
       timeoutSeconds: 10
       failureThreshold: 3
