@@ -1,24 +1,43 @@
-# make install | run | test | lint | bench | soak
+# make install | run | test | lint | lock | bench | soak
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 SANDBOX_PORT ?= 8080
+# Where make run keeps the RabbitMQ node it starts when no broker answers (see run)
+RABBITMQ_DIR ?= .rabbitmq
+# pip-tools, for make lock, in a virtualenv of its own
+LOCK_VENV := .venv-lock
 
-.PHONY: install run test cluster-test lint bench soak clean
+.PHONY: install run test cluster-test lint lock bench soak clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# The pinned lock (requirements.txt), then the project itself, editable and without its
+# dependencies (they are the lock's): the netcore-activity command in .venv/bin
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps --editable .
 	touch $@
+
+# Refreshes requirements.txt, the pinned lock make install uses, from pyproject.toml: its ranges and
+# its test and typing extras, resolved by pip-tools' pip-compile. Pins that still fit are kept;
+# `make lock UPGRADE=1` moves every one to the newest release in range.
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --upgrade pip 'pip-tools>=7.5,<8'
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet --extra test --extra typing \
+	  --strip-extras --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) \
+	  --output-file requirements.txt pyproject.toml
 
 # Runs the Procfile with worker/ops/supervisor.py: Ctrl-C stops everything it started, even with the
 # output piped (make run 2>&1 | tee run.log); a second Ctrl-C kills it. Without NETCORE_API_KEY and
 # NETCORE_API_URL it starts the sandbox API instead of talking to Netcore, and says so. Flower
 # never runs without a password: without FLOWER_BASIC_AUTH, this run makes one up (user admin)
-# and prints it once.
+# and prints it once. When nothing answers on CELERY_BROKER_URL (this machine's), it starts a
+# RabbitMQ node of its own (data in RABBITMQ_DIR), says so, and stops it with the rest; without
+# RabbitMQ installed, one line says how to get it.
 run: install
 	@if [ -z "$$FLOWER_BASIC_AUTH" ]; then \
 	  FLOWER_BASIC_AUTH="admin:$$($(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(18))')"; \
@@ -36,9 +55,9 @@ run: install
 	  printf '# %-60s #\n' "at http://127.0.0.1:$(SANDBOX_PORT). Nothing reaches Netcore."; \
 	  echo "################################################################"; \
 	  NETCORE_API_URL=http://127.0.0.1:$(SANDBOX_PORT) NETCORE_API_KEY=sandbox-key SANDBOX_API_KEY=sandbox-key \
-	    SANDBOX_PORT=$(SANDBOX_PORT) exec $(BIN)/python -m worker.ops.supervisor; \
+	    SANDBOX_PORT=$(SANDBOX_PORT) exec $(BIN)/python -m worker.ops.supervisor --local-broker $(RABBITMQ_DIR); \
 	else \
-	  exec $(BIN)/python -m worker.ops.supervisor worker flower; \
+	  exec $(BIN)/python -m worker.ops.supervisor --local-broker $(RABBITMQ_DIR) worker flower; \
 	fi
 
 test: install lint
@@ -63,4 +82,4 @@ soak: install
 	$(BIN)/python -m tests.soak
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LOCK_VENV)

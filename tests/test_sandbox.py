@@ -631,7 +631,7 @@ def test_make_run_prints_a_closed_sandbox_banner(tmp_path: Path) -> None:
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()
-        assert lines[-1] == "python -m worker.ops.supervisor"
+        assert lines[-1].startswith("python -m worker.ops.supervisor ")
         box = lines[:-1]
         assert len(box) == 4 and all(line.startswith("#") and line.endswith("#") for line in box), box
         assert len({len(line) for line in box}) == 1, "\n".join(box)

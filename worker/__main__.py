@@ -1,27 +1,17 @@
-"""``python -m worker <command> ...``: the project's commands by name, under one entry point.
-
-Only ``dlq`` (the dead-letter command, :mod:`worker.deadletter.cli`) so far.
-"""
+"""``python -m worker <command> ...``: the ``netcore-activity`` command (:mod:`worker.ops.cli`) by
+another name, for a checkout without the package installed."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from worker.deadletter import cli as dlq
-
-#: Each command's ``main(argv) -> exit status``.
-COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "dlq": lambda argv: dlq.main(argv, prog="python -m worker dlq"),
-}
+from worker.ops import cli
 
 
 def main(argv: Sequence[str]) -> int:
-    """Run the named command with the remaining arguments; 2 and a usage line for anything else."""
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m worker {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
-        return 2
-    return COMMANDS[argv[0]](argv[1:])
+    """Run the named command with the remaining arguments (see :mod:`worker.ops.cli`)."""
+    return cli.main(argv, prog="python -m worker")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""``python -m worker.ops.flower [flower options...]``: Flower, never without a password.
+"""``netcore-activity flower [flower options...]``: Flower, never without a password.
 
 Flower shows every worker and task and can shut workers down, so the Procfile starts it
-through this module, which refuses to run it unless ``FLOWER_BASIC_AUTH`` is set.
+through this module, which refuses to run it unless ``FLOWER_BASIC_AUTH`` is set. Flower reads
+its other settings from ``FLOWER_*`` variables too (``FLOWER_PORT``, ``FLOWER_ADDRESS``); its
+options on the command line win over them. Unless told otherwise it listens on the loopback
+interface only.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ FLOWER_AUTH_VARIABLE = "FLOWER_BASIC_AUTH"
 #: as ``asset_id='x', 1000 events``, never events), which Flower leaves out by default.
 TASK_COLUMNS_VARIABLE = "FLOWER_TASKS_COLUMNS"
 TASK_COLUMNS = "name,uuid,state,args,received,runtime,worker"
+
+#: Flower's setting for the address it listens on, and ours when it is unset: the loopback
+#: interface (Flower's own default is every interface). Its port is ``FLOWER_PORT`` (5555).
+ADDRESS_VARIABLE = "FLOWER_ADDRESS"
+DEFAULT_ADDRESS = "127.0.0.1"
 
 
 def check_flower_auth(value: str | None) -> str | None:
@@ -47,7 +55,8 @@ def run_flower(argv: Sequence[str]) -> int:
         print(f"netcore-activity-worker: refusing to start Flower: {problem}", file=sys.stderr)
         return 2
     # the task list shows each task's summary arguments (asset_id, event count) by default
-    env = {**env, TASK_COLUMNS_VARIABLE: env.get(TASK_COLUMNS_VARIABLE) or TASK_COLUMNS}
+    env = {**env, TASK_COLUMNS_VARIABLE: env.get(TASK_COLUMNS_VARIABLE) or TASK_COLUMNS,
+           ADDRESS_VARIABLE: env.get(ADDRESS_VARIABLE) or DEFAULT_ADDRESS}
     command = [sys.executable, "-m", "celery", "-A", "worker.app", "flower", *argv]
     sys.stdout.flush()
     os.execve(sys.executable, command, env)  # replaces this process: nothing after it runs

@@ -1,4 +1,4 @@
-"""``python -m worker.ops.health``: exit 0 when the worker is consuming, else 1 and one line saying why.
+"""``netcore-activity health``: exit 0 when the worker is consuming, else 1 and one line saying why.
 
 Made for a Kubernetes liveness or readiness probe (or any supervisor): no Flower, no HTTP
 port, nothing to run beside the worker. It asks the broker, the one thing probe and worker
@@ -22,7 +22,7 @@ The default, ``activities@%h``, is the Procfile's: a probe running in the worker
 Kubernetes, in the worker's container::
 
     livenessProbe:
-      exec: {command: [".venv/bin/python", "-m", "worker.ops.health"]}
+      exec: {command: ["netcore-activity", "health"]}
       periodSeconds: 30
       timeoutSeconds: 10
       failureThreshold: 3
@@ -159,8 +159,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         prog=prog, description="Exit 0 if the worker answers a ping and the activities queue has a consumer; "
         "else exit 1, saying why in one line (2: a bad setting).")
     parser.add_argument("--hostname", default=DEFAULT_HOSTNAME, metavar="NAME",
-                        help=f"the worker's --hostname; %%h is this host's name (default {DEFAULT_HOSTNAME}, "
-                             "the Procfile's)")
+                        help="the worker's --hostname; %%h is this host's name (default "
+                             f"{DEFAULT_HOSTNAME.replace('%', '%%')}, the Procfile's)")
     parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"to connect, then to wait for the pong (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--max-depth", type=_depth, metavar="N",

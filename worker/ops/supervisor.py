@@ -18,6 +18,9 @@ Here:
   exited, what is left of its group is killed; after ``--grace`` seconds every group is killed;
 * a second signal kills every group at once (SIGKILL);
 * when a process exits by itself, the others are stopped the same way and the exit status is 1.
+
+With ``--local-broker DIR`` (``make run``), when nothing answers on this machine's broker URL, a
+RabbitMQ node of its own runs for as long as the processes do (:mod:`worker.ops.localbroker`).
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import BinaryIO
 
 from config.settings import process_environment
+from worker.ops import localbroker
 
 #: Seconds the processes get to stop after the first signal, before they are killed.
 DEFAULT_GRACE = 30.0
@@ -152,11 +156,13 @@ class Supervisor:
     """Starts the processes, copies their output, and stops them all (see the module's doc)."""
 
     def __init__(self, specs: Sequence[ProcessSpec], *, output: Output, grace: float = DEFAULT_GRACE,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+        """``env``: variables the processes get on top of this process's environment."""
         self.specs = list(specs)
         self.output = output
         self.grace = grace
         self.cwd = cwd
+        self.env = dict(env or {})
         self.children: list[Child] = []
         self.stopping = False
         self.deadline: float | None = None  # when the processes asked to stop get killed
@@ -190,7 +196,7 @@ class Supervisor:
             os.close(self._wake_write)
 
     def _start(self, spec: ProcessSpec) -> bool:
-        inherited = process_environment()
+        inherited = {**process_environment(), **self.env}
         env = {**inherited, "PYTHONUNBUFFERED": inherited.get("PYTHONUNBUFFERED", "1")}
         try:
             # exec: the command replaces the shell, so the signals reach the program itself
@@ -285,6 +291,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--procfile", type=Path, default=Path("Procfile"))
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                         help="seconds the processes get to stop before they are killed (default: %(default)s)")
+    parser.add_argument("--local-broker", type=Path, metavar="DIR",
+                        help="when nothing answers on this machine's broker URL (CELERY_BROKER_URL), run a "
+                             "RabbitMQ node of its own, with its data in DIR, for as long as the processes run")
     return parser.parse_args(argv)
 
 
@@ -299,7 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"python -m worker.ops.supervisor: {args.procfile} lists no process", file=sys.stderr)
         return 2
     output = Output(sys.stdout.buffer, [spec.name for spec in specs])
-    return Supervisor(specs, output=output, grace=args.grace, cwd=args.procfile.resolve().parent).run()
+    supervisor = Supervisor(specs, output=output, grace=args.grace, cwd=args.procfile.resolve().parent)
+    if args.local_broker is not None:
+        return localbroker.run_with(args.local_broker, run=supervisor.run, env=supervisor.env, say=output.say)
+    return supervisor.run()
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ log = logging.getLogger("worker.sandbox")
 DEFAULT_API_KEY = "sandbox-key"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None, *, prog: str = "python -m worker.sandbox") -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.sandbox",
+        prog=prog,
         description="A local, Netcore-compatible Activity API (NOT the real one) with faults.",
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -76,9 +76,10 @@ def fault_rules(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rules
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m worker.sandbox") -> int:
+    """Run the sandbox until SIGTERM or Ctrl-C (``prog``: the name its usage shows)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    args = parse_args(argv)
+    args = parse_args(argv, prog=prog)
     try:
         rules = fault_rules(args)
     except (FaultError, ValueError) as error:
