@@ -47,9 +47,11 @@ def test_check_says_what_the_worker_would_do_and_changes_nothing(queues: QueueSe
     assert f"broker: {redact_url(queues.broker_url)} answered: RabbitMQ 3." in out
     assert f"would consume {env['ACTIVITY_QUEUE']} (producers' events, up to 30000 unacknowledged): 3 ready, " \
            "0 consumer(s)" in out
-    assert f"would consume {env['ACTIVITY_UPLOAD_QUEUE']} (upload tasks, up to 64 at once): not there yet" in out
+    assert f"would consume {env['ACTIVITY_UPLOAD_QUEUE']} (account default's upload tasks, up to 64 at once): " \
+           "not there yet" in out
     assert f"would dead-letter to {env['ACTIVITY_DEAD_LETTER_QUEUE']}: 0 ready, 0 consumer(s)" in out
-    assert f"would POST to {sandbox.url}/v1/activity/upload with NETCORE_API_KEY (set, never shown)" in out
+    assert f"accounts: default: would POST to {sandbox.url}/v1/activity/upload (127.0.0.1), key set and never " \
+           "shown, for every asset_id of no other account" in out
     assert out.rstrip().endswith("ok: the worker would start with these settings (netcore-activity worker)")
     assert API_KEY not in out + done.stderr and TEST_BROKER_PASSWORD not in out + done.stderr
     with pytest.raises(amqp.exceptions.NotFound):  # only looked at: the worker declares its queues
@@ -88,9 +90,25 @@ def test_check_says_the_broker_refused_a_wrong_password(queues: QueueSet, sandbo
     assert "ACCESS_REFUSED" in done.stderr and "not-the-password" not in done.stderr
 
 
+def test_check_lists_the_accounts_of_the_accounts_file(queues: QueueSet, sandbox: Sandbox, tmp_path: Path) -> None:
+    accounts = tmp_path / "accounts.toml"
+    accounts.write_text('[accounts.brand-b]\napi_key_env = "B_KEY"\nregion = "eu"\nasset_ids = ["b-1", "b-2"]\n')
+    env = command_env(queues, sandbox, API_KEY, NETCORE_ACCOUNTS_FILE=str(accounts), B_KEY="secret-b-key")
+
+    done = run("check", env=env)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "accounts: brand-b: would POST to https://apieu2.netcoresmartech.com/v1/activity/upload (region eu), " \
+           "key set and never shown, for 2 asset_id(s)" in done.stdout
+    assert f"would consume {queues.env['ACTIVITY_UPLOAD_QUEUE']}.brand-b (account brand-b's upload tasks" in done.stdout
+    assert "secret-b-key" not in done.stdout + done.stderr
+
+
 @pytest.mark.parametrize(("setting", "line"), [
     ({"ACTIVITY_BATCH_SIZE": "5000"}, "check failed: configuration error: ACTIVITY_BATCH_SIZE=5000: must be 1..1000"),
-    ({"NETCORE_API_KEY": ""}, "check failed: configuration error: NETCORE_API_KEY is not set: "),
+    ({"NETCORE_API_KEY": ""}, "check failed: configuration error: NETCORE_API_KEY is not set"),
+    ({"NETCORE_ACCOUNTS_FILE": "/nonexistent/accounts.toml"},
+     "check failed: configuration error: NETCORE_ACCOUNTS_FILE=/nonexistent/accounts.toml: cannot read it"),
 ])
 def test_check_fails_with_one_line_for_a_bad_setting(queues: QueueSet, sandbox: Sandbox, setting: dict[str, str],
                                                      line: str) -> None:

@@ -3,20 +3,20 @@
 The check runs :data:`STEPS` in order; each prints what it found, prefixed with its name, and
 the first that fails ends the check with one line on stderr:
 
-1. ``settings``: every setting read and checked as the worker reads them, the API key required;
-2. ``broker``: the first node of ``CELERY_BROKER_URL`` (a ``;`` list) that answers within
+1. ``settings``: every setting read and checked as the worker reads them (the accounts file of
+   ``NETCORE_ACCOUNTS_FILE`` included), an account to upload to required;
+2. ``accounts``: each Netcore account, where it uploads (its key is never shown) and which
+   asset_ids it takes, and where an asset_id of no account goes;
+3. ``broker``: the first node of ``CELERY_BROKER_URL`` (a ``;`` list) that answers within
    ``--timeout`` seconds, and why the ones before it did not;
-3. ``queues``: the queues the worker would declare and consume, and what the broker holds of
+4. ``queues``: the queues the worker would declare and consume, and what the broker holds of
    them now (passive declarations: the check creates and changes nothing);
-4. ``uploads``: where the worker would upload (the API key is never shown), how many uploads at
-   once, how it batches, where its metrics would be.
+5. ``uploads``: how many uploads at once, how it batches, where its metrics would be.
 
 Exit status as the health check's: 0 every step passed, 1 one failed (the broker), 2 a bad
 setting. A step is a function of the :class:`Context` returning its lines; it raises
 :class:`~worker.errors.SettingsError` for a bad setting and :class:`CheckFailed` for anything
-else. The accounts file (several Netcore accounts), once the worker reads one, is one more step
-right after ``settings``: it reads the file named by its setting and raises SettingsError
-naming the bad entry.
+else.
 """
 
 from __future__ import annotations
@@ -71,6 +71,21 @@ def read_settings(context: Context) -> list[str]:
     return [f"ok; {settings.queue_type} queues, Sentry {sentry}, {settings.log_format} logs"]
 
 
+def describe_accounts(context: Context) -> list[str]:
+    """Each account, where it uploads and for which asset_ids (keys never shown)."""
+    accounts = context.need_settings().accounts
+    lines = []
+    for account in accounts:
+        owns = (f"{len(account.asset_ids)} asset_id(s)" if account.asset_ids
+                else "every asset_id of no other account")
+        lines.append(f"{account.name}: would POST to {redact_url(account.upload_url)} ({account.where}), key set and "
+                     f"never shown, for {owns}")
+    if accounts.default is None:
+        lines.append("an asset_id of no account is dead-lettered 'unroutable' (there is no default account: "
+                     "NETCORE_API_KEY is not set)")
+    return lines
+
+
 def reach_broker(context: Context) -> list[str]:
     """The first node of the broker URL list that answers."""
     reached = context.broker = reach(context.need_settings().broker_url, timeout=context.timeout)
@@ -89,12 +104,14 @@ def describe_queues(context: Context) -> list[str]:
     topology = Topology.of(settings)
     rungs = topology.rungs
     delays = f"{topology.delay_name(rungs[0])}..{rungs[-1]}ms ({len(rungs)} delay queues)"
-    names = [topology.source, topology.task_source, topology.upload, delays, topology.quarantine,
-             topology.dead_letter, topology.unhandled]
+    uploads = [topology.upload_for(account) for account in topology.accounts]
+    names = [topology.source, topology.task_source, *uploads, delays, topology.quarantine, topology.dead_letter,
+             topology.unhandled]
     consumed = {
         topology.source: f"producers' events, up to {settings.prefetch} unacknowledged",
         topology.task_source: "send_task('activities.ingest') events",
-        topology.upload: f"upload tasks, up to {settings.upload_concurrency} at once",
+        **{topology.upload_for(account): f"account {account}'s upload tasks, up to {settings.upload_concurrency} "
+                                         "at once" for account in topology.accounts},
         topology.quarantine: "suspect messages, one at a time",
         topology.unhandled: "rejected upload tasks, written as dead letters",
     }
@@ -109,8 +126,7 @@ def describe_uploads(context: Context) -> list[str]:
     s = context.need_settings()
     metrics = f"http://{s.metrics_address}:{s.metrics_port}/metrics" if s.metrics_port else "off (METRICS_PORT=0)"
     return [
-        f"would POST to {redact_url(s.upload_url)} with NETCORE_API_KEY (set, never shown)",
-        f"up to {s.upload_concurrency} uploads in flight (adapted to the API, from 1), each answered within "
+        f"up to {s.upload_concurrency} uploads in flight per account (adapted to its API, from 1), each answered within "
         f"{s.upload_timeout:g} s; a failing batch retried {s.max_retries} times within {s.retry_window / 3600:g} h",
         f"batches per asset_id of up to {s.batch_size} events or {_size(s.batch_max_bytes)}, "
         f"none waiting more than {s.batch_wait:g} s",
@@ -121,6 +137,7 @@ def describe_uploads(context: Context) -> list[str]:
 #: The check's steps, in order (see the module docstring).
 STEPS: tuple[tuple[str, Step], ...] = (
     ("settings", read_settings),
+    ("accounts", describe_accounts),
     ("broker", reach_broker),
     ("queues", describe_queues),
     ("uploads", describe_uploads),
