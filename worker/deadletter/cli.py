@@ -37,12 +37,10 @@ from kombu.exceptions import OperationalError
 from config.settings import Settings
 from worker.broker.headers import REPLAYS_HEADER
 from worker.deadletter.commands import GROUP_SIZE, PurgeReport, ReplayReport, count, purge, read, replay
+from worker.deadletter.counting import NO_ASSET, TOP_ASSETS, Counts
 from worker.deadletter.reader import (
-    NO_ASSET,
     PROGRESS_EVERY,
-    TOP_ASSETS,
     UNREADABLE,
-    Counts,
     Envelope,
     Progress,
     Selection,

@@ -21,8 +21,9 @@ from worker.broker.headers import REPLAYS_HEADER  # on replayed events; it trave
 from worker.broker.publisher import Outgoing, Publisher
 from worker.broker.topology import Topology
 from worker.deadletter import envelopes
+from worker.deadletter.counting import Counts
+from worker.deadletter.handback import held_elsewhere
 from worker.deadletter.reader import (
-    Counts,
     Envelope,
     Letter,
     Letters,
@@ -52,10 +53,13 @@ class ReplayReport:
     left: int
     not_replayable: int
     dry_run: bool = False
+    #: Consumers of the queue that still held dead letters when it started (see :class:`Reader`).
+    other_consumers: int = 0
 
     def __str__(self) -> str:
         verb = "would replay" if self.dry_run else "replayed"
-        return f"{verb} {self.replayed}, left {self.left}, not replayable {self.not_replayable}"
+        return (f"{verb} {self.replayed}, left {self.left}, not replayable {self.not_replayable}"
+                f"{held_elsewhere(self.other_consumers, 'read')}")
 
 
 @dataclass(frozen=True)
@@ -68,13 +72,17 @@ class PurgeReport:
     dry_run: bool = False
     #: False when the operator did not confirm (nothing was removed); True for a dry run.
     confirmed: bool = True
+    #: Consumers of the queue that still held dead letters when it started (see :class:`Reader`).
+    other_consumers: int = 0
 
     def __str__(self) -> str:
         if self.dry_run:
-            return f"would purge {self.selected}, left {self.left}"
-        if not self.confirmed:
-            return f"not confirmed: purged 0 of {self.selected}, left {self.left}"
-        return f"purged {self.purged}, left {self.left}"
+            done = f"would purge {self.selected}, left {self.left}"
+        elif not self.confirmed:
+            done = f"not confirmed: purged 0 of {self.selected}, left {self.left}"
+        else:
+            done = f"purged {self.purged}, left {self.left}"
+        return done + held_elsewhere(self.other_consumers, "read")
 
 
 def count(
@@ -86,6 +94,7 @@ def count(
     selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
     counts = Counts()
     with Reader(settings) as reader:
+        counts.other_consumers = reader.other_consumers
         for letter in Letters(reader):
             counts.scanned += 1
             if selection.matches(letter.envelope):
@@ -177,7 +186,7 @@ def replay(
         if publisher is not None:
             publisher.close()
     logger.info("%s %d dead letters to %s", "Would replay" if dry_run else "Replayed", replayed, settings.queue)
-    return ReplayReport(replayed, left, not_replayable, dry_run)
+    return ReplayReport(replayed, left, not_replayable, dry_run, reader.other_consumers)
 
 
 def _replayed(queue: str, letter: Letter) -> Outgoing:
@@ -219,10 +228,11 @@ def purge(
         if progress is not None:
             progress.update(reader.read, reader.start_count, selected, final=True)
         present = letters.seen + reader.start_count - reader.read
+        others = reader.other_consumers
         if dry_run:
-            return PurgeReport(0, selected, present - selected, dry_run=True)
+            return PurgeReport(0, selected, present - selected, dry_run=True, other_consumers=others)
         if not selected or not confirm(selected):
-            return PurgeReport(0, selected, present, confirmed=not selected)
+            return PurgeReport(0, selected, present, confirmed=not selected, other_consumers=others)
         reader.ack(chosen)
     logger.warning("Purged %d dead letters from %s", selected, settings.dead_letter_queue)
-    return PurgeReport(selected, selected, present - selected)
+    return PurgeReport(selected, selected, present - selected, other_consumers=others)
