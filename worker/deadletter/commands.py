@@ -87,11 +87,11 @@ class PurgeReport:
 
 def count(
     settings: Settings, *, reasons: Collection[str] = (), asset_ids: Collection[str] = (),
-    since: datetime | None = None, until: datetime | None = None,
+    since: datetime | None = None, until: datetime | None = None, accounts: Collection[str] = (),
 ) -> Counts:
-    """Count the matching dead letters (all by default) by reason and asset_id, leaving every one in the
-    queue. A body in parts counts once."""
-    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
+    """Count the matching dead letters (all by default) by reason, asset_id and account, leaving every
+    one in the queue. A body in parts counts once."""
+    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until, accounts=accounts)
     counts = Counts()
     with Reader(settings) as reader:
         counts.other_consumers = reader.other_consumers
@@ -104,14 +104,15 @@ def count(
 
 def read(
     settings: Settings, *, reasons: Collection[str] = (), asset_ids: Collection[str] = (),
-    since: datetime | None = None, until: datetime | None = None, limit: int | None = None,
+    since: datetime | None = None, until: datetime | None = None, accounts: Collection[str] = (),
+    limit: int | None = None,
 ) -> list[Envelope]:
     """The envelopes that match the filters (all of them by default), in queue order, left in place.
 
     Every part of a body in parts is listed (together, in order: :func:`worker.deadletter.join`
     puts them back together); ``limit`` counts such a body once.
     """
-    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
+    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until, accounts=accounts)
     found: list[Envelope] = []
     chosen = 0
     with Reader(settings) as reader:
@@ -126,8 +127,8 @@ def read(
 
 def replay(
     settings: Settings, *, reasons: Collection[str] = (), asset_ids: Collection[str] = (),
-    since: datetime | None = None, until: datetime | None = None, limit: int | None = None,
-    dry_run: bool = False, group_size: int = GROUP_SIZE, publisher_class: type[Publisher] = Publisher,
+    since: datetime | None = None, until: datetime | None = None, accounts: Collection[str] = (),
+    limit: int | None = None, dry_run: bool = False, group_size: int = GROUP_SIZE, publisher_class: type[Publisher] = Publisher,
     on_replay: Callable[[Envelope], None] | None = None, progress: Progress | None = None,
 ) -> ReplayReport:
     """Publish the selected dead letters to ``settings.queue`` as producers send them, then acknowledge them.
@@ -138,7 +139,7 @@ def replay(
     so an error (raised to the caller) or a crash leaves each event in ``activities``, in the
     dead-letter queue, or both. ``on_replay`` sees each envelope replayed (every part).
     """
-    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
+    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until, accounts=accounts)
     replayed = not_replayable = group_bytes = 0
     group: list[tuple[list[int], Outgoing]] = []
     publisher = None if dry_run else publisher_class(settings.broker_url, declare=[Topology.of(settings).source_queue()])
@@ -202,7 +203,7 @@ def _replayed(queue: str, letter: Letter) -> Outgoing:
 def purge(
     settings: Settings, *, confirm: Callable[[int], bool], reasons: Collection[str] = (),
     asset_ids: Collection[str] = (), since: datetime | None = None, until: datetime | None = None,
-    limit: int | None = None, dry_run: bool = False, progress: Progress | None = None,
+    accounts: Collection[str] = (), limit: int | None = None, dry_run: bool = False, progress: Progress | None = None,
 ) -> PurgeReport:
     """Remove the selected dead letters (a body in parts: all its parts), once ``confirm(how_many)`` said yes.
 
@@ -212,7 +213,7 @@ def purge(
     the queue untouched. Interrupted at any moment, a purge removes nothing but selected
     dead letters, and a selected one it did not acknowledge stays.
     """
-    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
+    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until, accounts=accounts)
     chosen: list[int] = []
     selected = 0
     with Reader(settings) as reader:

@@ -1,8 +1,10 @@
-"""What ``count`` says: how many dead letters, by reason, by asset_id, and crossed.
+"""What ``count`` says: how many dead letters, by reason, by asset_id, by account, and crossed.
 
 :class:`Counts` tallies the dead letters a count selected (:mod:`worker.deadletter.reader`
 reads them) and shows them two ways: small text tables, largest counts first, for a person at
-a terminal, and one JSON object (``--json``) with every key, for scripts.
+a terminal, and one JSON object (``--json``) with every key, for scripts. The tables show the
+accounts only when there is more than one (until the worker delivers to several accounts,
+every dead letter is the ``default`` account's); the JSON always has ``by_account``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.deadletter.handback import held_elsewhere
-from worker.deadletter.reader import Letter, replayable, replays_of
+from worker.deadletter.reader import Letter, account_of, replayable, replays_of
 
 #: How ``count`` shows dead letters without an ``asset_id`` (unparseable bodies).
 NO_ASSET = "(none)"
@@ -23,7 +25,7 @@ TOP_ASSETS = 20
 
 @dataclass
 class Counts:
-    """How many dead letters there are, by reason, by asset_id and by both."""
+    """How many dead letters there are, by reason, by asset_id, by account, and by reason and each."""
 
     total: int = 0
     #: What replay would leave: see :func:`~worker.deadletter.reader.replayable`.
@@ -39,10 +41,13 @@ class Counts:
     by_reason: Counter[str] = field(default_factory=Counter)
     by_asset_id: Counter[str] = field(default_factory=Counter)
     by_reason_and_asset_id: Counter[tuple[str, str]] = field(default_factory=Counter)
+    by_account: Counter[str] = field(default_factory=Counter)
+    by_reason_and_account: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def add(self, letter: Letter) -> None:
         envelope = letter.envelope
         reason, asset_id = str(envelope.get("reason")), str(envelope.get("asset_id") or NO_ASSET)
+        account = account_of(envelope)
         self.total += 1
         self.not_replayable += not replayable(letter)
         self.incomplete += not letter.complete
@@ -50,13 +55,17 @@ class Counts:
         self.by_reason[reason] += 1
         self.by_asset_id[asset_id] += 1
         self.by_reason_and_asset_id[reason, asset_id] += 1
+        self.by_account[account] += 1
+        self.by_reason_and_account[reason, account] += 1
 
     def as_dict(self) -> dict[str, Any]:
         return {"total": self.total, "not_replayable": self.not_replayable, "replayed": self.replayed,
                 "incomplete": self.incomplete, "scanned": self.scanned, "other_consumers": self.other_consumers,
                 "by_reason": dict(self.by_reason.most_common()),
                 "by_asset_id": dict(self.by_asset_id.most_common()),
-                "by_reason_and_asset_id": _nested(self.by_reason_and_asset_id)}
+                "by_reason_and_asset_id": _nested(self.by_reason_and_asset_id),
+                "by_account": dict(self.by_account.most_common()),
+                "by_reason_and_account": _nested(self.by_reason_and_account)}
 
     def table(self, top: int = TOP_ASSETS) -> str:
         """Small text tables, largest counts first, at most ``top`` asset_ids in each."""
@@ -70,17 +79,23 @@ class Counts:
         if self.incomplete:
             lines.append(f"bodies in parts with a part missing: {self.incomplete}")
         assets = [asset_id for asset_id, _ in self.by_asset_id.most_common(top)]
+        accounts = [account for account, _ in self.by_account.most_common()] if len(self.by_account) > 1 else []
         lines += _column("reason", list(self.by_reason), self.by_reason)
+        if accounts:
+            lines += _column("account", accounts, self.by_account)
         lines += _column("asset_id", assets, self.by_asset_id)
-        if len(self.by_reason) > 1 and assets:
-            lines += ["", *self._cross_table("asset_id", assets, self.by_reason_and_asset_id)]
+        if len(self.by_reason) > 1:
+            for title, keys, pairs in (("account", accounts, self.by_reason_and_account),
+                                       ("asset_id", assets, self.by_reason_and_asset_id)):
+                if keys:
+                    lines += ["", *self._cross_table(title, keys, pairs)]
         more = len(self.by_asset_id) - len(assets)
         if more > 0:
             lines.append(f"(and {more} more asset_ids: --json lists them all)")
         return "\n".join(lines)
 
     def _cross_table(self, title: str, keys: list[str], pairs: Counter[tuple[str, str]]) -> list[str]:
-        """``title`` (asset_id) down, reason across: who fails, and how."""
+        """``title`` (account, asset_id) down, reason across: who fails, and how."""
         reasons = [reason for reason, _ in self.by_reason.most_common()]
         first = max(len(title), *map(len, keys))
         widths = [max(5, len(reason)) for reason in reasons]

@@ -58,6 +58,7 @@ UNHANDLED = "unhandled"
 
 #: Every reason this worker writes.
 REASONS = (MALFORMED, INVALID, REJECTED, UNAUTHORIZED, REFUSED, RETRIES_EXHAUSTED, POISON, UNHANDLED)
+ACCOUNT = "account"  #: The field naming a dead letter's Netcore account (absent before accounts: the default one).
 
 
 #: Most bytes of a body that one dead letter holds; a larger body is written in parts. An

@@ -9,7 +9,7 @@ queue puts them back only after answering the close).
 :class:`Letters` turns those messages into the dead letters a person means: one envelope, or
 every part of one large body (:mod:`worker.deadletter.envelopes`), counted, selected, replayed and
 purged together. :class:`Selection` says which dead letters a command acts on (reason,
-asset_id, time range of ``failed_at``), :func:`replayable` which of them replay can
+asset_id, account, time range of ``failed_at``), :func:`replayable` which of them replay can
 publish, and :class:`Progress` reports long runs (:mod:`worker.deadletter.counting` tallies them).
 """
 
@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 #: The reason shown for a message of the dead-letter queue that is not a JSON envelope.
 UNREADABLE = "unreadable"
+
+#: The account of the dead letters written before the worker had several (they carry no
+#: ``account``): the single account of the settings, named so.
+DEFAULT_ACCOUNT = "default"
 
 #: Dead letters read between two progress lines.
 PROGRESS_EVERY = 1000
@@ -72,31 +76,41 @@ def failed_at(envelope: Envelope) -> datetime | None:
     return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
 
 
+def account_of(envelope: Envelope) -> str:
+    """The Netcore account a dead letter was for: its ``account``, or :data:`DEFAULT_ACCOUNT`
+    when it has none (written before the worker had several accounts)."""
+    value = envelope.get(envelopes.ACCOUNT)
+    return DEFAULT_ACCOUNT if value is None else str(value)
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which dead letters a command acts on; every criterion given must hold (none: all).
 
     The time range is on ``failed_at``, ``since`` included and ``until`` excluded, so that
     consecutive ranges never select a dead letter twice. A dead letter whose ``failed_at``
-    cannot be read is outside every time range.
+    cannot be read is outside every time range. The account is :func:`account_of`.
     """
 
     reasons: frozenset[str] = frozenset()
     asset_ids: frozenset[str] = frozenset()
     since: datetime | None = None
     until: datetime | None = None
+    accounts: frozenset[str] = frozenset()
 
     @classmethod
     def of(
         cls, *, reasons: Collection[str] = (), asset_ids: Collection[str] = (), since: datetime | None = None,
-        until: datetime | None = None,
+        until: datetime | None = None, accounts: Collection[str] = (),
     ) -> Selection:
-        return cls(frozenset(reasons), frozenset(asset_ids), since, until)
+        return cls(frozenset(reasons), frozenset(asset_ids), since, until, frozenset(accounts))
 
     def matches(self, envelope: Envelope) -> bool:
         if self.reasons and envelope.get("reason") not in self.reasons:
             return False
         if self.asset_ids and envelope.get("asset_id") not in self.asset_ids:
+            return False
+        if self.accounts and account_of(envelope) not in self.accounts:
             return False
         if self.since is None and self.until is None:
             return True
