@@ -2,10 +2,12 @@
 
 A quorum queue puts back what a closed channel held only once it has written that to its log,
 after it answered the close: a command started a few milliseconds after another one used to
-find fewer dead letters than there were, and said so in its report. Here a thread writes and
-fsyncs in the test's temp dir meanwhile (the broker's log then waits for the disk), and every
+find fewer dead letters than there were, and said so in its report. Here threads write and
+fsync in the test's temp dir meanwhile (the broker's log then waits for the disk), and every
 report is checked against the truth: each dead letter carries a unique id, and the ids replayed
-plus the ids left plus the ids purged must be the ids put in.
+plus the ids left plus the ids purged must be the ids put in. Once a command returned, the
+queue must show every dead letter it did not remove; and a command must see what a client
+that just died held.
 
 Nothing sleeps: the commands run back to back, as an operator's script runs them.
 """
@@ -120,34 +122,40 @@ def drain(queues: QueueSet, queue: str) -> list[dict[str, Any]]:
 
 
 def test_commands_back_to_back_see_every_dead_letter_and_report_the_truth(queues: QueueSet, busy_disk: None) -> None:
+    """Each command's report is the truth, and once it returned the queue shows every dead letter
+    it did not remove (as a dashboard or ``rabbitmqctl list_queues`` would, at that moment)."""
     settings = queues.settings
     sent: set[str] = set()
     replayable: set[str] = set()
     purged: set[str] = set()
 
-    def expect(what: str, seen: object, truth: object) -> None:
-        assert seen == truth, f"round {round_}: {what}: {seen} instead of {truth}"
+    with Connection(queues.broker_url, heartbeat=0) as connection:
+        look = connection.channel()
 
-    for round_ in range(ROUNDS):
-        events, bodies = [rejected() for _ in range(3)], [malformed() for _ in range(2)]
-        sent |= put(settings, events + bodies)
-        replayable |= {id_of(e) for e in events}
-        stay = {id_of(e) for e in bodies}
-        if round_ % 2 == 0:  # count, dry run, replay, list, purge, count
-            expect("count", dlq.count(settings).total, 5)
-            expect("dry run", dlq.replay(settings, dry_run=True), dlq.ReplayReport(3, 2, 2, dry_run=True))
-            expect("replay", dlq.replay(settings), dlq.ReplayReport(3, 2, 2))
-        else:  # list, count, replay, count, purge, count
-            expect("list", {id_of(e) for e in dlq.read(settings)}, stay | {id_of(e) for e in events})
-            expect("count", dlq.count(settings).total, 5)
-            expect("replay", dlq.replay(settings), dlq.ReplayReport(3, 2, 2))
-            expect("count after replay", dlq.count(settings).total, 2)
-        if round_ % 2 == 0:
-            expect("list", {id_of(e) for e in dlq.read(settings)}, stay)
-        purge = dlq.purge(settings, reasons=[deadletter.MALFORMED], confirm=lambda n: True)
-        expect("purge", purge, dlq.PurgeReport(purged=2, selected=2, left=0))
-        purged |= stay
-        expect("count after purge", dlq.count(settings).total, 0)
+        def expect(what: str, seen: object, truth: object, ready: int) -> None:
+            shown = look.queue_declare(settings.dead_letter_queue, passive=True).message_count
+            assert (seen, shown) == (truth, ready), (f"round {round_}: {what}: said {seen} (truth: {truth}); "
+                                                     f"the queue shows {shown} dead letters (truth: {ready})")
+
+        for round_ in range(ROUNDS):
+            events, bodies = [rejected() for _ in range(3)], [malformed() for _ in range(2)]
+            sent |= put(settings, events + bodies)
+            replayable |= {id_of(e) for e in events}
+            stay = {id_of(e) for e in bodies}
+            if round_ % 2 == 0:  # count, dry run, replay, list, purge, count
+                expect("count", dlq.count(settings).total, 5, 5)
+                expect("dry run", dlq.replay(settings, dry_run=True), dlq.ReplayReport(3, 2, 2, dry_run=True), 5)
+                expect("replay", dlq.replay(settings), dlq.ReplayReport(3, 2, 2), 2)
+                expect("list", {id_of(e) for e in dlq.read(settings)}, stay, 2)
+            else:  # list, count, replay, count, purge, count
+                expect("list", {id_of(e) for e in dlq.read(settings)}, stay | {id_of(e) for e in events}, 5)
+                expect("count", dlq.count(settings).total, 5, 5)
+                expect("replay", dlq.replay(settings), dlq.ReplayReport(3, 2, 2), 2)
+                expect("count after replay", dlq.count(settings).total, 2, 2)
+            purge = dlq.purge(settings, reasons=[deadletter.MALFORMED], confirm=lambda n: True)
+            expect("purge", purge, dlq.PurgeReport(purged=2, selected=2, left=0), 0)
+            purged |= stay
+            expect("count after purge", dlq.count(settings).total, 0, 0)
 
     replayed = {id_of({"event": event}) for event in drain(queues, settings.queue)}
     left = {id_of(envelope) for envelope in drain(queues, settings.dead_letter_queue)}
@@ -155,18 +163,19 @@ def test_commands_back_to_back_see_every_dead_letter_and_report_the_truth(queues
     assert replayed | left | purged == sent and len(replayed) + len(purged) == len(sent)
 
 
-def test_a_command_sees_what_another_client_held_until_a_moment_ago(queues: QueueSet, busy_disk: None) -> None:
-    """A client that read the dead letters without acknowledging them, then closed its channel
-    (as a consumer that stops does, or a command that crashed): the next command sees them all."""
+def test_a_command_sees_what_a_client_that_just_died_held(queues: QueueSet, busy_disk: None) -> None:
+    """A client read every dead letter without acknowledging it, then died (its socket closed,
+    no goodbye: a command killed, a script that crashed): the next command sees them all."""
     settings = queues.settings
     ids = put(settings, [rejected() for _ in range(4)] + [malformed()])
 
     for round_ in range(HOLDER_ROUNDS):
-        with Connection(queues.broker_url, heartbeat=0) as connection:
-            channel = connection.channel()
-            held = [channel.basic_get(settings.dead_letter_queue, no_ack=False) for _ in range(len(ids))]
-            assert all(isinstance(message, amqp.Message) for message in held), f"round {round_}: not all back"
-        # closed: the broker answered, and puts them back once its log is written
+        connection = Connection(queues.broker_url, heartbeat=0)
+        channel = connection.channel()
+        held = [channel.basic_get(settings.dead_letter_queue, no_ack=False) for _ in range(len(ids))]
+        assert all(isinstance(message, amqp.Message) for message in held), f"round {round_}: not all back"
+        connection.connection.transport.close()  # the broker notices, and puts them back once its log is written
+        connection.collect()
         listed = {id_of(envelope) for envelope in dlq.read(settings)}
         assert listed == ids, f"round {round_}: {len(ids - listed)} of {len(ids)} not seen"
 
