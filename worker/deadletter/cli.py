@@ -1,12 +1,17 @@
 """``python -m worker.deadletter.cli``: count, list, replay and purge the events the worker could not deliver.
 
 A dead letter is data nobody else holds, so nothing here loses one. Reading fetches messages
-with ``basic_get`` and leaves them unacknowledged on one channel (:class:`~worker.deadletter.reader.Reader`):
-closing that channel (or a crash) hands every one back to its place in the queue. Replaying
+with ``basic_get`` and leaves them unacknowledged on one channel (:class:`~worker.deadletter.reader.Reader`)
+until the command hands every one back (a crash does too). A command starts once no other
+client holds dead letters, and returns once the queue shows again what it handed back, so the
+next command sees every one (:mod:`worker.deadletter.handback`). Replaying
 acknowledges a dead letter only after the broker confirmed its event on ``activities``:
 interrupted at any moment, a run loses nothing, and at worst leaves an event both replayed and
 still dead-lettered. Purging acknowledges only the selected dead letters, and only once the
 operator confirmed how many: every other one goes back untouched.
+
+Every command selects by reason, asset_id, Netcore account and time range (``failed_at``); a
+dead letter written before the worker had several accounts names none and is ``default``'s.
 
 Replay publishes what can become events again: an event that is a JSON object, alone, as a
 producer sends it, and a ``poison`` message's body, byte for byte. A ``malformed`` body (and

@@ -1,7 +1,7 @@
 """The dead-letter commands as functions: count, read, replay and purge (:mod:`worker.deadletter.cli` runs them).
 
 Each reads the dead-letter queue through one :class:`~worker.deadletter.reader.Reader`, which holds
-every dead letter it read unacknowledged until its channel closes, and takes the parts of a
+every dead letter it read unacknowledged until it hands them back, and takes the parts of a
 large body as one dead letter (:class:`~worker.deadletter.reader.Letters`). Each removes a dead letter
 only by acknowledging it (every part of it), and only once what replaces it (a replayed event
 or body) is confirmed by the broker, or once the operator confirmed its removal (purge). Raises
@@ -160,7 +160,7 @@ def replay(
             letters = Letters(reader)
             for letter in letters:
                 if limit is not None and replayed + len(group) >= limit:
-                    break  # left unacknowledged: back in the queue when the channel closes
+                    break  # left unacknowledged: the reader hands it back
                 if progress is not None:
                     progress.update(reader.read, reader.start_count, replayed + len(group))
                 if not selection.matches(letter.envelope):
@@ -209,7 +209,7 @@ def purge(
 
     Every dead letter read is held unacknowledged on one channel while ``confirm`` runs, so
     what is confirmed is exactly what goes (dead letters arriving meanwhile are not read).
-    Then only the selected ones are acknowledged; closing the channel returns the others to
+    Then only the selected ones are acknowledged; the reader hands the others back to
     the queue untouched. Interrupted at any moment, a purge removes nothing but selected
     dead letters, and a selected one it did not acknowledge stays.
     """
