@@ -65,7 +65,7 @@ REASONS = (MALFORMED, INVALID, REJECTED, UNAUTHORIZED, REFUSED, RETRIES_EXHAUSTE
 
 #: The envelope field naming the account an event was for (absent: written before there were
 #: several, or before its account was known: the ``default`` account).
-ACCOUNT_FIELD = "account"
+ACCOUNT = "account"
 
 
 #: Most bytes of a body that one dead letter holds; a larger body is written in parts. An
@@ -125,7 +125,7 @@ def envelope(
         "replays": replays,
     }
     if account is not None:
-        body[ACCOUNT_FIELD] = account
+        body[ACCOUNT] = account
     if raw is not None:
         body.update(raw_fields(raw))
     return body
