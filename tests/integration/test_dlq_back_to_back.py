@@ -28,7 +28,7 @@ from kombu import Connection
 
 from config.settings import Settings
 from tests.harness import QueueSet, publish_events
-from worker.broker.topology import QUORUM
+from worker.broker.topology import dead_letter_arguments
 from worker.deadletter import cli as dlq
 from worker.deadletter import envelopes as deadletter
 from worker.deadletter import handback
@@ -107,7 +107,7 @@ def id_of(envelope: dict[str, Any]) -> str:
 
 def put(settings: Settings, envelopes: list[dict[str, Any]]) -> set[str]:
     """Publish the dead letters (confirmed) and return their ids."""
-    publish_events(settings.dead_letter_queue, envelopes, queue_arguments=QUORUM)
+    publish_events(settings.dead_letter_queue, envelopes, queue_arguments=dead_letter_arguments(True))
     return {id_of(envelope) for envelope in envelopes}
 
 
