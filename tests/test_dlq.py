@@ -970,3 +970,35 @@ def test_a_killed_purge_removes_nothing_but_selected_dead_letters(
     assert left <= put and (after or left == put)
     assert len(put - left) <= after  # at most the dead letters it acknowledged, all of them selected
     assert put - left <= doomed_ids
+
+
+def test_another_applications_message_is_replayed_to_the_queue_it_came_from_as_it_was(settings: Settings) -> None:
+    """A task of another application set aside by the consumer (``unhandled``, ``foreign_task``)
+    goes back, once its routing is fixed, to where it came from: same body, headers, properties."""
+    from worker.ingest.decoding import foreign_message_details
+
+    original = f"{settings.queue}.shop"
+    body = b"\x80\x04\x95 a pickle the worker never read"
+    headers = {"task": "shop.send_email", "id": "t-1", "binary": b"\x00\xff"}
+
+    class Message:
+        content_type, content_encoding = "application/x-python-serialize", "binary"
+        properties = {"correlation_id": "c-1", "priority": 3}
+        delivery_info = {"routing_key": original}
+
+    Message.headers = headers  # type: ignore[attr-defined]
+    details = {"problem": "foreign_task", "task": "shop.send_email", "replay_body": False,
+               "message": foreign_message_details(Message(), original)}  # type: ignore[arg-type]
+    parts = deadletter.body_envelopes(reason=deadletter.UNHANDLED, error="another application's task",
+                                      failed_at=FAILED_AT, raw=body, details=details, part_bytes=16)
+    with Connection(settings.broker_url, heartbeat=0) as connection:
+        connection.channel().queue_declare(original, durable=True, auto_delete=False)
+    fill(settings, [*parts, dead("invalid")])
+
+    assert dlq.replay(settings, reasons=["unhandled"]) == dlq.ReplayReport(replayed=1, left=1, not_replayable=0)
+    (back,) = take(settings, original)
+    assert back.body == body and back.headers["task"] == "shop.send_email" and back.headers["binary"] == b"\x00\xff"
+    assert (back.properties["content_type"], back.properties["content_encoding"]) == (
+        "application/x-python-serialize", "binary")
+    assert back.properties["correlation_id"] == "c-1" and back.properties["priority"] == 3
+    assert ready(settings, settings.queue) == 0  # not to activities: it holds no events

@@ -134,7 +134,9 @@ def replay(
     """Publish the selected dead letters to ``settings.queue`` as producers send them, then acknowledge them.
 
     What is published: an event, alone, as JSON; a ``poison`` message's body, byte for byte
-    (its parts joined). Nothing else is replayable (:func:`~worker.deadletter.reader.replayable`).
+    (its parts joined); another application's message back to the queue it came from, with its
+    headers and properties (set aside as ``unhandled``: replay it once its routing is fixed).
+    Nothing else is replayable (:func:`~worker.deadletter.reader.replayable`).
     Each group is published and confirmed before any of its dead letters is acknowledged,
     so an error (raised to the caller) or a crash leaves each event in ``activities``, in the
     dead-letter queue, or both. ``on_replay`` sees each envelope replayed (every part).
@@ -191,8 +193,18 @@ def replay(
 
 
 def _replayed(queue: str, letter: Letter) -> Outgoing:
-    """The message that replays a (replayable) dead letter, counting the replay in ``x-replays``."""
+    """The message that replays a (replayable) dead letter, counting the replay in ``x-replays``:
+    to ``queue``, or, for another application's message, back to the queue it came from, as it was."""
     headers = {REPLAYS_HEADER: replays_of(letter.envelope) + 1}
+    original = envelopes.original_of(letter.envelope)
+    if original is not None:
+        body = letter.body()
+        assert body is not None  # replayable
+        properties = dict(original.properties)
+        content_type = properties.pop("content_type", "") or ""
+        content_encoding = properties.pop("content_encoding", None)
+        return Outgoing(original.queue, body, {**original.headers, **headers}, content_type, properties,
+                        content_encoding=content_encoding)
     if envelopes.replays_body(letter.envelope):
         body = letter.body()
         assert body is not None  # replayable

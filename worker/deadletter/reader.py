@@ -350,9 +350,10 @@ def replayable(letter: Letter) -> bool:
     Only a JSON object can be an event: an array item such as ``7`` (dead-lettered
     ``invalid``) would come back as a body that is not one, ``malformed`` for good, so it
     stays. A ``poison`` message is published again as the very bytes it was, once every part
-    of it is here, and so is a producer's message a bug set aside (``unhandled``). A
+    of it is here, and so is a producer's message a bug set aside (``unhandled``), and another
+    application's message (``unhandled``, to the queue it came from, with its headers). A
     ``malformed`` body holds no events: it is there to be fixed by hand.
     """
-    if envelopes.replays_body(letter.envelope):
+    if envelopes.replays_body(letter.envelope) or envelopes.original_of(letter.envelope) is not None:
         return letter.body() is not None
     return isinstance(letter.envelope.get("event"), dict)
