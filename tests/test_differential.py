@@ -253,7 +253,7 @@ def test_screening_agrees_with_the_loop_it_replaced_on_mutated_texts() -> None:
         compact += sum(assert_same_reading(text) for text in texts)
         naive = rng.choice(NAIVE_TIMESTAMP_CHOICES)
         found = screen(texts, now=NOW, naive_timestamps=naive)  # type: ignore[arg-type]
-        refused = [(r.index, r.reason, r.details["problem"] if r.reason == "malformed" else r.details)
+        refused = [(r.index, "malformed", r.details["problem"]) if r.malformed else (r.index, "invalid", r.details)
                    for r in found.refused]
         assert (found.valid, refused, found.stale, found.naive) == reference_screen(texts, naive)
     assert compact > FUZZ_EVENTS // 200 * 50 * 0.3  # the compact path read a good share of them

@@ -39,12 +39,12 @@ def test_a_batch_is_sorted_into_valid_and_refused_events_with_marshmallows_error
     assert found.valid == [0, 3, 4]
     assert (found.naive, found.stale) == (1, 1)
     duplicate, invalid, array = found.refused
-    assert (duplicate.index, duplicate.reason, duplicate.details["problem"]) == (1, "malformed", "duplicate_key")
+    assert (duplicate.index, duplicate.malformed, duplicate.details["problem"]) == (1, True, "duplicate_key")
     assert duplicate.raw == texts[1] and duplicate.event is None
-    assert (invalid.index, invalid.reason, invalid.event, invalid.raw) == (2, "invalid", bad, None)
+    assert (invalid.index, invalid.malformed, invalid.event, invalid.raw) == (2, False, bad, None)
     assert invalid.details == validate_event(bad)  # the dead letter's details: marshmallow's, as they were
     assert invalid.error.startswith("The event breaks the API's rules (activity_source, identity): ")
-    assert (array.index, array.reason, array.details) == (5, "malformed", {"problem": "not_object"})
+    assert (array.index, array.malformed, array.details) == (5, True, {"problem": "not_object"})
 
 
 def test_zone_less_timestamps_are_refused_when_the_setting_says_so() -> None:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from worker.deadletter.envelopes import INVALID, MALFORMED
 from worker.errors import MalformedBody
 from worker.events import jsonutil
 from worker.events.compiled import CHECKS
@@ -39,7 +38,7 @@ class Refusal:
     """An event that will not be uploaded, in a dead letter's terms."""
 
     index: int  #: its place in the batch
-    reason: str  #: ``malformed`` (its text cannot be read) or ``invalid`` (it breaks a rule)
+    malformed: bool  #: its text cannot be read (a dead letter's ``malformed``), else it breaks a rule (``invalid``)
     error: str  #: the dead letter's sentence
     details: dict[str, Any]  #: the parser's details, or marshmallow's field errors
     event: Any = None  #: the event, when its text could be read
@@ -65,13 +64,13 @@ def screen(items: Sequence[Any], *, now: datetime, naive_timestamps: NaiveTimest
     for index, item in enumerate(items):
         event, problem = read_event(item)
         if problem is not None:
-            found.refused.append(Refusal(index, MALFORMED, problem.error, problem.details, raw=item))
+            found.refused.append(Refusal(index, True, problem.error, problem.details, raw=item))
             continue
         when = check(event)
         if when is None:
             errors = validate_event(event, naive_timestamps=naive_timestamps)
             if errors:
-                found.refused.append(Refusal(index, INVALID, invalid_sentence(errors), errors, event=event))
+                found.refused.append(Refusal(index, False, invalid_sentence(errors), errors, event=event))
                 continue
             when = parse_timestamp(event["timestamp"])  # the schema took it: a real date-time
             assert when is not None

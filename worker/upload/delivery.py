@@ -221,7 +221,8 @@ class Delivery:
         found = screen(batch.events, now=self.clock.now(), naive_timestamps=self.naive_timestamps)
         for refused in found.refused:
             report.invalid += 1
-            dead.append(self._dead(refused.reason, refused.error, batch, refused.index, refused.details,
+            reason = envelopes.MALFORMED if refused.malformed else envelopes.INVALID
+            dead.append(self._dead(reason, refused.error, batch, refused.index, refused.details,
                                    event=refused.event, raw=refused.raw))
         if batch.attempts == 0 and batch.since is None:  # stale and zone-less events: counted once
             report.stale += found.stale
