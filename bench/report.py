@@ -366,7 +366,8 @@ class Results:
                  f"{b.events_per_s:,.0f} ({_num(b.steady_events_per_s)})", ""),
                 (f"baseline {self.baseline}: worker CPU", _cpu(b), ""),
                 ("against the baseline: events/s, CPU per event",
-                 f"**{_num(c.ratio_to_baseline, 2)} x**, {w.worker_cpu_us / max(1e-9, b.worker_cpu_us):.2f} x",
+                 f"**{_num(c.ratio_to_baseline, 2)} x**, "
+                 f"{_num(w.worker_cpu_us / b.worker_cpu_us if b.worker_cpu_us else None, 2)} x",
                  "" if single else f">= {TARGET_ARRAY_BASELINE_RATIO:g} x"),
             ]
         head = (f"### {c.case.title}\n\n{w.expected:,} events in {c.messages:,} messages of "
