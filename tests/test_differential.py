@@ -30,8 +30,9 @@ from hypothesis import strategies as st
 from bench.events import purchase
 from tests.mutations import ODD_VALUES, mutated_event, mutated_text
 from worker.errors import MalformedBody
+from worker.events.compact import NOT_COMPACT, compact_value
 from worker.events.compiled import valid_time
-from worker.events.parsing import _NOT_COMPACT, MAX_MESSAGE_BYTES, _compact_value, _strict_value
+from worker.events.parsing import MAX_DEPTH, MAX_MESSAGE_BYTES, _strict_value
 from worker.events.screening import screen
 from worker.events.validation import (
     INT_MAX,
@@ -174,8 +175,8 @@ def test_they_agree_on_every_timestamp(value: Any, naive: str) -> None:
 
 def assert_same_reading(text: str | bytes) -> bool:
     """Whatever the compact path reads, the strict parser reads alike; True when it read it."""
-    compact = _compact_value(text, MAX_MESSAGE_BYTES)
-    if compact is _NOT_COMPACT:
+    compact = compact_value(text, max_bytes=MAX_MESSAGE_BYTES, max_depth=MAX_DEPTH)
+    if compact is NOT_COMPACT:
         return False
     strict = _strict_value(text, MAX_MESSAGE_BYTES)  # raises (and fails the test) if it refuses it
     assert repr(strict) == repr(compact), text  # repr: types too (1 against 1.0, -0.0 against 0.0)

@@ -11,12 +11,8 @@ surrogate, no NaN or Infinity, integers exact (beyond 64 bits too: validation ex
 at most :data:`MAX_DEPTH` levels, :data:`MAX_MESSAGE_BYTES`. Two parsers apply them:
 
 - **compact bodies** (orjson's own output, what the ingest step writes for each event of an
-  array, and what most producers' serialisers write): orjson reads the body and writes the value
-  back; if that gives the very same bytes, no rule can be broken but depth (orjson refuses NaN,
-  Infinity, overflowing floats, lone surrogates, control characters and invalid UTF-8; it reads
-  an integer beyond 64 bits as a float, and keeps one of two equal keys, so either would write
-  back differently). About 2.5 us for a typical 600-byte event, against 9-20 for the strict parser,
-  and for arrays no walk over every value to measure the depth;
+  array, and what most producers' serialisers write): :mod:`worker.events.compact`, about 2.5 us
+  for a typical 600-byte event, against 9-20 for the strict parser;
 - **anything else** (spaces after colons, ``\\u00e9`` escapes, ``1.50``...): :mod:`json` with an
   ``object_pairs_hook`` that sees every key, exact integers, ``parse_constant`` and
   ``parse_float`` for NaN, Infinity and overflow, a lone-surrogate scan when a surrogate escape
@@ -31,11 +27,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Final
-
-import orjson
+from typing import Any
 
 from worker.errors import MalformedBody
+from worker.events.compact import NOT_COMPACT, compact_value
 
 #: Largest body accepted, in bytes: ten times the largest upload the API takes (1000 events
 #: of about 1 KB). Anything bigger is a producer bug; refusing it bounds memory and time.
@@ -284,47 +279,8 @@ def parse_event(text: str) -> dict[str, Any]:
 
 def _value_of(body: bytes | str, max_bytes: int) -> Any:
     """The JSON value of a body, by the compact path when it applies, else by the strict one."""
-    value = _compact_value(body, max_bytes)
-    return _strict_value(body, max_bytes) if value is _NOT_COMPACT else value
-
-
-#: What :func:`_compact_value` returns for a body orjson would not write byte for byte.
-_NOT_COMPACT: Final = object()
-
-#: The start of a line holding a value inside :data:`MAX_DEPTH` containers, as orjson pretty-prints
-#: (two spaces a level): a body nested deeper than that has one, and a string cannot (a newline in
-#: a string is written ``\\n``). Looking for it costs a tenth of walking a 50-event array's values.
-_DEEP_LINE: Final = b"\n" + b"  " * MAX_DEPTH
-
-
-def _compact_value(body: bytes | str, max_bytes: int) -> Any:
-    """The value of a body that is exactly orjson's writing of it, else :data:`_NOT_COMPACT`.
-
-    Such a body breaks none of the strict parser's rules but depth (see the module docstring),
-    and the strict parser would read the same value: every number written the shortest way,
-    every string with the escapes both read alike, no key twice. Over ``max_bytes``, or perhaps
-    nested over :data:`MAX_DEPTH` levels (more brackets than that, and a value that deep in the
-    pretty-printed body), the strict parser decides.
-    """
-    if isinstance(body, str):
-        try:
-            data = body.encode()
-        except UnicodeEncodeError:  # a lone surrogate in the text itself
-            return _NOT_COMPACT
-    else:
-        data = body if type(body) is bytes else bytes(body)
-    if len(data) > max_bytes:
-        return _NOT_COMPACT
-    try:
-        value = orjson.loads(data)
-        if orjson.dumps(value) != data:
-            return _NOT_COMPACT
-        if data.count(b"[") + data.count(b"{") > MAX_DEPTH and _DEEP_LINE in orjson.dumps(
-                value, option=orjson.OPT_INDENT_2):
-            return _NOT_COMPACT
-    except (orjson.JSONDecodeError, orjson.JSONEncodeError):  # not JSON; nested past orjson's writer
-        return _NOT_COMPACT
-    return value
+    value = compact_value(body, max_bytes=max_bytes, max_depth=MAX_DEPTH)
+    return _strict_value(body, max_bytes) if value is NOT_COMPACT else value
 
 
 def _strict_value(body: bytes | str, max_bytes: int) -> Any:

@@ -10,7 +10,8 @@ and dead letters): they name fields, JSON types and paths only.
 Timestamps without a zone (``2020-04-28T16:47:37``) are what the API's own samples send, and
 the API takes them, so they pass by default; ``validate_event(..., naive_timestamps="reject")``
 refuses them for teams that want every instant explicit (the ``ACTIVITY_NAIVE_TIMESTAMPS``
-setting). :func:`has_naive_timestamp` tells the upload stage which events to count and log.
+setting). The upload stage counts and logs such events (:mod:`worker.events.screening`, from
+the one reading of the timestamp; :func:`has_naive_timestamp` says the same of any value).
 Such a time is read as UTC wherever the worker needs an instant (the stale check): the API
 stores the text as it is and shows times in the panel's zone, so no reading is exact, and UTC
 is what the API calls its default.
