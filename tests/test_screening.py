@@ -145,3 +145,33 @@ def test_both_choices_are_compiled_from_their_schemas() -> None:
     forward, reject = compiled.CHECKS["forward"](naive), compiled.CHECKS["reject"](naive)
     assert forward == datetime(2025, 12, 31, 20) and reject is None
     assert compiled.valid_time(event(0)) == datetime(2025, 12, 31, 18, tzinfo=timezone.utc)
+
+
+# --- each body read once --------------------------------------------------------------------------------
+
+
+class Reads:
+    """orjson.loads, counting its calls."""
+
+    def __init__(self) -> None:
+        import orjson
+
+        self.loads, self.calls = orjson.loads, 0
+
+    def __call__(self, data: Any) -> Any:
+        self.calls += 1
+        return self.loads(data)
+
+
+@pytest.mark.parametrize("body", [json.dumps([event(i) for i in range(50)], separators=(",", ":")).encode(),
+                                  text(event(0)).encode()], ids=["array", "single"])
+def test_the_consumer_reads_a_body_once(body: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    import orjson
+
+    from bench.upload import Message
+    from worker.ingest.decoding import events_of
+
+    reads = Reads()
+    monkeypatch.setattr(orjson, "loads", reads)
+    assert len(events_of(Message(body))) == (50 if body.startswith(b"[") else 1)
+    assert reads.calls == 1
