@@ -21,6 +21,14 @@ from bench.scenarios import KillResult, OutageResult
 #: A single-event case must reach this share of the bare drain's events/s.
 TARGET_DRAIN_RATIO = 0.8
 
+#: A single-event case's worker CPU per event, at most this many times the bare consumer's.
+TARGET_CPU_RATIO = 1.2
+
+#: With ``--baseline``: the 7-asset_id array case's events/s, at least this many times the baseline's
+#: (the 1000-asset_id cases are held to 0.5 x the 7-asset_id ones instead).
+TARGET_ARRAY_BASELINE_RATIO = 2.0
+TARGET_BASELINE_CASES: tuple[str, ...] = ("array50-7",)
+
 #: Every case must be this many times faster than the naive design.
 TARGET_NAIVE_RATIO = 20.0
 
@@ -54,10 +62,35 @@ class CaseResult:
     preload_s: float
     drain: DrainResult
     worker: RunResult
+    baseline: RunResult | None = None  #: the --baseline commit's worker on the same backlog
 
     @property
     def drain_events_per_s(self) -> float:
         return self.drain.messages_per_s * self.case.per_message
+
+    @property
+    def drain_cpu_us(self) -> float:
+        """The bare consumer's CPU per event."""
+        return self.drain.cpu_us_per_message() / self.case.per_message
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """The worker's CPU per event over the bare consumer's."""
+        return self.worker.worker_cpu_us / self.drain_cpu_us if self.drain_cpu_us else None
+
+    @property
+    def cpu_ratio_with_broker(self) -> float | None:
+        """The same, the broker's CPU added to each side."""
+        broker, worker_broker = self.drain.broker_cpu_us_per_message(), self.worker.broker_cpu_us
+        if broker is None or worker_broker is None or not self.drain_cpu_us:
+            return None
+        return (self.worker.worker_cpu_us + worker_broker) / (self.drain_cpu_us + broker / self.case.per_message)
+
+    @property
+    def ratio_to_baseline(self) -> float | None:
+        if self.baseline is None or not self.baseline.events_per_s:
+            return None
+        return self.worker.events_per_s / self.baseline.events_per_s
 
     @property
     def ratio_to_drain(self) -> float:
@@ -123,8 +156,10 @@ class Results:
     cases: list[CaseResult] = field(default_factory=list)
     naive: RunResult | None = None
     scale_out: list[tuple[str, RunResult]] = field(default_factory=list)
-    profile: list[dict[str, Any]] = field(default_factory=list)
-    profile_text: str = ""
+    #: py-spy's profile as markdown, by case title (--profile).
+    profiles: dict[str, str] = field(default_factory=dict)
+    #: The --baseline commit, when there is one.
+    baseline: str | None = None
     notes: list[str] = field(default_factory=list)
     total_seconds: float = 0.0
     environment: dict[str, Any] = field(default_factory=dict)
@@ -182,9 +217,19 @@ class Results:
             if c.case.per_message == 1:
                 out.append(_at_least("events/s >= 0.8 x bare drain", title, c.ratio_to_drain,
                                      TARGET_DRAIN_RATIO, f"{c.ratio_to_drain:.2f} x"))
+                if c.cpu_ratio is not None:
+                    out.append(Target(f"worker CPU per event <= {TARGET_CPU_RATIO} x the bare consumer's", title,
+                                      c.cpu_ratio, TARGET_CPU_RATIO, c.cpu_ratio <= TARGET_CPU_RATIO,
+                                      f"{c.cpu_ratio:.2f} x ({w.worker_cpu_us:,.0f} against {c.drain_cpu_us:,.0f} "
+                                      "us/event)"))
             else:
                 out.append(_at_least("events/s >= 25,000 (50-event messages)", title, w.events_per_s,
                                      TARGET_ARRAY_EVENTS_PER_S, f"{w.events_per_s:,.0f} events/s"))
+                if c.ratio_to_baseline is not None and c.baseline is not None and c.case.key in TARGET_BASELINE_CASES:
+                    out.append(_at_least(f"events/s >= {TARGET_ARRAY_BASELINE_RATIO:g} x the baseline's "
+                                         f"({self.baseline})", title, c.ratio_to_baseline, TARGET_ARRAY_BASELINE_RATIO,
+                                         f"{c.ratio_to_baseline:.2f} x ({w.events_per_s:,.0f} against "
+                                         f"{c.baseline.events_per_s:,.0f} events/s)"))
             naive = c.ratio_to_naive(self.naive)
             if naive is not None:
                 out.append(_at_least("events/s >= 20 x naive", title, naive, TARGET_NAIVE_RATIO, f"{naive:.1f} x"))
@@ -196,6 +241,7 @@ class Results:
 
     def warnings(self) -> list[str]:
         runs = [(c.case.title, c.worker) for c in self.cases] + [(f"scale-out: {n}", r) for n, r in self.scale_out]
+        runs += [(f"{c.case.title}, baseline {self.baseline}", c.baseline) for c in self.cases if c.baseline]
         if self.latency is not None:
             runs += [(f"{self.latency.case.title}, instant API", self.latency.instant),
                      (f"{self.latency.case.title}, slow API", self.latency.slow)]
@@ -214,15 +260,22 @@ class Results:
             "naive_events": self.naive_events,
             "total_seconds": round(self.total_seconds, 1),
             "environment": self.environment,
+            "baseline": self.baseline,
             "cases": {c.case.key: {
                 "title": c.case.title, "messages": c.messages, "events_per_message": c.case.per_message,
                 "asset_ids": c.case.assets, "event_bytes": round(c.event_bytes, 1),
                 "preload_seconds": round(c.preload_s, 2),
                 "bare_drain": {"messages": c.drain.messages, "seconds": round(c.drain.seconds, 3),
                                "messages_per_s": round(c.drain.messages_per_s, 1),
-                               "events_per_s": round(c.drain_events_per_s, 1)},
+                               "events_per_s": round(c.drain_events_per_s, 1),
+                               "cpu_us_per_event": round(c.drain_cpu_us, 2),
+                               "broker_cpu_us_per_message": _round(c.drain.broker_cpu_us_per_message(), 2)},
                 "worker": c.worker.to_dict(),
                 "ratio_to_bare_drain": round(c.ratio_to_drain, 3),
+                "cpu_ratio_to_bare_drain": _round(c.cpu_ratio, 3),
+                "cpu_ratio_to_bare_drain_with_broker": _round(c.cpu_ratio_with_broker, 3),
+                "baseline": c.baseline.to_dict() if c.baseline else None,
+                "ratio_to_baseline": _round(c.ratio_to_baseline, 3),
                 "ratio_to_naive": _round(c.ratio_to_naive(self.naive), 2),
             } for c in self.cases},
             "naive": self.naive.to_dict() if self.naive else None,
@@ -238,7 +291,7 @@ class Results:
             "targets": [t.__dict__ for t in self.targets()],
             "warnings": self.warnings(),
             "notes": self.notes,
-            "profile": self.profile,
+            "profiles": self.profiles,
         }
 
     def write_json(self, path: Path) -> None:
@@ -271,9 +324,8 @@ class Results:
         warnings = self.warnings()
         if warnings:
             parts.append("### WARNINGS\n\n" + "\n".join(f"- **{w}**" for w in warnings))
-        if self.profile_text:
-            parts.append("### Profile of the worker's main process (single-event messages, 7 asset_ids)\n\n"
-                         + self.profile_text)
+        for title, text in self.profiles.items():
+            parts.append(f"### Profile of the worker ({title})\n\n{text}")
         if self.notes:
             parts.append("### Notes\n\n" + "\n".join(f"- {n}" for n in self.notes))
         return "\n\n".join(parts)
@@ -292,6 +344,11 @@ class Results:
              f">= {TARGET_DRAIN_RATIO}" if single else ""),
             ("ratio to naive", f"**{naive:.1f} x**" if naive is not None else "-", f">= {TARGET_NAIVE_RATIO:.0f} x"),
             ("worker CPU", _cpu(w), ""),
+            ("bare consumer CPU (broker CPU meanwhile)",
+             f"{c.drain_cpu_us:,.1f} us/event ({_num(c.drain.broker_cpu_us_per_message())} us/message)", ""),
+            ("worker CPU / bare consumer's (each with its broker CPU)",
+             f"**{_num(c.cpu_ratio, 2)} x** ({_num(c.cpu_ratio_with_broker, 2)} x)",
+             f"<= {TARGET_CPU_RATIO} x" if single else ""),
             ("broker CPU", f"{_num(w.broker_cpu_us)} us/event", ""),
             ("sandbox API CPU", f"{w.sandbox_cpu_us:,.0f} us/event", ""),
             ("peak RSS", _rss(w), f"< {TARGET_RSS_MB:.0f} MB"),
@@ -304,6 +361,17 @@ class Results:
             ("backlog read by the consumer after / upload tasks waiting, peak",
              f"{_num(w.source_read_s, 1)} s / {_num(w.upload_backlog_peak)}", ""),
         ]
+        if c.baseline is not None:
+            b = c.baseline
+            rows += [
+                (f"baseline {self.baseline}: events/s, end to end (steady)",
+                 f"{b.events_per_s:,.0f} ({_num(b.steady_events_per_s)})", ""),
+                (f"baseline {self.baseline}: worker CPU", _cpu(b), ""),
+                ("against the baseline: events/s, CPU per event",
+                 f"**{_num(c.ratio_to_baseline, 2)} x**, "
+                 f"{_num(w.worker_cpu_us / b.worker_cpu_us if b.worker_cpu_us else None, 2)} x",
+                 f">= {TARGET_ARRAY_BASELINE_RATIO:g} x" if c.case.key in TARGET_BASELINE_CASES else ""),
+            ]
         head = (f"### {c.case.title}\n\n{w.expected:,} events in {c.messages:,} messages of "
                 f"{c.event_bytes:,.0f} bytes/event (preloaded in {c.preload_s:.1f} s)\n\n"
                 "| metric | value | target |\n| --- | ---: | --- |")
