@@ -21,10 +21,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import orjson
 
-from bench import baseline, broker, events, naive, runs, scenarios
+from bench import accounts, baseline, broker, events, naive, runs, scenarios
 from bench.api import API_KEY, SandboxProcess
 from bench.events import CASES, LATENCY_CASE, Case
 from bench.procs import kill_all
@@ -69,7 +70,7 @@ QUICK_OUTAGE_SECONDS = 30.0
 QUICK_OUTAGE_EVENTS = 5_000
 
 #: What ``--skip`` can leave out.
-PARTS: tuple[str, ...] = ("latency", "naive", "scale-out", "kill", "outage")
+PARTS: tuple[str, ...] = ("latency", "naive", "scale-out", "kill", "outage", "accounts")
 
 #: Where the results go (git-ignored).
 RESULTS = ROOT / "bench-results"
@@ -210,7 +211,8 @@ class Bench:
             old.unlink()
         self.results.environment = {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                                     "worker_settings": runs.tuning_env(), "worker_code": _code_version()}
-        self.sandbox = SandboxProcess(ROOT, self.logs / "sandbox.log", dict(os.environ)).start()
+        self.sandbox = SandboxProcess(ROOT, self.logs / "sandbox.log", dict(os.environ),
+                                      accounts={accounts.DOWN_ACCOUNT: accounts.DOWN_KEY}).start()
         counts = ", ".join(f"{key} {n:,}" for key, n in self.results.events.items())
         self.say(f"sandbox API on {self.sandbox.url}; events per case: {counts}; run {self.queues.run_id}")
         skip = set(self.args.skip)
@@ -237,6 +239,8 @@ class Bench:
             self._kill()
         if "outage" not in skip:
             self._outage()
+        if "accounts" not in skip:
+            self._accounts()
         self.results.total_seconds = time.monotonic() - self.started
         return self.results
 
@@ -265,7 +269,7 @@ class Bench:
                           preload_s, drain, worker, before)
 
     def _worker(self, label: str, queues: dict[str, str], commands: list[list[str]], expected: int,
-                profiler: Profiler | None = None, faults: list[dict[str, float]] | None = None,
+                profiler: Profiler | None = None, faults: list[dict[str, Any]] | None = None,
                 root: Path = ROOT) -> runs.RunResult:
         """One measured run of ``commands``, started in ``root`` (a --baseline's tree runs its own code)."""
         assert self.sandbox is not None
@@ -364,6 +368,17 @@ class Bench:
         self.say(f"outage: {ledger.dead_lettered if ledger else '?'} dead-lettered, {result.requests_down} requests "
                  f"to the down API (bound {result.requests_bound}), drained in {_fmt(result.drain_s)} s, "
                  f"peak RSS {result.rss_peak_mb:.0f} MB" + "".join(f"\n      WARNING: {w}" for w in result.warnings))
+
+    def _accounts(self) -> None:
+        """One account's backlog alone, then beside a second account that is down throughout."""
+        assert self.sandbox is not None
+
+        def run(label: str, env: dict[str, str], expected: int, faults: list[dict[str, Any]]) -> runs.RunResult:
+            return self._worker(label, env, [runs.celery_worker("worker.app")], expected, faults=faults)
+
+        self.results.accounts = accounts.run_accounts(
+            queues=self.queues, sandbox=self.sandbox, run_id=self.queues.run_id,
+            count=events_for(accounts.CASE, self.args.events), results=RESULTS, run=run, say=self.say)
 
     def _profile(self, case: Case) -> None:
         """A run of its own on ``case``'s backlog, py-spy sampling the worker throughout."""

@@ -116,6 +116,13 @@ def worker_queues(env: Mapping[str, str]) -> list[str]:
             *(topology.delay_name(rung) for rung in delay_ladder(MAX_BACKOFF))]
 
 
+def account_queues(env: Mapping[str, str], account: str) -> list[str]:
+    """The upload queue of ``account`` and its delay ladder, for a worker with these queue settings."""
+    topology = Topology.of(Settings.from_env({"CELERY_BROKER_URL": BROKER_URL, **env}, require_api=False))
+    return [topology.upload_for(account),
+            *(topology.delay_name(rung, account) for rung in delay_ladder(MAX_BACKOFF))]
+
+
 def delay_queues(env: Mapping[str, str]) -> list[str]:
     """The delay queues of the ladder a worker run with environment ``env`` declares."""
     topology = Topology.of(Settings.from_env({"CELERY_BROKER_URL": BROKER_URL, **env}, require_api=False))

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.accounts import TARGET as TARGET_ACCOUNTS_RATIO
+from bench.accounts import AccountsResult
 from bench.broker import DrainResult
 from bench.events import Case
 from bench.runs import RunResult
@@ -166,6 +168,7 @@ class Results:
     latency: LatencyResult | None = None
     kill: KillResult | None = None
     outage: OutageResult | None = None
+    accounts: AccountsResult | None = None
 
     def asset_ratios(self) -> list[AssetRatio]:
         by_key = {c.case.key: c for c in self.cases}
@@ -202,6 +205,19 @@ class Results:
                               else f"{o.requests_down} > {o.requests_bound}"))
             out.append(Target("peak RSS < 300 MB", subject, o.rss_peak_mb, TARGET_RSS_MB, o.rss_peak_mb < TARGET_RSS_MB,
                               f"{o.rss_peak_mb:.0f} MB"))
+        if self.accounts is not None:
+            a = self.accounts
+            subject = f"{a.events:,} events of one account, {a.down_events:,} of a second one"
+            out.append(_at_least(f"the healthy account beside a down one >= {TARGET_ACCOUNTS_RATIO} x beside it "
+                                 "healthy", subject, a.isolation, TARGET_ACCOUNTS_RATIO,
+                                 f"{a.isolation:.2f} x ({a.beside.events_per_s:,.0f} vs {a.both_healthy_rate:,.0f} "
+                                 f"events/s; {a.down_requests} requests to the down account)"))
+            out.append(_at_least(f"the healthy account beside a down one >= {TARGET_ACCOUNTS_RATIO} x its rate alone",
+                                 subject, a.ratio, TARGET_ACCOUNTS_RATIO,
+                                 f"{a.ratio:.2f} x ({a.beside.events_per_s:,.0f} vs {a.alone.events_per_s:,.0f} "
+                                 "events/s; the worker reads half as many messages again)"))
+            out.append(_exactly_once(f"{subject}, the healthy account beside the down one", a.beside))
+            out.append(_exactly_once(f"{subject}, both healthy", a.both))
         if self.kill is not None and self.kill.ledger is not None:
             k, ledger = self.kill, self.kill.ledger
             subject = f"SIGKILL at {k.kill_share:.0%} of {k.events:,} events"
@@ -247,6 +263,8 @@ class Results:
                      (f"{self.latency.case.title}, slow API", self.latency.slow)]
         if self.naive is not None:
             runs.append(("naive", self.naive))
+        if self.accounts is not None:
+            runs += [("one account alone", self.accounts.alone), ("two accounts healthy", self.accounts.both)]
         out = [f"{name}: {warning}" for name, run in runs for warning in run.warnings]
         if self.kill is not None:
             out += [f"SIGKILL scenario: {w}" for w in self.kill.warnings]
@@ -287,6 +305,7 @@ class Results:
                               "ratio": round(r.ratio, 3)} for r in self.asset_ratios()],
             "kill": self.kill.to_dict() if self.kill else None,
             "outage": self.outage.to_dict() if self.outage else None,
+            "accounts": self.accounts.to_dict() if self.accounts else None,
             "scale_out": [{"setup": name, **run.to_dict()} for name, run in self.scale_out],
             "targets": [t.__dict__ for t in self.targets()],
             "warnings": self.warnings(),
@@ -320,6 +339,8 @@ class Results:
             parts.append(_kill_block(self.kill))
         if self.outage is not None:
             parts.append(_outage_block(self.outage))
+        if self.accounts is not None:
+            parts.append(_accounts_block(self.accounts))
         parts.append(self._targets_block())
         warnings = self.warnings()
         if warnings:
@@ -484,6 +505,20 @@ def _kill_block(k: KillResult) -> str:
     rows.append(("from the kill to the last delivery (restart included)", f"{_num(k.restart_to_done_s, 1)} s"))
     table = "| metric | value |\n| --- | ---: |\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     return f"### SIGKILL of the worker mid-run\n\n{table}\n\n{k.explanation}"
+
+
+def _accounts_block(a: AccountsResult) -> str:
+    rows = [("alone", f"{a.alone.events_per_s:,.0f}", "1.00 x"),
+            (f"with {a.down_events:,} events of a second account, both healthy", f"{a.both_healthy_rate:,.0f}",
+             f"{a.both_healthy_rate / a.alone.events_per_s if a.alone.events_per_s else 0:.2f} x"),
+            ("with the same, the second account down (503 to its every upload)", f"**{a.beside.events_per_s:,.0f}**",
+             f"**{a.ratio:.2f} x** ({a.isolation:.2f} x beside it healthy)")]
+    lines = ["### Two accounts, one down for the whole run", "",
+             f"{a.events:,} single-event messages of one account (7 asset_ids); its own events/s in each run. "
+             f"{a.down_requests} requests to the down account, its events waiting in its upload queue.", "",
+             "| the healthy account | events/s | ratio to alone |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {rate} | {ratio} |" for name, rate, ratio in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _outage_block(o: OutageResult) -> str:
