@@ -166,13 +166,12 @@ def read_bundle(args: Sequence[Any]) -> Bundle:
                 wire.get("events"), list):
             raise ValueError("a batch is an object with an asset_id (string) and events (list)")
         replays = wire.get("replays")
-        batch = UploadBatch(
-            wire["asset_id"], wire["events"], int(wire.get("attempts") or 0),
-            float(wire["since"]) if isinstance(wire.get("since"), (int, float)) else None,
-            [int(r) for r in replays] if isinstance(replays, list) else None,
-        )
-        if isinstance(wire.get("id"), str):
-            batch.id = wire["id"]
+        since = float(wire["since"]) if isinstance(wire.get("since"), (int, float)) else None
+        replayed = [int(r) for r in replays] if isinstance(replays, list) else None
+        name = wire.get("id")
+        batch = (UploadBatch(wire["asset_id"], wire["events"], int(wire.get("attempts") or 0), since, replayed, name)
+                 if isinstance(name, str) else
+                 UploadBatch(wire["asset_id"], wire["events"], int(wire.get("attempts") or 0), since, replayed))
         batch.checked = wire.get("checked") is True
         batches.append(batch)
     return Bundle(batches, account)
