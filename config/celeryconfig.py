@@ -20,6 +20,17 @@ netcore_settings = SETTINGS
 
 broker_url = SETTINGS.broker_url
 broker_connection_retry_on_startup = True
+#: After a lost connection (a broker restarted, a network partition), reconnect for as long as it
+#: takes: Celery's default gives up after 100 attempts (about 45 minutes) and ends the worker.
+broker_connection_max_retries = None
+#: AMQP heartbeats on Celery's connections (the consumer, with remote control on it, and task
+#: events), in seconds. Each side takes a peer for dead after two intervals without a byte from
+#: it (RabbitMQ after two to three): 30 to 45 s here. Until then RabbitMQ holds a dead
+#: connection's unacknowledged messages and its exclusive remote-control queue (worker.consumer
+#: waits for it); Celery's default of 120 s made that up to six minutes after a network
+#: partition. The event loop checks them every ``15 / broker_heartbeat_checkrate`` (3) = 5 s:
+#: a loop that stops for more than 30 s would be taken for a dead connection and reconnect.
+broker_heartbeat = 15
 #: Wait for RabbitMQ's confirm on every publish Celery makes (our own publisher groups them).
 broker_transport_options = {"confirm_publish": True}
 
