@@ -21,11 +21,14 @@ What is changed, and why this and not something else:
   the warning says so). Only ``RESOURCE_LOCKED`` is waited out; any other error is Celery's to
   handle, as before.
   Celery's own answer, ``broker_channel_error_retry``, restarts the whole consumer on *every*
-  channel error while it starts: it would reconnect several times a second for the whole wait
-  (each time taking messages and dropping them again, with an error in the log) and would make a
-  real misconfiguration, such as a queue declared with other arguments, retry for ever instead of
-  stopping. A non-exclusive remote-control queue (``control_queue_exclusive = False``) avoids the
-  lock, but a transient non-exclusive queue is deprecated in RabbitMQ 4.
+  channel error while it starts: it reconnects several times a second for the whole wait
+  (measured: 154 reconnections and 25 "Frequent restarts detected" errors in 28 s), consuming
+  nothing meanwhile, and it would make a real misconfiguration, such as a queue declared with
+  other arguments, retry for ever instead of stopping. A non-exclusive remote-control queue
+  (``control_queue_exclusive = False``) avoids the lock, but RabbitMQ deprecates transient
+  non-exclusive queues and refuses them by default since 4.3; a durable one
+  (``control_queue_durable``) lives on one node of a cluster and cannot be declared while that
+  node is down, the very time the worker reconnects to another.
 - :class:`Heart` sends its ``worker-heartbeat`` events without retrying. Celery's retries for
   ever, reconnecting in the event loop: during a partition the whole loop stopped there (no
   consuming, no heartbeats, the lost consumer connection not even noticed) until the network was
