@@ -34,11 +34,15 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from tests.harness import free_port
+
+#: The address a node listens on unless told otherwise.
+LOOPBACK = "127.0.0.1"
 
 #: How long a node may take to boot (measured: about 4 s on a quiet 2-core machine).
 START_TIMEOUT = 90.0
@@ -103,11 +107,15 @@ class RabbitNode:
     """One private RabbitMQ node: its own name, ports and directory under its cluster's base.
 
     The node's VM runs in a process group of its own (no Ctrl-C of the terminal reaches it);
-    :meth:`remove` kills the group and deletes the directory.
+    :meth:`remove` kills the group and deletes the directory. ``address`` is where it listens
+    for clients; ``launcher``, a command prefix that the server and ``rabbitmqctl`` run under
+    (``ip netns exec NAME``: a node on a host of its own, see ``tests/netns.py``).
     """
 
-    def __init__(self, name: str, *, base: Path, home: Path, tools: Tools, user: str, password: str) -> None:
+    def __init__(self, name: str, *, base: Path, home: Path, tools: Tools, user: str, password: str,
+                 address: str = LOOPBACK, launcher: Sequence[str] = ()) -> None:
         self.name = name
+        self.address, self.launcher = address, tuple(launcher)
         self.user, self.password = user, password
         self.directory = base / name.split("@", 1)[0]
         self.home = home
@@ -125,7 +133,7 @@ class RabbitNode:
     @property
     def url(self) -> str:
         """The AMQP URL of the node's default vhost, with its user."""
-        return f"amqp://{self.user}:{self.password}@127.0.0.1:{self.port}//"
+        return f"amqp://{self.user}:{self.password}@{self.address}:{self.port}//"
 
     @property
     def env(self) -> dict[str, str]:
@@ -135,7 +143,7 @@ class RabbitNode:
             **os.environ,
             "HOME": str(self.home),  # its .erlang.cookie, shared by the cluster
             "RABBITMQ_NODENAME": self.name,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_IP_ADDRESS": self.address,
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
@@ -162,7 +170,7 @@ class RabbitNode:
         try:
             argv, env = self.tools.launch([self.tools.server], self.env)
             self.process = subprocess.Popen(
-                argv, cwd=self.directory, env=env, stdin=subprocess.DEVNULL,
+                [*self.launcher, *argv], cwd=self.directory, env=env, stdin=subprocess.DEVNULL,
                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
             )
         finally:
@@ -196,7 +204,8 @@ class RabbitNode:
         name = Path(script).name
         argv, env = self.tools.launch([script, "-n", self.name, *args], self.env)
         try:
-            done = subprocess.run(argv, env=env, cwd=self.directory, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run([*self.launcher, *argv], env=env, cwd=self.directory, capture_output=True, text=True,
+                                  timeout=timeout)
         except subprocess.TimeoutExpired:
             raise NodeError(f"{name} {' '.join(args)} on {self.name}: no answer in {timeout:.0f} s") from None
         if done.returncode != 0:
@@ -309,11 +318,11 @@ class RabbitNodes:
         self.user, self.password = user, password
         self.nodes: list[RabbitNode] = []
 
-    def node(self) -> RabbitNode:
-        """A new node of this set, not started yet."""
+    def node(self, *, address: str = LOOPBACK, launcher: Sequence[str] = ()) -> RabbitNode:
+        """A new node of this set, not started yet (``address``, ``launcher``: see RabbitNode)."""
         name = f"activity-tests-{self.token}-{len(self.nodes) + 1}@localhost"
         node = RabbitNode(name, base=self.base, home=self.home, tools=self.tools, user=self.user,
-                          password=self.password)
+                          password=self.password, address=address, launcher=launcher)
         self.nodes.append(node)
         return node
 

@@ -22,9 +22,9 @@ from typing import Any
 
 from kombu.connection import Connection
 
-#: Seconds between heartbeats on the worker's long-lived connections (and Celery's): both sides
-#: notice a dead peer within about two of them.
-HEARTBEAT = 10.0
+#: Seconds between heartbeats on the worker's long-lived connections, as on Celery's (``broker_heartbeat``
+#: in :mod:`config.celeryconfig`): both sides notice a dead peer within two to three of them.
+HEARTBEAT = 15.0
 
 
 def connect(url: str, *, timeout: float = 10.0, retries: int = 3, heartbeat: float = 0.0,
