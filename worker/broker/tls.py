@@ -6,8 +6,9 @@ options it was given* (``establish_connection`` of ``kombu.transport.pyamqp``). 
 shared: by every connection Celery opens (its ``broker_use_ssl``), and by the nodes of a failover
 list one connection goes through (kombu's switch to the next node keeps the first options). So
 after the first connection every node would be checked against the first node's name, and a
-failover to a node with a certificate of its own would fail. kombu also connects to 127.0.0.1
-for a URL saying ``localhost``, and checked that address instead of the name the URL gives.
+failover to a node with a certificate of its own would fail. kombu also rewrites a URL's
+``localhost`` to 127.0.0.1 (for good, in the connection) before it fills the name in, so a
+certificate naming ``localhost`` would be checked against the address instead.
 
 :class:`Transport` is kombu's ``amqps`` transport except for that: each connection attempt gets a
 copy of the options with the name of the node it connects to, as its URL writes it, and leaves
