@@ -2,8 +2,9 @@
 (``--quick``: under 2).
 
 The order keeps what is compared close in time: each case's bare drain runs just before the
-worker on the same backlog, so a burst of noise on the machine hits both or neither, and the
-100-asset_id backlog runs against the instant API and then against the slow one right after.
+worker on the same backlog (and, with ``--baseline``, the worker of another commit right after
+it), so a burst of noise on the machine hits both or neither, and the 100-asset_id backlog runs
+against the instant API and then against the slow one right after.
 The two scenarios come last (a SIGKILL mid-run, then an outage of several minutes). Every
 process started is killed and every queue deleted on the way out, Ctrl-C included.
 """
@@ -20,14 +21,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import orjson
 
-from bench import broker, events, naive, runs, scenarios
+from bench import accounts, baseline, broker, events, naive, runs, scenarios
 from bench.api import API_KEY, SandboxProcess
 from bench.events import CASES, LATENCY_CASE, Case
 from bench.procs import kill_all
-from bench.profile import Profiler, loop_frames, render, top_functions
+from bench.profile import Profiler, render
 from bench.report import CaseResult, LatencyResult, Results
 
 #: The project's root: where the worker runs and results are written.
@@ -68,7 +70,7 @@ QUICK_OUTAGE_SECONDS = 30.0
 QUICK_OUTAGE_EVENTS = 5_000
 
 #: What ``--skip`` can leave out.
-PARTS: tuple[str, ...] = ("latency", "naive", "scale-out", "kill", "outage")
+PARTS: tuple[str, ...] = ("latency", "naive", "scale-out", "kill", "outage", "accounts")
 
 #: Where the results go (git-ignored).
 RESULTS = ROOT / "bench-results"
@@ -76,7 +78,7 @@ RESULTS = ROOT / "bench-results"
 #: Signals that stop the benchmark (and every process it started).
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-#: The case the scale-out table and the profile use.
+#: The case the scale-out table uses, and the profile unless told which.
 SCALE_CASE = CASES[0]
 
 
@@ -114,11 +116,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"a smoke test of every part in a few minutes: {QUICK_EVENTS:,} events per case, "
                              f"a {QUICK_OUTAGE_SECONDS:.0f} s outage (options given explicitly still win)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile the worker's main process (py-spy) on single-event messages")
+    parser.add_argument("--profile", nargs="*", choices=[c.key for c in CASES], default=None, metavar="CASE",
+                        help=f"also profile the worker (py-spy), in a run of its own for each CASE (default "
+                             f"{SCALE_CASE.key}): {', '.join(c.key for c in CASES)}")
+    parser.add_argument("--baseline", metavar="REF",
+                        help="also run the worker of commit REF (e.g. main) on each case's backlog, right after "
+                             "this checkout's: an A/B of two versions in one run")
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json",
                         help="where the JSON results go (default bench-results/latest.json)")
     args = parser.parse_args(argv)
+    if args.profile == []:
+        args.profile = [SCALE_CASE.key]
     if args.no_scale_out and "scale-out" not in args.skip:
         args.skip.append("scale-out")
     if args.quick:
@@ -167,6 +175,10 @@ class Bench:
         self.results = Results({c.key: events_for(c, args.events) for c in CASES if c.key in args.cases},
                                args.naive_events)
         self.sandbox: SandboxProcess | None = None
+        #: (commit, directory) of the --baseline worker.
+        self.baseline = baseline.extract(args.baseline, repository=ROOT, into=RESULTS / "baseline") \
+            if args.baseline else None
+        self.results.baseline = self.baseline[0] if self.baseline else None
         #: The scale-out runs' queues (two processes; one process on quorum queues), filled by
         #: the same preload as the first case's.
         self.scale_queues: list[dict[str, str]] = []
@@ -199,7 +211,8 @@ class Bench:
             old.unlink()
         self.results.environment = {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                                     "worker_settings": runs.tuning_env(), "worker_code": _code_version()}
-        self.sandbox = SandboxProcess(ROOT, self.logs / "sandbox.log", dict(os.environ)).start()
+        self.sandbox = SandboxProcess(ROOT, self.logs / "sandbox.log", dict(os.environ),
+                                      accounts={accounts.DOWN_ACCOUNT: accounts.DOWN_KEY}).start()
         counts = ", ".join(f"{key} {n:,}" for key, n in self.results.events.items())
         self.say(f"sandbox API on {self.sandbox.url}; events per case: {counts}; run {self.queues.run_id}")
         skip = set(self.args.skip)
@@ -219,13 +232,15 @@ class Bench:
             self._naive()
         if self.scale_queues:
             self._scale_out(scale_bodies)
-        if self.args.profile:
-            self._profile(scale_bodies or self._scale_bodies())
         del scale_bodies
+        for key in self.args.profile or []:
+            self._profile(next(c for c in CASES if c.key == key))
         if "kill" not in skip:
             self._kill()
         if "outage" not in skip:
             self._outage()
+        if "accounts" not in skip:
+            self._accounts()
         self.results.total_seconds = time.monotonic() - self.started
         return self.results
 
@@ -236,22 +251,31 @@ class Bench:
         """Preload (also into ``extra_queues``), bare drain, then the worker on the same backlog."""
         drain_queue = self.queues.single(f"{case.key}.drain")
         env = self.queues.worker_env(case.key)
-        copies = [drain_queue, env["ACTIVITY_QUEUE"], *extra_queues]
+        old = self.queues.worker_env(f"{case.key}-baseline") if self.baseline else None
+        copies = [drain_queue, env["ACTIVITY_QUEUE"], *([old["ACTIVITY_QUEUE"]] if old else []), *extra_queues]
         preload_s = broker.preload(copies, bodies, quorum=self._quorum_sources())
         self.say(f"{case.title}: preloaded {len(bodies):,} messages into {len(copies)} queues in {preload_s:.1f} s")
         drain = broker.bare_drain(drain_queue, len(bodies))
         self.say(f"{case.title}: bare drain {drain.messages_per_s:,.0f} msg/s "
                  f"({drain.messages_per_s * case.per_message:,.0f} events/s)")
-        worker = self._worker(case.key, env, [runs.celery_worker("worker.app")], self.results.events[case.key])
+        expected = self.results.events[case.key]
+        worker = self._worker(case.key, env, [runs.celery_worker("worker.app")], expected)
+        before = None
+        if old is not None and self.baseline is not None:
+            commit, root = self.baseline
+            before = self._worker(f"{case.key}-baseline", old, [runs.celery_worker("worker.app")], expected, root=root)
+            self.say(f"{case.title}: {worker.events_per_s / max(1.0, before.events_per_s):.2f} x the events/s of {commit}")
         return CaseResult(case, len(bodies), events.mean_event_bytes(bodies[:1000], case.per_message),
-                          preload_s, drain, worker)
+                          preload_s, drain, worker, before)
 
     def _worker(self, label: str, queues: dict[str, str], commands: list[list[str]], expected: int,
-                profiler: Profiler | None = None, faults: list[dict[str, float]] | None = None) -> runs.RunResult:
+                profiler: Profiler | None = None, faults: list[dict[str, Any]] | None = None,
+                root: Path = ROOT) -> runs.RunResult:
+        """One measured run of ``commands``, started in ``root`` (a --baseline's tree runs its own code)."""
         assert self.sandbox is not None
         result = runs.measure(
             label=label, commands=commands, env=runs.worker_env(os.environ, queues, self.sandbox, API_KEY),
-            sandbox=self.sandbox, expected=expected, root=ROOT, logs=self.logs,
+            sandbox=self.sandbox, expected=expected, root=root, logs=self.logs,
             source_queue=queues["ACTIVITY_QUEUE"], upload_queue=queues["ACTIVITY_UPLOAD_QUEUE"],
             dead_letter_queue=queues["ACTIVITY_DEAD_LETTER_QUEUE"],
             profiler=profiler, faults=faults or [],
@@ -345,21 +369,31 @@ class Bench:
                  f"to the down API (bound {result.requests_bound}), drained in {_fmt(result.drain_s)} s, "
                  f"peak RSS {result.rss_peak_mb:.0f} MB" + "".join(f"\n      WARNING: {w}" for w in result.warnings))
 
-    def _profile(self, bodies: list[bytes]) -> None:
-        env = self.queues.worker_env("profile")
-        broker.preload([env["ACTIVITY_QUEUE"]], bodies)
-        raw = RESULTS / "profile-main.txt"
+    def _accounts(self) -> None:
+        """One account's backlog alone, then beside a second account that is down throughout."""
+        assert self.sandbox is not None
+
+        def run(label: str, env: dict[str, str], expected: int, faults: list[dict[str, Any]]) -> runs.RunResult:
+            return self._worker(label, env, [runs.celery_worker("worker.app")], expected, faults=faults)
+
+        self.results.accounts = accounts.run_accounts(
+            queues=self.queues, sandbox=self.sandbox, run_id=self.queues.run_id,
+            count=events_for(accounts.CASE, self.args.events), results=RESULTS, run=run, say=self.say)
+
+    def _profile(self, case: Case) -> None:
+        """A run of its own on ``case``'s backlog, py-spy sampling the worker throughout."""
+        count = events_for(case, self.args.events)
+        env = self.queues.worker_env(f"profile-{case.key}")
+        broker.preload([env["ACTIVITY_QUEUE"]], events.bodies(self.queues.run_id, case, count))
+        raw = RESULTS / f"profile-{case.key}.txt"
         raw.unlink(missing_ok=True)
         profiler = Profiler(raw)
-        self.say("profile: a run of its own, with py-spy on the worker's main process")
-        self._worker("profile", env, [runs.celery_worker("worker.app")], len(bodies), profiler=profiler)
+        self.say(f"profile: {case.title}, a run of its own, with py-spy on the worker")
+        self._worker(f"profile-{case.key}", env, [runs.celery_worker("worker.app")], count, profiler=profiler)
         if not raw.exists():
             self.results.notes.append(f"py-spy wrote no profile: {profiler.log.decode(errors='replace')[-500:]}")
             return
-        total, rows = top_functions(raw)
-        self.results.profile = [{"function": r.function, "inclusive": round(r.inclusive, 4),
-                                 "self": round(r.self_share, 4)} for r in rows]
-        self.results.profile_text = render(total, rows, loop_frames(raw)) + f"\n\nRaw stacks: {raw.relative_to(ROOT)}"
+        self.results.profiles[case.title] = render(raw) + f"\n\nRaw stacks: {raw.relative_to(ROOT)}"
 
     def close(self) -> None:
         kill_all()

@@ -101,12 +101,16 @@ class Progress:
 class SandboxProcess:
     """``python -m worker.sandbox --quiet`` on a free port, with its control endpoints."""
 
-    def __init__(self, root: Path, log_path: Path, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, log_path: Path, env: dict[str, str],
+                 accounts: Mapping[str, str] | None = None) -> None:
+        """``accounts``: further accounts the sandbox serves, name -> API key."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        more = [arg for name, key in (accounts or {}).items() for arg in ("--account", f"{name}={key}")]
         self.process = Spawned(
             "sandbox",
-            [sys.executable, "-m", "worker.sandbox", "--port", str(self.port), "--quiet", "--api-key", API_KEY],
+            [sys.executable, "-m", "worker.sandbox", "--port", str(self.port), "--quiet", "--api-key", API_KEY,
+             *more],
             {**env, "PYTHONUNBUFFERED": "1"}, log_path, root,
         )
         self.session = requests.Session()

@@ -16,7 +16,8 @@ the worker's queue at once (a fanout exchange): the same bytes, half the publish
 The bare drain is the reference every consumer is held against: the same messages, read by
 a plain kombu consumer that looks at nothing and acknowledges a thousand at a time. Nothing
 that does real work with the bodies can be faster, so "ratio to bare drain" says how much of
-the broker's capacity the worker turns into delivered events.
+the broker's capacity the worker turns into delivered events. Its CPU (the consuming thread's,
+and the broker's over the same span) is the yardstick of the worker's CPU per event.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import amqp
 from kombu import Connection, Consumer, Queue
 from kombu.message import Message
 
+from bench.procs import CpuMeter, broker_pid
 from config.settings import MAX_BACKOFF, Settings
 from worker.broker.publisher import Outgoing, Publisher
 from worker.broker.topology import QUORUM, Topology, delay_ladder
@@ -114,6 +116,13 @@ def worker_queues(env: Mapping[str, str]) -> list[str]:
             *(topology.delay_name(rung) for rung in delay_ladder(MAX_BACKOFF))]
 
 
+def account_queues(env: Mapping[str, str], account: str) -> list[str]:
+    """The upload queue of ``account`` and its delay ladder, for a worker with these queue settings."""
+    topology = Topology.of(Settings.from_env({"CELERY_BROKER_URL": BROKER_URL, **env}, require_api=False))
+    return [topology.upload_for(account),
+            *(topology.delay_name(rung, account) for rung in delay_ladder(MAX_BACKOFF))]
+
+
 def delay_queues(env: Mapping[str, str]) -> list[str]:
     """The delay queues of the ladder a worker run with environment ``env`` declares."""
     topology = Topology.of(Settings.from_env({"CELERY_BROKER_URL": BROKER_URL, **env}, require_api=False))
@@ -181,21 +190,31 @@ def depth(queue: str) -> int | None:
 
 @dataclass
 class DrainResult:
-    """What the bare consumer did: messages read and the seconds it took."""
+    """What the bare consumer did: messages read, the seconds it took, the CPU it and the broker used."""
 
     messages: int
     seconds: float
+    cpu_seconds: float = 0.0  #: the consuming thread's user + system time over the same span
+    broker_cpu_seconds: float | None = None  #: the broker's, when its process is on this machine
 
     @property
     def messages_per_s(self) -> float:
         return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    def cpu_us_per_message(self) -> float:
+        return self.cpu_seconds * 1e6 / self.messages if self.messages else 0.0
+
+    def broker_cpu_us_per_message(self) -> float | None:
+        if self.broker_cpu_seconds is None or not self.messages:
+            return None
+        return self.broker_cpu_seconds * 1e6 / self.messages
 
 
 def bare_drain(queue: str, expected: int) -> DrainResult:
     """Consume ``expected`` messages from ``queue`` doing nothing with them; time it.
 
     The clock runs from the ``basic.consume`` to the last message's arrival, like the worker's
-    runs from "ready" to the last upload.
+    runs from "ready" to the last upload; CPU is measured over the same span.
     """
     received = 0
     last_tag = 0
@@ -213,19 +232,23 @@ def bare_drain(queue: str, expected: int) -> DrainResult:
         channel = connection.channel()
         consumer = Consumer(channel, [Queue(queue, durable=True)], on_message=on_message,
                             prefetch_count=DRAIN_PREFETCH, no_ack=False)
-        started = time.perf_counter()
-        finished = started
+        pid = broker_pid()
+        broker_cpu = CpuMeter()
+        broker_cpu.start([pid] if pid else [])
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        finished, cpu_finished = started, cpu_started
         consumer.consume()
         while received < expected:
             try:
                 connection.drain_events(timeout=DRAIN_IDLE_TIMEOUT)
             except TimeoutError:
                 break
-            finished = time.perf_counter()
+            finished, cpu_finished = time.perf_counter(), time.thread_time()
+        broker_seconds = broker_cpu.stop([pid]) if pid else None
         if last_tag > last_acked:
             channel.basic_ack(last_tag, multiple=True)
         consumer.cancel()
-    return DrainResult(received, finished - started)
+    return DrainResult(received, finished - started, cpu_finished - cpu_started, broker_seconds)
 
 
 class QueueWatch:

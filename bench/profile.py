@@ -1,7 +1,8 @@
-"""``--profile``: where the worker's main process (the consumer) spends its time, by py-spy.
+"""``--profile``: where the worker's process spends its time, by py-spy, thread by thread.
 
-The consumer is the one process every message goes through, so it bounds the worker's
-throughput; a sampling profiler attached from outside (py-spy) sees it as it runs, without
+The worker is one process: its event loop (the main thread) consumes, batches and hands on,
+its upload threads screen and post; all share one interpreter, so the process's CPU bounds its
+throughput. A sampling profiler attached from outside (py-spy) sees it as it runs, without
 changing its code. The profile is taken in a run of its own, after the measured ones: a
 sampler costs the process some speed, and the table's numbers must not carry that cost.
 
@@ -9,7 +10,9 @@ py-spy's "raw" output is one line per distinct stack with its sample count. A fu
 *inclusive* share is the share of samples whose stack holds it anywhere (time in it and in
 what it calls), counted once per sample even when it recurses; its *self* share is the share
 where it is the innermost frame. Idle samples (waiting in epoll) are left out by py-spy, so
-shares are of the time the process was busy.
+shares are of the time the process was busy. Samples are grouped by thread (the event loop,
+the upload threads, any other), and each group's table leaves out the frames on nearly all of
+its own samples that do nothing themselves (start-up, the loop, the pool's plumbing).
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from pathlib import Path
 #: Samples per second: enough for a run of ten seconds, cheap for the sampled process.
 SAMPLE_RATE = 200
 
-#: Functions the report lists.
-TOP = 25
+#: Functions the report lists, per group of threads, by inclusive share and by self share.
+TOP = 15
+SELF_TOP = 10
 
-#: Functions on the stack of at least this share of the samples, doing nothing themselves,
-#: are start-up frames and the event loop: true of any worker, so left out of the list.
+#: Functions on the stack of at least this share of a group's samples, doing nothing themselves,
+#: are start-up frames, the event loop or the pool's plumbing: true of any worker, so left out.
 EVERYWHERE = 0.9
 
 #: ... provided their own (self) share is below this.
@@ -56,6 +60,28 @@ class Row:
     function: str
     inclusive: float  #: share of busy samples with this function on the stack
     self_share: float  #: share of busy samples with this function innermost
+
+
+@dataclass
+class Group:
+    """The samples of one kind of thread, and its functions that say something."""
+
+    name: str
+    samples: int
+    rows: list[Row]  #: by inclusive share
+    busiest: list[Row]  #: by self share: where the time goes, whatever calls it
+    left_out: int  #: frames on nearly every sample of the group, doing nothing themselves
+    innermost_left_out: str | None
+
+
+#: A frame that names its thread's kind: the event loop runs in the main thread, uploads in the pool's.
+THREAD_KINDS: tuple[tuple[str, str], ...] = (
+    ("_worker (concurrent/futures/thread.py)", "upload threads"),
+    ("Thread._bootstrap (threading.py)", "other threads"),
+)
+
+#: The main thread's kind.
+MAIN = "event loop (main thread)"
 
 
 def py_spy() -> str | None:
@@ -113,61 +139,69 @@ def frame_key(frame: str) -> str:
     return f"{match['function']} ({short(match['file'])})"
 
 
-def top_functions(raw: Path, top: int = TOP) -> tuple[int, list[Row]]:
-    """(busy samples, the ``top`` functions by inclusive share) of a py-spy raw file.
-
-    Functions on the stack of (nearly) every sample that do nothing themselves, the start-up
-    and event-loop frames Celery runs everything under, are left out: "97 %" for twenty of
-    them would push the informative rows off the list. :func:`loop_frames` names them.
-    """
-    total, inclusive, innermost, _ = _counts(raw)
-    if not total:
-        return 0, []
-    rows = [Row(key, samples / total, innermost[key] / total) for key, samples in inclusive.most_common()
-            if samples < EVERYWHERE * total or innermost[key] >= IDLE_SELF * total]
-    return total, rows[:top]
+def thread_kind(frames: list[str]) -> str:
+    """Which kind of thread a stack (outermost frame first) was sampled in."""
+    for frame, kind in THREAD_KINDS:
+        if frame in frames:
+            return kind
+    return MAIN
 
 
-def _counts(raw: Path) -> tuple[int, Counter[str], Counter[str], dict[str, int]]:
-    """(samples, inclusive samples, innermost samples, deepest position) per function of a
-    py-spy raw file."""
+def stacks(raw: Path) -> list[tuple[list[str], int]]:
+    """(frames, samples) of each distinct stack of a py-spy raw file, frames as :func:`frame_key`."""
+    found = []
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            found.append(([frame_key(f) for f in stack.split(";")], int(count_text)))
+    return found
+
+
+def groups(raw: Path, top: int = TOP) -> tuple[int, list[Group]]:
+    """(busy samples, one :class:`Group` per kind of thread, busiest first) of a py-spy raw file.
+
+    Shares are of all the process's busy samples, so that the groups' add up."""
+    by_kind: dict[str, list[tuple[list[str], int]]] = {}
+    for frames, count in stacks(raw):
+        by_kind.setdefault(thread_kind(frames), []).append((frames, count))
+    total = sum(count for found in by_kind.values() for _, count in found)
+    out = [_group(kind, found, total, top) for kind, found in by_kind.items()]
+    return total, sorted(out, key=lambda g: -g.samples)
+
+
+def _group(name: str, found: list[tuple[list[str], int]], total: int, top: int) -> Group:
     inclusive: Counter[str] = Counter()
     innermost: Counter[str] = Counter()
     depth: dict[str, int] = {}
-    total = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [frame_key(f) for f in stack.split(";")]
-        total += count
+    samples = 0
+    for frames, count in found:
+        samples += count
         for position, key in enumerate(frames):
             depth[key] = max(depth.get(key, 0), position)
         for key in set(frames):
             inclusive[key] += count
         innermost[frames[-1]] += count
-    return total, inclusive, innermost, depth
+    plumbing = {key for key, n in inclusive.items() if n >= EVERYWHERE * samples and innermost[key] < IDLE_SELF * samples}
+    rows = [Row(key, n / total, innermost[key] / total) for key, n in inclusive.most_common() if key not in plumbing]
+    busiest = sorted((r for r in rows if r.self_share), key=lambda r: -r.self_share)
+    deepest = max(plumbing, key=depth.__getitem__) if plumbing else None
+    return Group(name, samples, rows[:top], busiest[:SELF_TOP], len(plumbing), deepest)
 
 
-def loop_frames(raw: Path) -> tuple[int, str | None]:
-    """(how many frames :func:`top_functions` leaves out, the innermost of them)."""
-    total, inclusive, innermost, depth = _counts(raw)
-    left_out = [key for key, samples in inclusive.items()
-                if samples >= EVERYWHERE * total and innermost[key] < IDLE_SELF * total]
-    innermost_frame = max(left_out, key=depth.__getitem__) if left_out else None
-    return len(left_out), innermost_frame
-
-
-def render(total: int, rows: list[Row], loop: tuple[int, str | None]) -> str:
-    """The profile as a markdown table."""
-    if not rows:
+def render(raw: Path, top: int = TOP) -> str:
+    """The profile as markdown: a table per kind of thread."""
+    total, found = groups(raw, top)
+    if not total:
         return "(py-spy recorded no busy samples)"
-    left_out, innermost = loop
-    under = (f"; {left_out} start-up and event-loop frames (down to `{innermost}`) on nearly every "
-             "sample are left out" if innermost else "")
-    lines = [f"{total:,} busy samples of the worker's main process (py-spy, {SAMPLE_RATE} Hz){under}", "",
-             "| # | function (file) | inclusive | self |", "| ---: | --- | ---: | ---: |"]
-    for number, row in enumerate(rows, 1):
-        lines.append(f"| {number} | `{row.function}` | {row.inclusive:6.1%} | {row.self_share:6.1%} |")
-    return "\n".join(lines)
+    parts = [f"{total:,} busy samples of the worker's process (py-spy, {SAMPLE_RATE} Hz); shares of all of them"]
+    for group in found:
+        under = (f"; {group.left_out} frames on nearly all of its samples (down to `{group.innermost_left_out}`) "
+                 "left out" if group.innermost_left_out else "")
+        lines = [f"**{group.name}**: {group.samples / total:.1%} of the samples{under}", "",
+                 "| # | function (file) | inclusive | self |", "| ---: | --- | ---: | ---: |"]
+        lines += [f"| {n} | `{r.function}` | {r.inclusive:6.1%} | {r.self_share:6.1%} |"
+                  for n, r in enumerate(group.rows, 1)]
+        lines += ["", f"{group.name}, by self share:", "", "| # | function (file) | self |", "| ---: | --- | ---: |"]
+        lines += [f"| {n} | `{r.function}` | {r.self_share:6.1%} |" for n, r in enumerate(group.busiest, 1)]
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.accounts import TARGET as TARGET_ACCOUNTS_RATIO
+from bench.accounts import AccountsResult
 from bench.broker import DrainResult
 from bench.events import Case
 from bench.runs import RunResult
@@ -20,6 +22,14 @@ from bench.scenarios import KillResult, OutageResult
 
 #: A single-event case must reach this share of the bare drain's events/s.
 TARGET_DRAIN_RATIO = 0.8
+
+#: A single-event case's worker CPU per event, at most this many times the bare consumer's.
+TARGET_CPU_RATIO = 1.2
+
+#: With ``--baseline``: the 7-asset_id array case's events/s, at least this many times the baseline's
+#: (the 1000-asset_id cases are held to 0.5 x the 7-asset_id ones instead).
+TARGET_ARRAY_BASELINE_RATIO = 2.0
+TARGET_BASELINE_CASES: tuple[str, ...] = ("array50-7",)
 
 #: Every case must be this many times faster than the naive design.
 TARGET_NAIVE_RATIO = 20.0
@@ -54,10 +64,35 @@ class CaseResult:
     preload_s: float
     drain: DrainResult
     worker: RunResult
+    baseline: RunResult | None = None  #: the --baseline commit's worker on the same backlog
 
     @property
     def drain_events_per_s(self) -> float:
         return self.drain.messages_per_s * self.case.per_message
+
+    @property
+    def drain_cpu_us(self) -> float:
+        """The bare consumer's CPU per event."""
+        return self.drain.cpu_us_per_message() / self.case.per_message
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """The worker's CPU per event over the bare consumer's."""
+        return self.worker.worker_cpu_us / self.drain_cpu_us if self.drain_cpu_us else None
+
+    @property
+    def cpu_ratio_with_broker(self) -> float | None:
+        """The same, the broker's CPU added to each side."""
+        broker, worker_broker = self.drain.broker_cpu_us_per_message(), self.worker.broker_cpu_us
+        if broker is None or worker_broker is None or not self.drain_cpu_us:
+            return None
+        return (self.worker.worker_cpu_us + worker_broker) / (self.drain_cpu_us + broker / self.case.per_message)
+
+    @property
+    def ratio_to_baseline(self) -> float | None:
+        if self.baseline is None or not self.baseline.events_per_s:
+            return None
+        return self.worker.events_per_s / self.baseline.events_per_s
 
     @property
     def ratio_to_drain(self) -> float:
@@ -123,14 +158,17 @@ class Results:
     cases: list[CaseResult] = field(default_factory=list)
     naive: RunResult | None = None
     scale_out: list[tuple[str, RunResult]] = field(default_factory=list)
-    profile: list[dict[str, Any]] = field(default_factory=list)
-    profile_text: str = ""
+    #: py-spy's profile as markdown, by case title (--profile).
+    profiles: dict[str, str] = field(default_factory=dict)
+    #: The --baseline commit, when there is one.
+    baseline: str | None = None
     notes: list[str] = field(default_factory=list)
     total_seconds: float = 0.0
     environment: dict[str, Any] = field(default_factory=dict)
     latency: LatencyResult | None = None
     kill: KillResult | None = None
     outage: OutageResult | None = None
+    accounts: AccountsResult | None = None
 
     def asset_ratios(self) -> list[AssetRatio]:
         by_key = {c.case.key: c for c in self.cases}
@@ -167,6 +205,19 @@ class Results:
                               else f"{o.requests_down} > {o.requests_bound}"))
             out.append(Target("peak RSS < 300 MB", subject, o.rss_peak_mb, TARGET_RSS_MB, o.rss_peak_mb < TARGET_RSS_MB,
                               f"{o.rss_peak_mb:.0f} MB"))
+        if self.accounts is not None:
+            a = self.accounts
+            subject = f"{a.events:,} events of one account, {a.down_events:,} of a second one"
+            out.append(_at_least(f"the healthy account beside a down one >= {TARGET_ACCOUNTS_RATIO} x beside it "
+                                 "healthy", subject, a.isolation, TARGET_ACCOUNTS_RATIO,
+                                 f"{a.isolation:.2f} x ({a.beside.events_per_s:,.0f} vs {a.both_healthy_rate:,.0f} "
+                                 f"events/s; {a.down_requests} requests to the down account)"))
+            out.append(_at_least(f"the healthy account beside a down one >= {TARGET_ACCOUNTS_RATIO} x its rate alone",
+                                 subject, a.ratio, TARGET_ACCOUNTS_RATIO,
+                                 f"{a.ratio:.2f} x ({a.beside.events_per_s:,.0f} vs {a.alone.events_per_s:,.0f} "
+                                 "events/s; the worker reads half as many messages again)"))
+            out.append(_exactly_once(f"{subject}, the healthy account beside the down one", a.beside))
+            out.append(_exactly_once(f"{subject}, both healthy", a.both))
         if self.kill is not None and self.kill.ledger is not None:
             k, ledger = self.kill, self.kill.ledger
             subject = f"SIGKILL at {k.kill_share:.0%} of {k.events:,} events"
@@ -182,9 +233,19 @@ class Results:
             if c.case.per_message == 1:
                 out.append(_at_least("events/s >= 0.8 x bare drain", title, c.ratio_to_drain,
                                      TARGET_DRAIN_RATIO, f"{c.ratio_to_drain:.2f} x"))
+                if c.cpu_ratio is not None:
+                    out.append(Target(f"worker CPU per event <= {TARGET_CPU_RATIO} x the bare consumer's", title,
+                                      c.cpu_ratio, TARGET_CPU_RATIO, c.cpu_ratio <= TARGET_CPU_RATIO,
+                                      f"{c.cpu_ratio:.2f} x ({w.worker_cpu_us:,.0f} against {c.drain_cpu_us:,.0f} "
+                                      "us/event)"))
             else:
                 out.append(_at_least("events/s >= 25,000 (50-event messages)", title, w.events_per_s,
                                      TARGET_ARRAY_EVENTS_PER_S, f"{w.events_per_s:,.0f} events/s"))
+                if c.ratio_to_baseline is not None and c.baseline is not None and c.case.key in TARGET_BASELINE_CASES:
+                    out.append(_at_least(f"events/s >= {TARGET_ARRAY_BASELINE_RATIO:g} x the baseline's "
+                                         f"({self.baseline})", title, c.ratio_to_baseline, TARGET_ARRAY_BASELINE_RATIO,
+                                         f"{c.ratio_to_baseline:.2f} x ({w.events_per_s:,.0f} against "
+                                         f"{c.baseline.events_per_s:,.0f} events/s)"))
             naive = c.ratio_to_naive(self.naive)
             if naive is not None:
                 out.append(_at_least("events/s >= 20 x naive", title, naive, TARGET_NAIVE_RATIO, f"{naive:.1f} x"))
@@ -196,11 +257,14 @@ class Results:
 
     def warnings(self) -> list[str]:
         runs = [(c.case.title, c.worker) for c in self.cases] + [(f"scale-out: {n}", r) for n, r in self.scale_out]
+        runs += [(f"{c.case.title}, baseline {self.baseline}", c.baseline) for c in self.cases if c.baseline]
         if self.latency is not None:
             runs += [(f"{self.latency.case.title}, instant API", self.latency.instant),
                      (f"{self.latency.case.title}, slow API", self.latency.slow)]
         if self.naive is not None:
             runs.append(("naive", self.naive))
+        if self.accounts is not None:
+            runs += [("one account alone", self.accounts.alone), ("two accounts healthy", self.accounts.both)]
         out = [f"{name}: {warning}" for name, run in runs for warning in run.warnings]
         if self.kill is not None:
             out += [f"SIGKILL scenario: {w}" for w in self.kill.warnings]
@@ -214,15 +278,22 @@ class Results:
             "naive_events": self.naive_events,
             "total_seconds": round(self.total_seconds, 1),
             "environment": self.environment,
+            "baseline": self.baseline,
             "cases": {c.case.key: {
                 "title": c.case.title, "messages": c.messages, "events_per_message": c.case.per_message,
                 "asset_ids": c.case.assets, "event_bytes": round(c.event_bytes, 1),
                 "preload_seconds": round(c.preload_s, 2),
                 "bare_drain": {"messages": c.drain.messages, "seconds": round(c.drain.seconds, 3),
                                "messages_per_s": round(c.drain.messages_per_s, 1),
-                               "events_per_s": round(c.drain_events_per_s, 1)},
+                               "events_per_s": round(c.drain_events_per_s, 1),
+                               "cpu_us_per_event": round(c.drain_cpu_us, 2),
+                               "broker_cpu_us_per_message": _round(c.drain.broker_cpu_us_per_message(), 2)},
                 "worker": c.worker.to_dict(),
                 "ratio_to_bare_drain": round(c.ratio_to_drain, 3),
+                "cpu_ratio_to_bare_drain": _round(c.cpu_ratio, 3),
+                "cpu_ratio_to_bare_drain_with_broker": _round(c.cpu_ratio_with_broker, 3),
+                "baseline": c.baseline.to_dict() if c.baseline else None,
+                "ratio_to_baseline": _round(c.ratio_to_baseline, 3),
                 "ratio_to_naive": _round(c.ratio_to_naive(self.naive), 2),
             } for c in self.cases},
             "naive": self.naive.to_dict() if self.naive else None,
@@ -234,11 +305,12 @@ class Results:
                               "ratio": round(r.ratio, 3)} for r in self.asset_ratios()],
             "kill": self.kill.to_dict() if self.kill else None,
             "outage": self.outage.to_dict() if self.outage else None,
+            "accounts": self.accounts.to_dict() if self.accounts else None,
             "scale_out": [{"setup": name, **run.to_dict()} for name, run in self.scale_out],
             "targets": [t.__dict__ for t in self.targets()],
             "warnings": self.warnings(),
             "notes": self.notes,
-            "profile": self.profile,
+            "profiles": self.profiles,
         }
 
     def write_json(self, path: Path) -> None:
@@ -267,13 +339,14 @@ class Results:
             parts.append(_kill_block(self.kill))
         if self.outage is not None:
             parts.append(_outage_block(self.outage))
+        if self.accounts is not None:
+            parts.append(_accounts_block(self.accounts))
         parts.append(self._targets_block())
         warnings = self.warnings()
         if warnings:
             parts.append("### WARNINGS\n\n" + "\n".join(f"- **{w}**" for w in warnings))
-        if self.profile_text:
-            parts.append("### Profile of the worker's main process (single-event messages, 7 asset_ids)\n\n"
-                         + self.profile_text)
+        for title, text in self.profiles.items():
+            parts.append(f"### Profile of the worker ({title})\n\n{text}")
         if self.notes:
             parts.append("### Notes\n\n" + "\n".join(f"- {n}" for n in self.notes))
         return "\n\n".join(parts)
@@ -292,6 +365,11 @@ class Results:
              f">= {TARGET_DRAIN_RATIO}" if single else ""),
             ("ratio to naive", f"**{naive:.1f} x**" if naive is not None else "-", f">= {TARGET_NAIVE_RATIO:.0f} x"),
             ("worker CPU", _cpu(w), ""),
+            ("bare consumer CPU (broker CPU meanwhile)",
+             f"{c.drain_cpu_us:,.1f} us/event ({_num(c.drain.broker_cpu_us_per_message())} us/message)", ""),
+            ("worker CPU / bare consumer's (each with its broker CPU)",
+             f"**{_num(c.cpu_ratio, 2)} x** ({_num(c.cpu_ratio_with_broker, 2)} x)",
+             f"<= {TARGET_CPU_RATIO} x" if single else ""),
             ("broker CPU", f"{_num(w.broker_cpu_us)} us/event", ""),
             ("sandbox API CPU", f"{w.sandbox_cpu_us:,.0f} us/event", ""),
             ("peak RSS", _rss(w), f"< {TARGET_RSS_MB:.0f} MB"),
@@ -304,6 +382,17 @@ class Results:
             ("backlog read by the consumer after / upload tasks waiting, peak",
              f"{_num(w.source_read_s, 1)} s / {_num(w.upload_backlog_peak)}", ""),
         ]
+        if c.baseline is not None:
+            b = c.baseline
+            rows += [
+                (f"baseline {self.baseline}: events/s, end to end (steady)",
+                 f"{b.events_per_s:,.0f} ({_num(b.steady_events_per_s)})", ""),
+                (f"baseline {self.baseline}: worker CPU", _cpu(b), ""),
+                ("against the baseline: events/s, CPU per event",
+                 f"**{_num(c.ratio_to_baseline, 2)} x**, "
+                 f"{_num(w.worker_cpu_us / b.worker_cpu_us if b.worker_cpu_us else None, 2)} x",
+                 f">= {TARGET_ARRAY_BASELINE_RATIO:g} x" if c.case.key in TARGET_BASELINE_CASES else ""),
+            ]
         head = (f"### {c.case.title}\n\n{w.expected:,} events in {c.messages:,} messages of "
                 f"{c.event_bytes:,.0f} bytes/event (preloaded in {c.preload_s:.1f} s)\n\n"
                 "| metric | value | target |\n| --- | ---: | --- |")
@@ -416,6 +505,20 @@ def _kill_block(k: KillResult) -> str:
     rows.append(("from the kill to the last delivery (restart included)", f"{_num(k.restart_to_done_s, 1)} s"))
     table = "| metric | value |\n| --- | ---: |\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
     return f"### SIGKILL of the worker mid-run\n\n{table}\n\n{k.explanation}"
+
+
+def _accounts_block(a: AccountsResult) -> str:
+    rows = [("alone", f"{a.alone.events_per_s:,.0f}", "1.00 x"),
+            (f"with {a.down_events:,} events of a second account, both healthy", f"{a.both_healthy_rate:,.0f}",
+             f"{a.both_healthy_rate / a.alone.events_per_s if a.alone.events_per_s else 0:.2f} x"),
+            ("with the same, the second account down (503 to its every upload)", f"**{a.beside.events_per_s:,.0f}**",
+             f"**{a.ratio:.2f} x** ({a.isolation:.2f} x beside it healthy)")]
+    lines = ["### Two accounts, one down for the whole run", "",
+             f"{a.events:,} single-event messages of one account (7 asset_ids); its own events/s in each run. "
+             f"{a.down_requests} requests to the down account, its events waiting in its upload queue.", "",
+             "| the healthy account | events/s | ratio to alone |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {rate} | {ratio} |" for name, rate, ratio in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _outage_block(o: OutageResult) -> str:

@@ -95,6 +95,7 @@ class RunResult:
     stalled: bool = False
     log_problems: dict[str, list[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    started_at: float = 0.0  #: unix time the run's clock started (the first worker connected)
     timeline: list[int] = field(default_factory=list)  #: events delivered in each second
     api_faults: list[dict[str, Any]] = field(default_factory=list)  #: the sandbox's faults (a latency)
 
@@ -201,6 +202,7 @@ def measure(
 def _rates(result: RunResult, progress: Progress, started: float) -> None:
     """Rates and timings, from the arrival times of the uploads."""
     expected = result.expected
+    result.started_at = started
     done_at = progress.time_reaching(1.0, expected) or progress.last_at() or started
     result.seconds = max(1e-6, done_at - started)
     result.events_per_s = min(progress.delivered, expected) / result.seconds

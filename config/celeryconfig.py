@@ -29,6 +29,17 @@ broker_url = SETTINGS.broker_url
 broker_use_ssl = SETTINGS.broker_ssl() or False
 tls.register()
 broker_connection_retry_on_startup = True
+#: After a lost connection (a broker restarted, a network partition), reconnect for as long as it
+#: takes: Celery's default gives up after 100 attempts (about 45 minutes) and ends the worker.
+broker_connection_max_retries = None
+#: AMQP heartbeats on Celery's connections (the consumer, with remote control on it, and task
+#: events), in seconds. Each side takes a peer for dead after two intervals without a byte from
+#: it (RabbitMQ after two to three): 30 to 45 s here. Until then RabbitMQ holds a dead
+#: connection's unacknowledged messages and its exclusive remote-control queue (worker.consumer
+#: waits for it); Celery's default of 120 s made that up to six minutes after a network
+#: partition. The event loop checks them every ``15 / broker_heartbeat_checkrate`` (3) = 5 s:
+#: a loop that stops for more than 30 s would be taken for a dead connection and reconnect.
+broker_heartbeat = 15
 #: Celery's own publishes in the worker (task events, its heartbeat events, remote-control
 #: replies) are fire-and-forget: none carries an event. They are made on the event loop, and
 #: waiting there for RabbitMQ's confirm would stop the loop for as long as the broker does not

@@ -28,7 +28,7 @@ from kombu import Connection, Consumer, Queue
 from config.settings import MAX_BACKOFF, Settings
 from tests.vhosts import SessionVhosts
 from worker.broker.publisher import Outgoing, Publisher
-from worker.broker.topology import Topology, delay_ladder
+from worker.broker.topology import Topology, dead_letter_arguments, delay_ladder
 from worker.events import jsonutil
 
 #: The machine's broker (the worker's own default, or the runner's ``CELERY_BROKER_URL``). Tests do
@@ -198,7 +198,7 @@ class DeadLetters:
         self.queue = queue
         self.envelopes: list[dict[str, Any]] = []
         self._connection = Connection(broker_url or broker_url_of(queue))
-        arguments = {"x-queue-type": "quorum"} if quorum else None
+        arguments = dead_letter_arguments(quorum)
         self._consumer = Consumer(
             self._connection.channel(), [Queue(queue, durable=True, queue_arguments=arguments)],
             callbacks=[self._on_message],

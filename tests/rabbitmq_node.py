@@ -37,11 +37,15 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from tests.harness import free_port
+
+#: The address a node listens on unless told otherwise.
+LOOPBACK = "127.0.0.1"
 
 #: How long a node may take to boot (measured: about 4 s on a quiet 2-core machine).
 START_TIMEOUT = 90.0
@@ -67,7 +71,7 @@ log.file.level = info
 #: Added to a node's configuration by a :class:`TLSListener`: the plain listener off, a TLS one on.
 TLS_CONFIG = """\
 listeners.tcp = none
-listeners.ssl.default = 127.0.0.1:{port}
+listeners.ssl.default = {address}:{port}
 ssl_options.cacertfile = {ca}
 ssl_options.certfile = {cert}
 ssl_options.keyfile = {key}
@@ -97,9 +101,9 @@ class Tools:
 
 @dataclass(frozen=True)
 class TLSListener:
-    """A node's TLS listener (on 127.0.0.1): the node's certificate and key (PEM files), the CA it
-    checks clients' certificates against, and the host name its URL gives (what a client checks
-    the certificate against: ``localhost`` reaches the same listener as ``127.0.0.1``)."""
+    """A node's TLS listener (on the node's address): the node's certificate and key (PEM files), the
+    CA it checks clients' certificates against, and the host name its URL gives (what a client
+    checks the certificate against: ``localhost`` reaches the same listener as ``127.0.0.1``)."""
 
     cert: Path
     key: Path
@@ -108,9 +112,9 @@ class TLSListener:
     #: Mutual TLS: a client without a certificate signed by ``ca`` is refused.
     require_client_cert: bool = True
 
-    def config(self, port: int) -> str:
-        """The lines of ``rabbitmq.conf`` that make this listener on ``port``."""
-        return TLS_CONFIG.format(port=port, ca=self.ca, cert=self.cert, key=self.key,
+    def config(self, address: str, port: int) -> str:
+        """The lines of ``rabbitmq.conf`` that make this listener on ``address:port``."""
+        return TLS_CONFIG.format(address=address, port=port, ca=self.ca, cert=self.cert, key=self.key,
                                  verify="verify_peer" if self.require_client_cert else "verify_none",
                                  require=str(self.require_client_cert).lower())
 
@@ -138,12 +142,15 @@ class RabbitNode:
     """One private RabbitMQ node: its own name, ports and directory under its cluster's base.
 
     The node's VM runs in a process group of its own (no Ctrl-C of the terminal reaches it);
-    :meth:`remove` kills the group and deletes the directory.
+    :meth:`remove` kills the group and deletes the directory. ``address`` is where it listens
+    for clients; ``launcher``, a command prefix that the server and ``rabbitmqctl`` run under
+    (``ip netns exec NAME``: a node on a host of its own, see ``tests/netns.py``).
     """
 
     def __init__(self, name: str, *, base: Path, home: Path, tools: Tools, user: str, password: str,
-                 tls: TLSListener | None = None) -> None:
+                 address: str = LOOPBACK, launcher: Sequence[str] = (), tls: TLSListener | None = None) -> None:
         self.name = name
+        self.address, self.launcher = address, tuple(launcher)
         self.tls = tls
         self.user, self.password = user, password
         self.directory = base / name.split("@", 1)[0]
@@ -159,7 +166,7 @@ class RabbitNode:
         #: The TLS listener's port (``tls``), or 0: none.
         self.tls_port = free_port() if tls is not None else 0
         if tls is not None:
-            config += tls.config(self.tls_port)
+            config += tls.config(address, self.tls_port)
         (self.directory / "rabbitmq.conf").write_text(config)
         (self.directory / "enabled_plugins").write_text("[].\n")
         (self.directory / "rabbitmq-env.conf").write_text("")  # the machine's env file does not apply
@@ -170,7 +177,7 @@ class RabbitNode:
         listener's host, for a node with one)."""
         if self.tls is not None:
             return f"amqps://{self.user}:{self.password}@{self.tls.host}:{self.tls_port}//"
-        return f"amqp://{self.user}:{self.password}@127.0.0.1:{self.port}//"
+        return f"amqp://{self.user}:{self.password}@{self.address}:{self.port}//"
 
     @property
     def env(self) -> dict[str, str]:
@@ -180,7 +187,7 @@ class RabbitNode:
             **os.environ,
             "HOME": str(self.home),  # its .erlang.cookie, shared by the cluster
             "RABBITMQ_NODENAME": self.name,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_IP_ADDRESS": self.address,
             "RABBITMQ_NODE_PORT": str(self.port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
@@ -207,7 +214,7 @@ class RabbitNode:
         try:
             argv, env = self.tools.launch([self.tools.server], self.env)
             self.process = subprocess.Popen(
-                argv, cwd=self.directory, env=env, stdin=subprocess.DEVNULL,
+                [*self.launcher, *argv], cwd=self.directory, env=env, stdin=subprocess.DEVNULL,
                 stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
             )
         finally:
@@ -241,7 +248,8 @@ class RabbitNode:
         name = Path(script).name
         argv, env = self.tools.launch([script, "-n", self.name, *args], self.env)
         try:
-            done = subprocess.run(argv, env=env, cwd=self.directory, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run([*self.launcher, *argv], env=env, cwd=self.directory, capture_output=True, text=True,
+                                  timeout=timeout)
         except subprocess.TimeoutExpired:
             raise NodeError(f"{name} {' '.join(args)} on {self.name}: no answer in {timeout:.0f} s") from None
         if done.returncode != 0:
@@ -354,11 +362,13 @@ class RabbitNodes:
         self.user, self.password = user, password
         self.nodes: list[RabbitNode] = []
 
-    def node(self, *, tls: TLSListener | None = None) -> RabbitNode:
-        """A new node of this set, not started yet (AMQP over TLS only, with ``tls``)."""
+    def node(self, *, address: str = LOOPBACK, launcher: Sequence[str] = (),
+             tls: TLSListener | None = None) -> RabbitNode:
+        """A new node of this set, not started yet (``address``, ``launcher``: see RabbitNode; AMQP
+        over TLS only, with ``tls``)."""
         name = f"activity-tests-{self.token}-{len(self.nodes) + 1}@localhost"
         node = RabbitNode(name, base=self.base, home=self.home, tools=self.tools, user=self.user,
-                          password=self.password, tls=tls)
+                          password=self.password, address=address, launcher=launcher, tls=tls)
         self.nodes.append(node)
         return node
 

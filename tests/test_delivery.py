@@ -705,10 +705,10 @@ def test_given_up_after_a_bug_each_event_is_kept_whole_even_one_the_strict_parse
 ) -> None:
     import worker.upload.delivery as delivery_module
 
-    def broken(event: Any, **kwargs: Any) -> dict[str, list[str]]:
+    def broken(events: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug in validation")
 
-    monkeypatch.setattr(delivery_module, "validate_event", broken)
+    monkeypatch.setattr(delivery_module, "screen", broken)
     h = harness(max_retries=0)
     duplicate = '{"asset_id":"asset-1","asset_id":"asset-1","activity_params":{"i":7}}'
     good = jsonutil.dumps(event(1)).decode()

@@ -661,6 +661,88 @@ def test_main_selects_by_time_and_refuses_bad_times(
         with pytest.raises(SystemExit):
             dlq.main([command, "--help"])
         assert "--since" in (text := capsys.readouterr().out) and "--until" in text and "--asset-id" in text
+        assert "--account NAME" in text and "they are account default" in " ".join(text.split())
+
+
+# --- accounts ---------------------------------------------------------------------------------
+
+
+def for_account(account: str, reason: str = "invalid", asset_id: str = "asset-1") -> dict[str, Any]:
+    """A dead letter written for one Netcore account (``default`` ones written before accounts carry none)."""
+    return {**dead(reason, asset_id), "account": account}
+
+
+def test_selection_by_account_takes_dead_letters_without_one_as_the_default_accounts() -> None:
+    old, acme = dead("invalid"), for_account("acme")
+    default = dlq.Selection.of(accounts=[dlq.DEFAULT_ACCOUNT])
+    assert default.matches(old) and default.matches(for_account("default")) and not default.matches(acme)
+    assert dlq.Selection.of(accounts=["acme", "globex"]).matches(acme)
+    assert not dlq.Selection.of(accounts=["acme"]).matches(old)
+    assert not dlq.Selection.of(accounts=["acme"], reasons=["rejected"]).matches(acme)
+    assert dlq.Selection().matches(acme)
+
+
+def test_count_groups_by_account_only_when_there_are_several(settings: Settings) -> None:
+    fill(settings, [dead("invalid"), dead("rejected", "asset-2")])
+    single = dlq.count(settings)
+    assert single.by_account == {"default": 2} and single.as_dict()["by_account"] == {"default": 2}
+    assert "account" not in single.table()  # one account: nothing to tell apart
+    fill(settings, [for_account("acme", "rejected"), for_account("acme", "rejected", "asset-2"),
+                    for_account("globex"), for_account("default", "rejected")])
+
+    counts = dlq.count(settings)
+    acme = dlq.count(settings, accounts=["acme"])
+
+    assert counts.by_account == {"default": 3, "acme": 2, "globex": 1}
+    assert counts.as_dict()["by_reason_and_account"] == {"rejected": {"acme": 2, "default": 2},
+                                                         "invalid": {"default": 1, "globex": 1}}
+    blocks = counts.table().split("\n\n")
+    assert blocks[2].splitlines() == ["account  count", "default      3", "acme         2", "globex       1"]
+    assert [row.split() for row in blocks[4].splitlines()] == [
+        ["account", "rejected", "invalid"], ["default", "2", "1"], ["acme", "2", "."], ["globex", ".", "1"]]
+    assert blocks[5].splitlines()[0].split() == ["asset_id", "rejected", "invalid"]  # the asset_ids' last
+    assert (acme.total, acme.scanned, acme.by_account) == (2, 6, {"acme": 2})
+    assert "account" not in acme.table()
+
+
+def test_list_replay_and_purge_by_account(settings: Settings) -> None:
+    old, acme, globex, named = dead("rejected"), for_account("acme"), for_account("globex"), for_account("default")
+    more_acme = for_account("acme", "rejected")
+    put = fill(settings, [old, acme, globex, named, more_acme])
+
+    assert dlq.read(settings, accounts=["default"]) == [old, named]
+    assert dlq.read(settings, accounts=["acme"], limit=1) == [acme]
+    dry = dlq.purge(settings, accounts=["globex"], dry_run=True, confirm=lambda n: False)
+    report = dlq.replay(settings, accounts=["acme"], reasons=["invalid", "rejected"])
+    purged = dlq.purge(settings, accounts=["globex"], confirm=lambda n: n == 1)
+
+    assert str(dry) == "would purge 1, left 4"
+    assert report == dlq.ReplayReport(replayed=2, left=3, not_replayable=0)
+    assert purged == dlq.PurgeReport(purged=1, selected=1, left=2)
+    replayed, left = ids(take(settings, settings.queue)), ids(take(settings, settings.dead_letter_queue))
+    assert replayed == [id_of(acme), id_of(more_acme)] and left == [id_of(old), id_of(named)]
+    assert set(replayed) | set(left) | {id_of(globex)} == put
+
+
+def test_main_selects_by_account(
+    settings: Settings, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    old, acme, globex = dead("invalid"), for_account("acme", "rejected"), for_account("globex")
+    fill(settings, [old, acme, globex])
+
+    assert dlq.main(["count", "--account", "acme", "--account", "globex", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["by_account"] == {"acme": 1, "globex": 1}
+    assert dlq.main(["count"]) == 0
+    assert "account  count" in capsys.readouterr().out
+    assert dlq.main(["list", "--account", "default"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [old]
+    assert dlq.main(["replay", "--account", "acme"]) == 0
+    assert capsys.readouterr().out == "replayed 1, left 2, not replayable 0\n"
+    assert dlq.main(["purge", "--yes", "--account", "default", "--reason", "invalid"]) == 0
+    assert capsys.readouterr().out == "purged 1, left 1\n"
+    assert dlq.read(settings) == [globex]
 
 
 def test_the_ingest_consumer_copies_x_replays_into_its_dead_letters() -> None:
@@ -888,3 +970,35 @@ def test_a_killed_purge_removes_nothing_but_selected_dead_letters(
     assert left <= put and (after or left == put)
     assert len(put - left) <= after  # at most the dead letters it acknowledged, all of them selected
     assert put - left <= doomed_ids
+
+
+def test_another_applications_message_is_replayed_to_the_queue_it_came_from_as_it_was(settings: Settings) -> None:
+    """A task of another application set aside by the consumer (``unhandled``, ``foreign_task``)
+    goes back, once its routing is fixed, to where it came from: same body, headers, properties."""
+    from worker.ingest.decoding import foreign_message_details
+
+    original = f"{settings.queue}.shop"
+    body = b"\x80\x04\x95 a pickle the worker never read"
+    headers = {"task": "shop.send_email", "id": "t-1", "binary": b"\x00\xff"}
+
+    class Message:
+        content_type, content_encoding = "application/x-python-serialize", "binary"
+        properties = {"correlation_id": "c-1", "priority": 3}
+        delivery_info = {"routing_key": original}
+
+    Message.headers = headers  # type: ignore[attr-defined]
+    details = {"problem": "foreign_task", "task": "shop.send_email", "replay_body": False,
+               "message": foreign_message_details(Message(), original)}  # type: ignore[arg-type]
+    parts = deadletter.body_envelopes(reason=deadletter.UNHANDLED, error="another application's task",
+                                      failed_at=FAILED_AT, raw=body, details=details, part_bytes=16)
+    with Connection(settings.broker_url, heartbeat=0) as connection:
+        connection.channel().queue_declare(original, durable=True, auto_delete=False)
+    fill(settings, [*parts, dead("invalid")])
+
+    assert dlq.replay(settings, reasons=["unhandled"]) == dlq.ReplayReport(replayed=1, left=1, not_replayable=0)
+    (back,) = take(settings, original)
+    assert back.body == body and back.headers["task"] == "shop.send_email" and back.headers["binary"] == b"\x00\xff"
+    assert (back.properties["content_type"], back.properties["content_encoding"]) == (
+        "application/x-python-serialize", "binary")
+    assert back.properties["correlation_id"] == "c-1" and back.properties["priority"] == 3
+    assert ready(settings, settings.queue) == 0  # not to activities: it holds no events

@@ -84,6 +84,59 @@ def test_the_data_path_never_imports_ops() -> None:
     assert not wrong, "\n".join(wrong)
 
 
+#: The most modules ``worker/`` keeps at its top (the rest lives in its packages).
+MAX_TOP_LEVEL_MODULES = 8
+
+
+def test_the_worker_package_keeps_at_most_eight_top_level_modules() -> None:
+    top = sorted(path.name for path in (ROOT / "worker").glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Every module of ``worker`` and ``config`` -> the modules of theirs it imports."""
+    paths = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for package in ("worker", "config") for p in modules(package)}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        targets = set()
+        for imported in imports_of(path):
+            while imported and imported not in paths:  # "worker.ops.metrics.Metrics" -> its module
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def cycles_of(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of ``graph`` (each found once, from the module where the search met it)."""
+    found: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        for target in sorted(graph.get(name, ())):
+            if target in path:
+                found.append(path[path.index(target):] + [target])
+            elif target not in done:
+                visit(target, [*path, target])
+        done.add(name)
+
+    for name in sorted(graph):
+        if name not in done:
+            visit(name, [name])
+    return found
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    circles = cycles_of(module_graph())
+    assert not circles, "\n".join(" -> ".join(c) for c in circles)
+
+
+def test_the_circle_check_finds_a_circle() -> None:
+    assert cycles_of({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+
+
 def test_the_rules_can_catch_a_wrong_import(tmp_path: Path) -> None:
     """The checker sees a forbidden import (so the rules above are not vacuous)."""
     path = ROOT / "worker" / "ingest" / "pipeline.py"

@@ -33,9 +33,9 @@ from worker.broker import tls
 
 tls.register()  # every amqps:// connection of the process checks each node against its own name
 
-#: Seconds between heartbeats on the worker's long-lived connections (and Celery's): both sides
-#: notice a dead peer within about two of them.
-HEARTBEAT = 10.0
+#: Seconds between heartbeats on the worker's long-lived connections, as on Celery's (``broker_heartbeat``
+#: in :mod:`config.celeryconfig`): both sides notice a dead peer within two to three of them.
+HEARTBEAT = 15.0
 
 
 class TLSRefused(OperationalError):

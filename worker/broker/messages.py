@@ -10,9 +10,12 @@ A bundle belongs to one Netcore account (its batches' asset_ids are that account
 the message: it travels in that account's upload queue. Each batch carries what its retries
 need: ``attempts`` (failed attempts that counted), ``since`` (unix time of its first failure:
 the retry window starts there, and its failures count once the account accepted another upload
-after it, :mod:`worker.upload.circuit`) and ``replays``
+after it, :mod:`worker.upload.circuit`), ``replays``
 (per event, how often it was replayed from the dead-letter queue, so that its next dead letter
-says so). Events are the JSON texts they arrived as, forwarded to the API unchanged.
+says so) and ``checked`` (every event was already parsed strictly and found valid by
+:mod:`worker.events.screening`, so a retry uploads them without doing it again; a message without
+it, from an older worker, is screened as usual). Events are the JSON texts they arrived as,
+forwarded to the API unchanged.
 
 The message is built here rather than with Celery's ``apply_async``, so that the consumer can
 publish many at once with grouped confirms. Flower shows ``argsrepr``: a summary, never events.
@@ -86,6 +89,8 @@ class UploadBatch:
     replays: list[int] | None = None
     #: Names the batch across its retries (logs follow one batch through them).
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    #: Every event was screened and found valid (under the first worker's ACTIVITY_NAIVE_TIMESTAMPS).
+    checked: bool = False
 
     def __len__(self) -> int:
         return len(self.events)
@@ -93,14 +98,16 @@ class UploadBatch:
     def replays_of(self, index: int) -> int:
         return self.replays[index] if self.replays is not None and index < len(self.replays) else 0
 
-    def part(self, indexes: Iterable[int], *, attempts: int | None = None, since: float | None = None) -> UploadBatch:
+    def part(self, indexes: Iterable[int], *, attempts: int | None = None, since: float | None = None,
+             checked: bool | None = None) -> UploadBatch:
         """The events at ``indexes`` (with their replay counts), as a batch of their own."""
         indexes = list(indexes)
         replays = [self.replays_of(i) for i in indexes] if self.replays is not None else None
         return UploadBatch(self.asset_id, [self.events[i] for i in indexes],
                            self.attempts if attempts is None else attempts,
                            self.since if since is None else since,
-                           replays if replays and any(replays) else None, self.id)
+                           replays if replays and any(replays) else None, self.id,
+                           self.checked if checked is None else checked)
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"asset_id": self.asset_id, "events": self.events, "attempts": self.attempts,
@@ -109,6 +116,8 @@ class UploadBatch:
             wire["since"] = self.since
         if self.replays is not None and any(self.replays):
             wire["replays"] = self.replays
+        if self.checked:
+            wire["checked"] = True
         return wire
 
 
@@ -157,13 +166,13 @@ def read_bundle(args: Sequence[Any]) -> Bundle:
                 wire.get("events"), list):
             raise ValueError("a batch is an object with an asset_id (string) and events (list)")
         replays = wire.get("replays")
-        batch = UploadBatch(
-            wire["asset_id"], wire["events"], int(wire.get("attempts") or 0),
-            float(wire["since"]) if isinstance(wire.get("since"), (int, float)) else None,
-            [int(r) for r in replays] if isinstance(replays, list) else None,
-        )
-        if isinstance(wire.get("id"), str):
-            batch.id = wire["id"]
+        since = float(wire["since"]) if isinstance(wire.get("since"), (int, float)) else None
+        replayed = [int(r) for r in replays] if isinstance(replays, list) else None
+        name = wire.get("id")
+        batch = (UploadBatch(wire["asset_id"], wire["events"], int(wire.get("attempts") or 0), since, replayed, name)
+                 if isinstance(name, str) else
+                 UploadBatch(wire["asset_id"], wire["events"], int(wire.get("attempts") or 0), since, replayed))
+        batch.checked = wire.get("checked") is True
         batches.append(batch)
     return Bundle(batches, account)
 

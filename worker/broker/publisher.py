@@ -212,7 +212,10 @@ class Publisher:
         connection = connect(self.broker_url, heartbeat=self.heartbeat, ssl=self.ssl)
         channel = connection.channel()
         for target in self.declare:
-            target(channel).declare()
+            try:
+                target(channel).declare()
+            except amqp.exceptions.PreconditionFailed:  # it exists with other arguments (an earlier
+                channel = connection.channel()          # version's): usable as it is (start-up says so)
         self._confirms = confirms = _Confirms()
         channel.confirm_select()
         channel.events["basic_ack"].add(confirms.on_ack)

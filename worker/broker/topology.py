@@ -58,6 +58,13 @@ SHORTEST_DELAY_MS = 100
 QUORUM = {"x-queue-type": "quorum"}
 AT_LEAST_ONCE = {"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"}
 
+#: The delivery limit of the quorum queues that hold dead letters: in effect none. RabbitMQ 4.x
+#: gives a quorum queue a limit of 20 deliveries unless told otherwise, and counts every message a
+#: client reads and hands back; the dead-letter command does that each time it counts or lists,
+#: so a dead letter would be dropped after about 20 commands. (-1 would mean "no limit" on 4.x
+#: but "drop at once" on 3.10: a large number means the same on both.)
+DEAD_LETTER_DELIVERY_LIMIT = 1_000_000
+
 
 def delay_ladder(longest: float) -> tuple[int, ...]:
     """Rungs in milliseconds, from :data:`SHORTEST_DELAY_MS` doubling until one reaches ``longest`` s."""
@@ -131,10 +138,11 @@ class Topology:
         return f"{self.upload_for(account)}.delay.{rung_ms}ms"
 
     def dead_letter_queue(self) -> Queue:
-        return Queue(self.dead_letter, durable=True, queue_arguments=dict(QUORUM) if self.quorum else None)
+        """The dead letters: read again and again by people, so no delivery limit on a quorum queue."""
+        return Queue(self.dead_letter, durable=True, queue_arguments=dead_letter_arguments(self.quorum))
 
     def unhandled_queue(self) -> Queue:
-        return Queue(self.unhandled, durable=True, queue_arguments=dict(QUORUM) if self.quorum else None)
+        return Queue(self.unhandled, durable=True, queue_arguments=dead_letter_arguments(self.quorum))
 
     def delay_queues(self, account: str = DEFAULT) -> list[Queue]:
         return [self.delay_queue(rung, account) for rung in self.rungs]
@@ -172,6 +180,11 @@ class Topology:
             arguments.update(QUORUM)
             arguments.update(AT_LEAST_ONCE)
         return arguments
+
+
+def dead_letter_arguments(quorum: bool) -> dict[str, Any] | None:
+    """The arguments of a queue of dead letters (see :data:`DEAD_LETTER_DELIVERY_LIMIT`)."""
+    return {**QUORUM, "x-delivery-limit": DEAD_LETTER_DELIVERY_LIMIT} if quorum else None
 
 
 def declare(channel: Any, queues: Sequence[Queue]) -> None:

@@ -1,12 +1,17 @@
 """``python -m worker.deadletter.cli``: count, list, replay and purge the events the worker could not deliver.
 
 A dead letter is data nobody else holds, so nothing here loses one. Reading fetches messages
-with ``basic_get`` and leaves them unacknowledged on one channel (:class:`~worker.deadletter.reader.Reader`):
-closing that channel (or a crash) hands every one back to its place in the queue. Replaying
+with ``basic_get`` and leaves them unacknowledged on one channel (:class:`~worker.deadletter.reader.Reader`)
+until the command hands every one back (a crash does too). A command starts once no other
+client holds dead letters, and returns once the queue shows again what it handed back, so the
+next command sees every one (:mod:`worker.deadletter.handback`). Replaying
 acknowledges a dead letter only after the broker confirmed its event on ``activities``:
 interrupted at any moment, a run loses nothing, and at worst leaves an event both replayed and
 still dead-lettered. Purging acknowledges only the selected dead letters, and only once the
 operator confirmed how many: every other one goes back untouched.
+
+Every command selects by reason, asset_id, Netcore account and time range (``failed_at``); a
+dead letter written before the worker had several accounts names none and is ``default``'s.
 
 Replay publishes what can become events again: an event that is a JSON object, alone, as a
 producer sends it, and a ``poison`` message's body, byte for byte. A ``malformed`` body (and
@@ -37,12 +42,11 @@ from kombu.exceptions import OperationalError
 from config.settings import Settings
 from worker.broker.headers import REPLAYS_HEADER
 from worker.deadletter.commands import GROUP_SIZE, PurgeReport, ReplayReport, count, purge, read, replay
+from worker.deadletter.counting import NO_ASSET, TOP_ASSETS, Counts
 from worker.deadletter.reader import (
-    NO_ASSET,
+    DEFAULT_ACCOUNT,
     PROGRESS_EVERY,
-    TOP_ASSETS,
     UNREADABLE,
-    Counts,
     Envelope,
     Progress,
     Selection,
@@ -51,8 +55,8 @@ from worker.deadletter.reader import (
 from worker.errors import DeadLetterError, NoDeadLetterQueue, PublishError, SettingsError
 from worker.events import jsonutil
 
-__all__ = ["GROUP_SIZE", "NO_ASSET", "REPLAYS_HEADER", "UNREADABLE", "Counts", "DeadLetterError", "NoDeadLetterQueue",
-           "PurgeReport", "ReplayReport", "Selection", "count", "main", "purge", "read", "replay"]
+__all__ = ["DEFAULT_ACCOUNT", "GROUP_SIZE", "NO_ASSET", "REPLAYS_HEADER", "UNREADABLE", "Counts", "DeadLetterError",
+           "NoDeadLetterQueue", "PurgeReport", "ReplayReport", "Selection", "count", "main", "purge", "read", "replay"]
 
 #: What ``replay --help`` says.
 REPLAY_HELP = ("Publish the matching events back to the activities queue, as producers send them, and poison "
@@ -85,6 +89,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     group = select.add_argument_group("selection (every criterion given must hold)")
     group.add_argument("--reason", action="append", default=[], metavar="R", help="only this reason (repeat)")
     group.add_argument("--asset-id", action="append", default=[], metavar="A", help="only this asset_id (repeat)")
+    group.add_argument("--account", action="append", default=[], metavar="NAME",
+                       help=f"only this Netcore account (repeat); dead letters written before the worker had "
+                            f"several accounts name none: they are account {DEFAULT_ACCOUNT}")
     group.add_argument("--since", type=_when, metavar="WHEN",
                        help="only dead letters with failed_at at or after WHEN: 2024-05-01T12:00:00Z, an offset "
                             "such as +05:30, or a date alone (00:00 UTC)")
@@ -97,7 +104,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                          help="print a progress line on stderr (the default when stderr is a terminal)")
     running.add_argument("--progress-every", type=_positive, default=PROGRESS_EVERY, metavar="N",
                          help=f"dead letters read between progress lines (default {PROGRESS_EVERY})")
-    counting = commands.add_parser("count", parents=[select], help="counts by reason, asset_id and both",
+    counting = commands.add_parser("count", parents=[select], help="counts by reason, asset_id, account, and crossed",
                                    description=count.__doc__)
     counting.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     counting.add_argument("--top", type=_positive, default=TOP_ASSETS, metavar="N",
@@ -137,7 +144,8 @@ def _nothing_yet(args: argparse.Namespace, notice: NoDeadLetterQueue) -> int:
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
-    criteria = {"reasons": args.reason, "asset_ids": args.asset_id, "since": args.since, "until": args.until}
+    criteria = {"reasons": args.reason, "asset_ids": args.asset_id, "since": args.since, "until": args.until,
+                "accounts": args.account}
     if args.since and args.until and args.since >= args.until:
         print("error: --since must be before --until", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """The dead-letter commands as functions: count, read, replay and purge (:mod:`worker.deadletter.cli` runs them).
 
 Each reads the dead-letter queue through one :class:`~worker.deadletter.reader.Reader`, which holds
-every dead letter it read unacknowledged until its channel closes, and takes the parts of a
+every dead letter it read unacknowledged until it hands them back, and takes the parts of a
 large body as one dead letter (:class:`~worker.deadletter.reader.Letters`). Each removes a dead letter
 only by acknowledging it (every part of it), and only once what replaces it (a replayed event
 or body) is confirmed by the broker, or once the operator confirmed its removal (purge). Raises
@@ -21,8 +21,9 @@ from worker.broker.headers import REPLAYS_HEADER  # on replayed events; it trave
 from worker.broker.publisher import Outgoing, Publisher
 from worker.broker.topology import Topology
 from worker.deadletter import envelopes
+from worker.deadletter.counting import Counts
+from worker.deadletter.handback import held_elsewhere
 from worker.deadletter.reader import (
-    Counts,
     Envelope,
     Letter,
     Letters,
@@ -52,10 +53,13 @@ class ReplayReport:
     left: int
     not_replayable: int
     dry_run: bool = False
+    #: Consumers of the queue that still held dead letters when it started (see :class:`Reader`).
+    other_consumers: int = 0
 
     def __str__(self) -> str:
         verb = "would replay" if self.dry_run else "replayed"
-        return f"{verb} {self.replayed}, left {self.left}, not replayable {self.not_replayable}"
+        return (f"{verb} {self.replayed}, left {self.left}, not replayable {self.not_replayable}"
+                f"{held_elsewhere(self.other_consumers, 'read')}")
 
 
 @dataclass(frozen=True)
@@ -68,24 +72,29 @@ class PurgeReport:
     dry_run: bool = False
     #: False when the operator did not confirm (nothing was removed); True for a dry run.
     confirmed: bool = True
+    #: Consumers of the queue that still held dead letters when it started (see :class:`Reader`).
+    other_consumers: int = 0
 
     def __str__(self) -> str:
         if self.dry_run:
-            return f"would purge {self.selected}, left {self.left}"
-        if not self.confirmed:
-            return f"not confirmed: purged 0 of {self.selected}, left {self.left}"
-        return f"purged {self.purged}, left {self.left}"
+            done = f"would purge {self.selected}, left {self.left}"
+        elif not self.confirmed:
+            done = f"not confirmed: purged 0 of {self.selected}, left {self.left}"
+        else:
+            done = f"purged {self.purged}, left {self.left}"
+        return done + held_elsewhere(self.other_consumers, "read")
 
 
 def count(
     settings: Settings, *, reasons: Collection[str] = (), asset_ids: Collection[str] = (),
-    since: datetime | None = None, until: datetime | None = None,
+    since: datetime | None = None, until: datetime | None = None, accounts: Collection[str] = (),
 ) -> Counts:
-    """Count the matching dead letters (all by default) by reason and asset_id, leaving every one in the
-    queue. A body in parts counts once."""
-    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
+    """Count the matching dead letters (all by default) by reason, asset_id and account, leaving every
+    one in the queue. A body in parts counts once."""
+    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until, accounts=accounts)
     counts = Counts()
     with Reader(settings) as reader:
+        counts.other_consumers = reader.other_consumers
         for letter in Letters(reader):
             counts.scanned += 1
             if selection.matches(letter.envelope):
@@ -95,14 +104,15 @@ def count(
 
 def read(
     settings: Settings, *, reasons: Collection[str] = (), asset_ids: Collection[str] = (),
-    since: datetime | None = None, until: datetime | None = None, limit: int | None = None,
+    since: datetime | None = None, until: datetime | None = None, accounts: Collection[str] = (),
+    limit: int | None = None,
 ) -> list[Envelope]:
     """The envelopes that match the filters (all of them by default), in queue order, left in place.
 
     Every part of a body in parts is listed (together, in order: :func:`worker.deadletter.join`
     puts them back together); ``limit`` counts such a body once.
     """
-    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
+    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until, accounts=accounts)
     found: list[Envelope] = []
     chosen = 0
     with Reader(settings) as reader:
@@ -117,19 +127,21 @@ def read(
 
 def replay(
     settings: Settings, *, reasons: Collection[str] = (), asset_ids: Collection[str] = (),
-    since: datetime | None = None, until: datetime | None = None, limit: int | None = None,
-    dry_run: bool = False, group_size: int = GROUP_SIZE, publisher_class: type[Publisher] = Publisher,
+    since: datetime | None = None, until: datetime | None = None, accounts: Collection[str] = (),
+    limit: int | None = None, dry_run: bool = False, group_size: int = GROUP_SIZE, publisher_class: type[Publisher] = Publisher,
     on_replay: Callable[[Envelope], None] | None = None, progress: Progress | None = None,
 ) -> ReplayReport:
     """Publish the selected dead letters to ``settings.queue`` as producers send them, then acknowledge them.
 
     What is published: an event, alone, as JSON; a ``poison`` message's body, byte for byte
-    (its parts joined). Nothing else is replayable (:func:`~worker.deadletter.reader.replayable`).
+    (its parts joined); another application's message back to the queue it came from, with its
+    headers and properties (set aside as ``unhandled``: replay it once its routing is fixed).
+    Nothing else is replayable (:func:`~worker.deadletter.reader.replayable`).
     Each group is published and confirmed before any of its dead letters is acknowledged,
     so an error (raised to the caller) or a crash leaves each event in ``activities``, in the
     dead-letter queue, or both. ``on_replay`` sees each envelope replayed (every part).
     """
-    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
+    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until, accounts=accounts)
     replayed = not_replayable = group_bytes = 0
     group: list[tuple[list[int], Outgoing]] = []
     publisher = None if dry_run else publisher_class(settings.broker_url, declare=[Topology.of(settings).source_queue()])
@@ -150,7 +162,7 @@ def replay(
             letters = Letters(reader)
             for letter in letters:
                 if limit is not None and replayed + len(group) >= limit:
-                    break  # left unacknowledged: back in the queue when the channel closes
+                    break  # left unacknowledged: the reader hands it back
                 if progress is not None:
                     progress.update(reader.read, reader.start_count, replayed + len(group))
                 if not selection.matches(letter.envelope):
@@ -177,12 +189,22 @@ def replay(
         if publisher is not None:
             publisher.close()
     logger.info("%s %d dead letters to %s", "Would replay" if dry_run else "Replayed", replayed, settings.queue)
-    return ReplayReport(replayed, left, not_replayable, dry_run)
+    return ReplayReport(replayed, left, not_replayable, dry_run, reader.other_consumers)
 
 
 def _replayed(queue: str, letter: Letter) -> Outgoing:
-    """The message that replays a (replayable) dead letter, counting the replay in ``x-replays``."""
+    """The message that replays a (replayable) dead letter, counting the replay in ``x-replays``:
+    to ``queue``, or, for another application's message, back to the queue it came from, as it was."""
     headers = {REPLAYS_HEADER: replays_of(letter.envelope) + 1}
+    original = envelopes.original_of(letter.envelope)
+    if original is not None:
+        body = letter.body()
+        assert body is not None  # replayable
+        properties = dict(original.properties)
+        content_type = properties.pop("content_type", "") or ""
+        content_encoding = properties.pop("content_encoding", None)
+        return Outgoing(original.queue, body, {**original.headers, **headers}, content_type, properties,
+                        content_encoding=content_encoding)
     if envelopes.replays_body(letter.envelope):
         body = letter.body()
         assert body is not None  # replayable
@@ -193,17 +215,17 @@ def _replayed(queue: str, letter: Letter) -> Outgoing:
 def purge(
     settings: Settings, *, confirm: Callable[[int], bool], reasons: Collection[str] = (),
     asset_ids: Collection[str] = (), since: datetime | None = None, until: datetime | None = None,
-    limit: int | None = None, dry_run: bool = False, progress: Progress | None = None,
+    accounts: Collection[str] = (), limit: int | None = None, dry_run: bool = False, progress: Progress | None = None,
 ) -> PurgeReport:
     """Remove the selected dead letters (a body in parts: all its parts), once ``confirm(how_many)`` said yes.
 
     Every dead letter read is held unacknowledged on one channel while ``confirm`` runs, so
     what is confirmed is exactly what goes (dead letters arriving meanwhile are not read).
-    Then only the selected ones are acknowledged; closing the channel returns the others to
+    Then only the selected ones are acknowledged; the reader hands the others back to
     the queue untouched. Interrupted at any moment, a purge removes nothing but selected
     dead letters, and a selected one it did not acknowledge stays.
     """
-    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until)
+    selection = Selection.of(reasons=reasons, asset_ids=asset_ids, since=since, until=until, accounts=accounts)
     chosen: list[int] = []
     selected = 0
     with Reader(settings) as reader:
@@ -219,10 +241,11 @@ def purge(
         if progress is not None:
             progress.update(reader.read, reader.start_count, selected, final=True)
         present = letters.seen + reader.start_count - reader.read
+        others = reader.other_consumers
         if dry_run:
-            return PurgeReport(0, selected, present - selected, dry_run=True)
+            return PurgeReport(0, selected, present - selected, dry_run=True, other_consumers=others)
         if not selected or not confirm(selected):
-            return PurgeReport(0, selected, present, confirmed=not selected)
+            return PurgeReport(0, selected, present, confirmed=not selected, other_consumers=others)
         reader.ack(chosen)
     logger.warning("Purged %d dead letters from %s", selected, settings.dead_letter_queue)
-    return PurgeReport(selected, selected, present - selected)
+    return PurgeReport(selected, selected, present - selected, other_consumers=others)

@@ -65,7 +65,7 @@ REASONS = (MALFORMED, INVALID, REJECTED, UNAUTHORIZED, REFUSED, RETRIES_EXHAUSTE
 
 #: The envelope field naming the account an event was for (absent: written before there were
 #: several, or before its account was known: the ``default`` account).
-ACCOUNT_FIELD = "account"
+ACCOUNT = "account"
 
 
 #: Most bytes of a body that one dead letter holds; a larger body is written in parts. An
@@ -85,6 +85,49 @@ def replays_body(body: Envelope) -> bool:
     details = body.get("details")
     return reason == POISON or (reason == UNHANDLED and isinstance(details, dict)
                                 and details.get("replay_body") is True and body.get("event") is None)
+
+
+@dataclass(frozen=True)
+class Original:
+    """Where another application's message came from, and as what: replay sends it back there."""
+
+    queue: str
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+
+
+#: The message properties a replay may set again (AMQP's basic properties a producer sets).
+ORIGINAL_PROPERTIES = ("content_type", "content_encoding", "correlation_id", "reply_to", "priority", "message_id",
+                       "type", "app_id")
+
+
+def original_of(body: Envelope) -> Original | None:
+    """Another application's message set aside whole (``unhandled``, ``details.problem``
+    ``foreign_task``): its queue, headers and properties as it arrived, or None for any other
+    dead letter (the inverse of the ingest step's JSON-safe copy: byte strings come back)."""
+    details = body.get("details")
+    if body.get("reason") != UNHANDLED or not isinstance(details, dict) or details.get("problem") != "foreign_task":
+        return None
+    message = details.get("message")
+    if not isinstance(message, dict) or not isinstance(message.get("queue"), str) or not message["queue"]:
+        return None
+    headers, properties = message.get("headers"), message.get("properties")
+    return Original(message["queue"], _from_jsonable(headers) if isinstance(headers, dict) else {},
+                    {k: v for k, v in (properties or {}).items() if k in ORIGINAL_PROPERTIES}
+                    if isinstance(properties, dict) else {})
+
+
+def _from_jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"$base64"} and isinstance(value["$base64"], str):
+            try:
+                return base64.b64decode(value["$base64"], validate=True)
+            except (binascii.Error, ValueError):
+                return value["$base64"]
+        return {key: _from_jsonable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_jsonable(item) for item in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -125,7 +168,7 @@ def envelope(
         "replays": replays,
     }
     if account is not None:
-        body[ACCOUNT_FIELD] = account
+        body[ACCOUNT] = account
     if raw is not None:
         body.update(raw_fields(raw))
     return body

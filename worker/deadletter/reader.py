@@ -1,20 +1,22 @@
 """Reading and selecting dead letters, for the commands of :mod:`worker.deadletter.cli`.
 
 :class:`Reader` fetches the dead-letter queue's messages with ``basic_get`` and holds every
-one unacknowledged on its channel until it closes: closing (or a crash) hands each back to its
-place in the queue. What a command removes, it acknowledges itself, by delivery tag.
+one unacknowledged on its channel until it is done: then it hands each back to the queue (a
+crash does too, when the channel dies). What a command removes, it acknowledges itself, by
+delivery tag. It starts only once no other client holds dead letters, and ends only once the
+queue shows again what it handed back (:mod:`worker.deadletter.handback` says why: a quorum
+queue puts them back only after answering the close).
 :class:`Letters` turns those messages into the dead letters a person means: one envelope, or
 every part of one large body (:mod:`worker.deadletter.envelopes`), counted, selected, replayed and
 purged together. :class:`Selection` says which dead letters a command acts on (reason,
-asset_id, time range of ``failed_at``), :func:`replayable` which of them replay can publish,
-:class:`Counts` tallies them and :class:`Progress` reports long runs.
+asset_id, account, time range of ``failed_at``), :func:`replayable` which of them replay can
+publish, and :class:`Progress` reports long runs (:mod:`worker.deadletter.counting` tallies them).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections import Counter
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -24,9 +26,10 @@ import amqp
 from kombu.connection import Connection
 from kombu.exceptions import OperationalError
 
+from config.accounts import DEFAULT
 from config.settings import Settings
 from worker.broker.connection import connect
-from worker.deadletter import envelopes
+from worker.deadletter import envelopes, handback
 from worker.errors import DeadLetterError, NoDeadLetterQueue
 from worker.events import jsonutil
 
@@ -35,11 +38,9 @@ logger = logging.getLogger(__name__)
 #: The reason shown for a message of the dead-letter queue that is not a JSON envelope.
 UNREADABLE = "unreadable"
 
-#: How ``count`` shows dead letters without an ``asset_id`` (unparseable bodies).
-NO_ASSET = "(none)"
-
-#: The asset_ids ``count`` shows in its tables (the largest counts); ``--json`` has them all.
-TOP_ASSETS = 20
+#: The account of the dead letters written before the worker had several (they carry no
+#: ``account``): the single account of the settings, ``default`` (config.accounts).
+DEFAULT_ACCOUNT = DEFAULT
 
 #: Dead letters read between two progress lines.
 PROGRESS_EVERY = 1000
@@ -76,31 +77,41 @@ def failed_at(envelope: Envelope) -> datetime | None:
     return when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
 
 
+def account_of(envelope: Envelope) -> str:
+    """The Netcore account a dead letter was for: its ``account``, or :data:`DEFAULT_ACCOUNT`
+    when it has none (written before the worker had several accounts)."""
+    value = envelope.get(envelopes.ACCOUNT)
+    return DEFAULT_ACCOUNT if value is None else str(value)
+
+
 @dataclass(frozen=True)
 class Selection:
     """Which dead letters a command acts on; every criterion given must hold (none: all).
 
     The time range is on ``failed_at``, ``since`` included and ``until`` excluded, so that
     consecutive ranges never select a dead letter twice. A dead letter whose ``failed_at``
-    cannot be read is outside every time range.
+    cannot be read is outside every time range. The account is :func:`account_of`.
     """
 
     reasons: frozenset[str] = frozenset()
     asset_ids: frozenset[str] = frozenset()
     since: datetime | None = None
     until: datetime | None = None
+    accounts: frozenset[str] = frozenset()
 
     @classmethod
     def of(
         cls, *, reasons: Collection[str] = (), asset_ids: Collection[str] = (), since: datetime | None = None,
-        until: datetime | None = None,
+        until: datetime | None = None, accounts: Collection[str] = (),
     ) -> Selection:
-        return cls(frozenset(reasons), frozenset(asset_ids), since, until)
+        return cls(frozenset(reasons), frozenset(asset_ids), since, until, frozenset(accounts))
 
     def matches(self, envelope: Envelope) -> bool:
         if self.reasons and envelope.get("reason") not in self.reasons:
             return False
         if self.asset_ids and envelope.get("asset_id") not in self.asset_ids:
+            return False
+        if self.accounts and account_of(envelope) not in self.accounts:
             return False
         if self.since is None and self.until is None:
             return True
@@ -114,79 +125,6 @@ def replays_of(envelope: Envelope) -> int:
     """How many times this dead letter's event had been replayed before it died (0 if unknown)."""
     value = envelope.get("replays")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-@dataclass
-class Counts:
-    """How many dead letters there are, by reason, by asset_id and by both."""
-
-    total: int = 0
-    #: What replay would leave: see :func:`replayable`.
-    not_replayable: int = 0
-    #: Dead letters whose event had been replayed before (``replays`` > 0): a loop, maybe.
-    replayed: int = 0
-    #: Bodies in parts with a part missing (in the queue, one might still be on its way).
-    incomplete: int = 0
-    #: Dead letters read, selected or not.
-    scanned: int = 0
-    by_reason: Counter[str] = field(default_factory=Counter)
-    by_asset_id: Counter[str] = field(default_factory=Counter)
-    by_reason_and_asset_id: Counter[tuple[str, str]] = field(default_factory=Counter)
-
-    def add(self, letter: Letter) -> None:
-        envelope = letter.envelope
-        reason, asset_id = str(envelope.get("reason")), str(envelope.get("asset_id") or NO_ASSET)
-        self.total += 1
-        self.not_replayable += not replayable(letter)
-        self.incomplete += not letter.complete
-        self.replayed += replays_of(envelope) > 0
-        self.by_reason[reason] += 1
-        self.by_asset_id[asset_id] += 1
-        self.by_reason_and_asset_id[reason, asset_id] += 1
-
-    def as_dict(self) -> dict[str, Any]:
-        both: dict[str, dict[str, int]] = {}
-        for (reason, asset_id), number in self.by_reason_and_asset_id.most_common():
-            both.setdefault(reason, {})[asset_id] = number
-        return {"total": self.total, "not_replayable": self.not_replayable, "replayed": self.replayed,
-                "incomplete": self.incomplete, "scanned": self.scanned,
-                "by_reason": dict(self.by_reason.most_common()),
-                "by_asset_id": dict(self.by_asset_id.most_common()), "by_reason_and_asset_id": both}
-
-    def table(self, top: int = TOP_ASSETS) -> str:
-        """Small text tables, largest counts first, at most ``top`` asset_ids in each."""
-        of = f" of {self.scanned} in the queue" if self.scanned > self.total else ""
-        lines = [f"dead letters: {self.total}{of} (not replayable: {self.not_replayable})"]
-        if not self.total:
-            return lines[0]
-        lines.append(f"replayed before and dead again: {self.replayed}")
-        if self.incomplete:
-            lines.append(f"bodies in parts with a part missing: {self.incomplete}")
-        assets = [asset_id for asset_id, _ in self.by_asset_id.most_common(top)]
-        more = len(self.by_asset_id) - len(assets)
-        for title, counter in (("reason", self.by_reason), ("asset_id", self.by_asset_id)):
-            shown = [(key, counter[key]) for key in (assets if title == "asset_id" else counter)]
-            width = max([len(title), *(len(key) for key, _ in shown)])
-            lines += ["", f"{title:<{width}}  count"]
-            lines += [f"{key:<{width}}  {value:>5}" for key, value in shown]
-        if len(self.by_reason) > 1 and assets:
-            lines += ["", *self._cross_table(assets)]
-        if more > 0:
-            lines.append(f"(and {more} more asset_ids: --json lists them all)")
-        return "\n".join(lines)
-
-    def _cross_table(self, assets: list[str]) -> list[str]:
-        """asset_id down, reason across: which producer fails, and how."""
-        reasons = [reason for reason, _ in self.by_reason.most_common()]
-        first = max(len("asset_id"), *map(len, assets))
-        widths = [max(5, len(reason)) for reason in reasons]
-        header = "  ".join([f"{'asset_id':<{first}}", *(f"{r:>{w}}" for r, w in zip(reasons, widths))])
-        rows = [header]
-        for asset_id in assets:
-            cells = [self.by_reason_and_asset_id[reason, asset_id] for reason in reasons]
-            rows.append("  ".join([f"{asset_id:<{first}}",
-                                   *(f"{n or '.':>{w}}" for n, w in zip(cells, widths))]))
-        return rows
 
 
 class Progress:
@@ -216,19 +154,22 @@ class Progress:
 
 
 class Reader:
-    """One channel that holds every dead letter it read, unacknowledged, until it closes.
+    """One channel that holds every dead letter it read, unacknowledged, until it is done.
 
     Holding them, rather than rejecting each, is what keeps a pass finite and lossless: a
     rejected message would come straight back to the head of the queue and be read again.
     A pass reads at most the messages present at its start (``start_count``), so events
     that die again while it runs are not replayed again by the same run. Delivery tags
     start at 1 on the fresh channel and grow by one per message read (``read``).
+    ``other_consumers``: consumers of the queue still there when the pass started (see
+    :func:`~worker.deadletter.handback.wait_until_unheld`): what they hold, it cannot read.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.queue = settings.dead_letter_queue
         self.start_count = 0
+        self.other_consumers = 0
         self.read = 0
         #: Every tag below it is acknowledged; :attr:`_acked` holds those acknowledged above it.
         self._floor = 1
@@ -245,7 +186,7 @@ class Reader:
         try:
             self.channel: amqp.Channel = connection.channel()
             # passive: reading must not create the queue (a typo in its name would look empty)
-            _, self.start_count, _ = self.channel.queue_declare(self.queue, durable=True, passive=True)
+            self.start_count, self.other_consumers = handback.wait_until_unheld(self.channel, self.queue)
         except amqp.exceptions.NotFound:
             connection.release()
             raise NoDeadLetterQueue(
@@ -289,19 +230,28 @@ class Reader:
             self._acked.discard(self._floor)
             self._floor += 1
 
-    def __exit__(self, *exc_info: object) -> None:
-        """Close the channel: every message read and not acknowledged goes back to the queue.
+    @property
+    def held(self) -> int:
+        """Messages read and not acknowledged."""
+        return self.read - (self._floor - 1) - len(self._acked)
 
-        The broker handles a channel's frames in order, so once the close is answered every
-        acknowledgement sent before it has taken effect.
+    def __exit__(self, *exc_info: object) -> None:
+        """Hand back every message read and not acknowledged, wait until the queue shows them
+        (:func:`~worker.deadletter.handback.hand_back`), and close the channel.
+
+        The broker handles a channel's frames in order, so the acknowledgements sent before
+        the hand-back have taken effect on the channel first.
         """
         try:
+            if self.channel.is_open and self.held:
+                handback.hand_back(self.channel, self.queue, last_tag=self.read, held=self.held)
             if self.channel.is_open:
                 self.channel.close()
-        except Exception:  # a broken connection: the broker has put them back already
+        except Exception:  # a broken connection: the broker puts them back itself
             pass
-        if self._connection is not None:
-            self._connection.release()
+        finally:
+            if self._connection is not None:
+                self._connection.release()
 
 
 def envelope_of(body: bytes | str) -> Envelope:
@@ -400,9 +350,10 @@ def replayable(letter: Letter) -> bool:
     Only a JSON object can be an event: an array item such as ``7`` (dead-lettered
     ``invalid``) would come back as a body that is not one, ``malformed`` for good, so it
     stays. A ``poison`` message is published again as the very bytes it was, once every part
-    of it is here, and so is a producer's message a bug set aside (``unhandled``). A
+    of it is here, and so is a producer's message a bug set aside (``unhandled``), and another
+    application's message (``unhandled``, to the queue it came from, with its headers). A
     ``malformed`` body holds no events: it is there to be fixed by hand.
     """
-    if envelopes.replays_body(letter.envelope):
+    if envelopes.replays_body(letter.envelope) or envelopes.original_of(letter.envelope) is not None:
         return letter.body() is not None
     return isinstance(letter.envelope.get("event"), dict)

@@ -141,7 +141,7 @@ class Salvage:
         for letter in letters:
             body = jsonutil.loads(letter.body)
             if body.get("event") is not None and body.get("reason") == envelopes.UNHANDLED:
-                account = body.get(envelopes.ACCOUNT_FIELD)
+                account = body.get(envelopes.ACCOUNT)
                 by_account[account] = by_account.get(account, 0) + 1
         for account, events in by_account.items():
             self.counted(account, events)

@@ -46,8 +46,8 @@ def events_of(message: Message) -> list[Routed]:
     task = (message.headers or {}).get("task")
     if task is not None and task != INGEST_TASK:
         raise ForeignMessage(task if isinstance(task, str) else repr(task)[:100])
-    if task is None and plain_json(message) and len(body) <= MAX_MESSAGE_BYTES:
-        try:
+    if task is None and body[:1] not in (b"[", "[") and plain_json(message) and len(body) <= MAX_MESSAGE_BYTES:
+        try:  # (an array goes straight to parse_body, which reads it once: orjson first, when it can)
             event = orjson.loads(body)
         except orjson.JSONDecodeError:
             event = None  # the strict parser below says exactly what is wrong

@@ -78,6 +78,10 @@ class HandOff:
         self.clock = clock
         #: Hand-offs not confirmed yet, oldest first.
         self._parcels: deque[Parcel] = deque()
+        #: Of those, the ones to hand over (new, or to be tried again), oldest first.
+        self._unsent: deque[Parcel] = deque()
+        #: Of those, how many the broker did not confirm (they wait for the next try).
+        self._failed = 0
         self._delay = RETRY_BASE
         self._next_try = 0.0
         #: Bumped by :meth:`forget`: results of hand-offs made before are ignored.
@@ -88,7 +92,7 @@ class HandOff:
     @property
     def blocked(self) -> bool:
         """True while a hand-off waits to be tried again: take no new messages."""
-        return any(parcel.failed for parcel in self._parcels)
+        return self._failed > 0
 
     @property
     def waiting(self) -> int:
@@ -101,7 +105,9 @@ class HandOff:
             for callback in then:     # a waiting hand-off still holds its ticket)
                 callback()
             return
-        self._parcels.append(Parcel(list(dead), list(batches), list(then)))
+        parcel = Parcel(list(dead), list(batches), list(then))
+        self._parcels.append(parcel)
+        self._unsent.append(parcel)
         self._pump()
 
     def tick(self) -> None:
@@ -113,6 +119,8 @@ class HandOff:
         """Try the waiting hand-offs again at once (and a warm shutdown's last chance)."""
         for parcel in self._parcels:
             parcel.failed = False
+        self._failed = 0
+        self._unsent = deque(parcel for parcel in self._parcels if not parcel.in_flight)
         self._pump()
 
     def flush(self, timeout: float) -> bool:
@@ -125,18 +133,18 @@ class HandOff:
     def forget(self) -> None:
         """Drop what waits (the channel is gone; the broker redelivers the source messages)."""
         self._parcels.clear()
+        self._unsent.clear()
+        self._failed = 0
         self._generation += 1
         self._delay = RETRY_BASE
 
     def _pump(self) -> None:
         """Hand over, in order, every hand-off not handed over yet, unless one waits for a retry."""
-        for parcel in list(self._parcels):  # a publisher may report at once, changing the queue
-            if self.blocked:
-                return
-            if not parcel.in_flight and parcel in self._parcels:
-                parcel.in_flight = True
-                messages = parcel.dead + self._render(parcel)
-                self.publisher.submit(messages, partial(self._done, parcel, self._generation))
+        while self._unsent and not self.blocked:  # a publisher may report at once, changing the queues
+            parcel = self._unsent.popleft()
+            parcel.in_flight = True
+            messages = parcel.dead + self._render(parcel)
+            self.publisher.submit(messages, partial(self._done, parcel, self._generation))
 
     def _render(self, parcel: Parcel) -> list[Outgoing]:
         if not parcel.batches:
@@ -166,10 +174,12 @@ class HandOff:
             self.max_message_bytes = error.too_large
             logger.warning("The broker refuses messages over %d bytes (max_message_size): upload messages are made "
                            "smaller from now on", error.too_large)
+            self._unsent.appendleft(parcel)
             self._pump()  # rendered again, smaller
             return
         if not parcel.failed:
             parcel.failed = True
+            self._failed += 1
             self._next_try = self.clock.monotonic() + self._delay
             logger.error("The broker did not confirm a hand-off of %d messages (%s); %d hand-offs wait, the consumer "
                          "takes no new message; next try in %.1f s", len(error.messages) or 1, error,

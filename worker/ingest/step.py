@@ -111,7 +111,12 @@ class IngestStep(bootsteps.ConsumerStep):
     def start(self, c: Any) -> None:
         self.consumer_app = c.app
         self.call_soon = c.hub.call_soon
-        super().start(c)
+        channel = c.connection.channel()
+        self.consumers = consumers = self.get_consumers(channel)
+        # Messages are taken once the event loop runs, not during the start-up steps that follow
+        # (their broker calls would deliver the backlog into a pipeline whose hand-offs cannot
+        # report back before the loop runs: thousands of messages held, batches cut small).
+        c.hub.call_soon(self._begin, consumers)
         interval = min(MAX_TICK, max(0.01, self.settings.batch_wait / TICKS_PER_WAIT))
         self._timer = c.timer.call_repeatedly(interval, self._tick)
         logger.info(
@@ -120,6 +125,13 @@ class IngestStep(bootsteps.ConsumerStep):
             self.settings.prefetch, self.settings.batch_size, self.settings.batch_wait,
             ", ".join(f"{a.name} ({a.where})" for a in self.settings.accounts),
         )
+
+    def _begin(self, consumers: list[Consumer]) -> None:
+        """The event loop's first turn: start taking messages (unless stopped meanwhile)."""
+        if self.ingest is None or self.consumers is not consumers or not self._consuming:
+            return
+        for consumer in consumers:
+            consumer.consume()
 
     def stop(self, c: Any) -> None:
         self._wind_down(c)

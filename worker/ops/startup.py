@@ -29,6 +29,14 @@ TASK_QUEUE_HINT = (" Celery producers declare it too: in a cluster, give them "
                    "task_default_queue_type=\"quorum\" (the README's Scaling out).")
 
 
+#: A quorum queue of dead letters made before it had its delivery limit (worker.broker.topology).
+DEAD_LETTER_LIMIT_HINT = (
+    "Queue %r was made by an earlier version, without a delivery limit of its own: on RabbitMQ 4.x a dead "
+    "letter there is dropped after about 20 reads (each dead-letter command reads it). Lift the limit with a "
+    "policy: rabbitmqctl set_policy --apply-to quorum_queues netcore-dead-letters '^%s$' "
+    "'{\"delivery-limit\": 1000000}'")
+
+
 def declare_queues(settings: Settings) -> None:
     """Declare every queue of the worker now, so that tools and monitors find them from the
     start; exit with one line when one exists with other arguments (made by another version,
@@ -46,6 +54,9 @@ def declare_queues(settings: Settings) -> None:
             try:
                 queue(channel).declare()
             except amqp.exceptions.PreconditionFailed as exc:
+                if queue.name in (topology.dead_letter, topology.unhandled):
+                    logger.warning(DEAD_LETTER_LIMIT_HINT, queue.name, queue.name.replace(".", r"\."))
+                    continue  # made by an earlier version, without the delivery limit: usable as it is
                 print(f"netcore-activity-worker: queue {queue.name!r} already exists with other arguments "
                       f"({exc.reply_text}). A queue's type and arguments are fixed when it is created: let it "
                       "drain (with the worker that made it), delete it, and start again."

@@ -4,8 +4,9 @@ This runs in the ``activities.upload`` task, on one of the pool's threads, for o
 account (each account has its own :class:`Delivery`: its API client, circuit, adaptive limit and
 queues, :mod:`worker.upload.lanes`). For each batch:
 
-1. every event is parsed strictly and validated (marshmallow); what fails is dead-lettered
-   (``malformed``, ``invalid``) and its neighbours go on;
+1. every event is parsed strictly and validated (:mod:`worker.events.screening`); what fails is
+   dead-lettered (``malformed``, ``invalid``) and its neighbours go on; a retried batch was
+   screened before, and is not again;
 2. the valid events are posted, one request at a time, each with the circuit's leave
    (:mod:`worker.upload.circuit`) and counted in flight (:mod:`worker.upload.concurrency`);
 3. a 400 splits the batch in halves, again and again, until every rejected event stands
@@ -39,10 +40,9 @@ from worker.broker.publisher import Outgoing, PublishFn
 from worker.broker.topology import Topology
 from worker.clock import Clock
 from worker.deadletter import envelopes
-from worker.errors import MalformedBody, Permanent, Refused, Rejected, Transient, Unauthorized
-from worker.events import jsonutil
-from worker.events.parsing import parse_body
-from worker.events.validation import NaiveTimestamps, has_naive_timestamp, is_stale, validate_event
+from worker.errors import Permanent, Refused, Rejected, Transient, Unauthorized
+from worker.events.screening import read_event, screen
+from worker.events.validation import NaiveTimestamps
 from worker.upload.circuit import Circuit
 from worker.upload.concurrency import AdaptiveConcurrency
 from worker.upload.retry import RetryPolicy
@@ -182,27 +182,8 @@ class Delivery:
     # --- one batch ----------------------------------------------------------------------------
 
     def _deliver_batch(self, batch: UploadBatch, report: Report, dead: list[Outgoing], retries: list[_Retry]) -> None:
-        now = self.clock.now()
-        first_attempt = batch.attempts == 0 and batch.since is None  # stale events: counted once
-        valid: list[int] = []
-        for index, text in enumerate(batch.events):
-            event, problem = _read(text)
-            if problem is not None:
-                report.invalid += 1
-                dead.append(self._dead(envelopes.MALFORMED, problem.error, batch, index, problem.details, raw=text))
-                continue
-            errors = validate_event(event, naive_timestamps=self.naive_timestamps)
-            if errors:
-                report.invalid += 1
-                dead.append(self._dead(envelopes.INVALID, _invalid_sentence(errors), batch, index, errors,
-                                       event=event))
-                continue
-            valid.append(index)
-            if first_attempt and is_stale(event, now):
-                report.stale += 1
-            if first_attempt and has_naive_timestamp(event):
-                report.naive += 1
-        pending = [valid] if valid else []
+        batch = self._screen(batch, report, dead)
+        pending = [list(range(len(batch)))] if len(batch) else []
         while pending:
             part = pending.pop()
             with self.circuit.request(batch.asset_id) as permit:
@@ -247,6 +228,21 @@ class Delivery:
                     self.circuit.succeeded(permit)
                     report.statuses.append(200)
                     report.delivered += len(part)
+
+    def _screen(self, batch: UploadBatch, report: Report, dead: list[Outgoing]) -> UploadBatch:
+        """The batch's valid events, marked as screened (its retries skip this); the rest dead-lettered."""
+        if batch.checked:
+            return batch
+        found = screen(batch.events, now=self.clock.now(), naive_timestamps=self.naive_timestamps)
+        for refused in found.refused:
+            report.invalid += 1
+            reason = envelopes.MALFORMED if refused.malformed else envelopes.INVALID
+            dead.append(self._dead(reason, refused.error, batch, refused.index, refused.details,
+                                   event=refused.event, raw=refused.raw))
+        if batch.attempts == 0 and batch.since is None:  # stale and zone-less events: counted once
+            report.stale += found.stale
+            report.naive += found.naive
+        return batch.part(found.valid, checked=True)
 
     def _request_done(self, began: float, status: int | None, outcome: str, events: int, *, congested: bool) -> None:
         self.concurrency.finished(began, congested=congested)
@@ -320,32 +316,12 @@ class Delivery:
         event: Any = None, raw: str | None = None, attempts: int | None = None,
     ) -> Outgoing:
         if event is None and raw is None:
-            event, problem = _read(batch.events[index])
+            event, problem = read_event(batch.events[index])
             if problem is not None:  # kept whole as text: the strict parser refused it
                 raw = batch.events[index]
         return self.letters.event(reason, error, event=event, raw=raw, details=details, asset_id=batch.asset_id,
                                   attempts=batch.attempts if attempts is None else attempts,
                                   replays=batch.replays_of(index))
-
-
-def _read(item: Any) -> tuple[Any, MalformedBody | None]:
-    """(event, problem) of one item of a batch: strict parsing of an event's text (duplicate
-    keys, huge numbers... that the consumer's fast parser lets through)."""
-    if not isinstance(item, str):
-        return jsonutil.loads(jsonutil.dumps(item)), None
-    try:
-        values = parse_body(item)
-    except MalformedBody as exc:
-        return None, exc
-    if len(values) != 1:
-        return None, MalformedBody("Expected one event here, found an array.", {"problem": "not_object"})
-    return values[0], None
-
-
-def _invalid_sentence(errors: dict[str, list[str]]) -> str:
-    fields = ", ".join(sorted(errors))
-    first = next(iter(errors.values()))[0]
-    return f"The event breaks the API's rules ({fields}): {first}"
 
 
 def _log(report: Report, bundle: Bundle, duration: float) -> None:

@@ -15,9 +15,10 @@ class Fanout:
     never raised: counting or logging a result must not change what becomes of the events."""
 
     def __init__(self, listeners: Sequence[Any]) -> None:
-        self.listeners = list(listeners)
+        self.listeners = tuple(listeners)
 
     def __getattr__(self, name: str) -> Callable[..., None]:
+        """Built on the first call of ``name``, then kept (the hooks run once per message)."""
         if name.startswith("_"):
             raise AttributeError(name)
         methods = [getattr(listener, name) for listener in self.listeners if hasattr(listener, name)]
@@ -29,4 +30,5 @@ class Fanout:
                 except Exception:  # a hook's bug: say so, deliver on
                     logger.exception("A %s hook failed", name)
 
+        setattr(self, name, call)  # found in the instance from now on: __getattr__ is not asked again
         return call

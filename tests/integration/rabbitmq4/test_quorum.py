@@ -187,3 +187,22 @@ def test_messages_dead_lettered_into_activities_with_their_count_are_delivered_t
     assert dead_letters.envelopes == []  # none called poison
     assert ledger(ids, [event_id_of(e) for e in sandbox.accepted()], dead_letters.ids()) == (set(), 0)
     assert worker.log().count("delivered 21 times without being handled: moving it to") == len(ids)
+
+
+def test_dead_letters_survive_the_dead_letter_command_reading_them_again_and_again(queues: QueueSet) -> None:
+    """The dead-letter command reads each dead letter and hands it back (count, list, a dry run);
+    on 4.x each hand-back counts, and at RabbitMQ's default limit of 20 the message would be
+    dropped. The worker declares its dead-letter queues without that limit (worker.broker.topology)."""
+    from datetime import datetime, timezone
+
+    from worker.deadletter import cli as dlq
+    from worker.deadletter import envelopes as deadletter
+
+    settings = queues.settings
+    failed_at = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    bodies = [deadletter.envelope(reason="invalid", error="e", failed_at=failed_at, event=event(f"d{n}"))
+              for n in range(5)]
+    publish_raw(settings.dead_letter_queue, [jsonutil.dumps(body) for body in bodies],
+                queue_arguments=Topology.of(settings).dead_letter_queue().queue_arguments)
+    totals = [dlq.count(settings).total for _ in range(BROKER_LIMIT + 5)]
+    assert totals == [5] * (BROKER_LIMIT + 5)
