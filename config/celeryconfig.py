@@ -9,6 +9,7 @@ thread pool, so that many are in flight whatever the number of cores.
 from __future__ import annotations
 
 from config.settings import load_or_exit
+from worker.broker import tls
 
 #: The most upload threads one worker process runs, whatever the number of accounts.
 MAX_THREADS = 512
@@ -22,6 +23,11 @@ SETTINGS = load_or_exit(require_api=False)
 netcore_settings = SETTINGS
 
 broker_url = SETTINGS.broker_url
+#: TLS for an amqps:// broker (config.tls): the CA bundle, the client certificate. Each node of
+#: the URL list is checked against its own name by the amqps transport registered here
+#: (worker.broker.tls: kombu's own would check every node against the first one's name).
+broker_use_ssl = SETTINGS.broker_ssl() or False
+tls.register()
 broker_connection_retry_on_startup = True
 #: After a lost connection (a broker restarted, a network partition), reconnect for as long as it
 #: takes: Celery's default gives up after 100 attempts (about 45 minutes) and ends the worker.

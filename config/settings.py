@@ -15,11 +15,12 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from config import accounts as accounts_file
 from config.accounts import DEFAULT, REGIONS, UPLOAD_PATH, Account, Accounts
+from config.tls import BrokerTLS
 from worker.errors import SettingsError
 
 #: The API takes at most this many events in one request.
@@ -49,6 +50,8 @@ class Settings:
     """The worker's configuration. Build it with :meth:`from_env`; never mutate it."""
 
     broker_url: str = field(default="amqp://guest:guest@localhost:5672//", repr=False)
+    #: TLS to the broker (config.tls) for an ``amqps://`` broker URL; None for ``amqp://``.
+    broker_tls: BrokerTLS | None = None
     api_key: str = field(default="", repr=False)
     region: str = "us"
     api_url: str = field(default="", repr=False)
@@ -118,6 +121,11 @@ class Settings:
         """The broker URL with its password masked, for logs."""
         return redact_url(self.broker_url)
 
+    def broker_ssl(self) -> dict[str, Any] | None:
+        """kombu's ``ssl`` options for every connection to the broker (a new dict each call), or
+        None for a plain ``amqp://`` broker."""
+        return self.broker_tls.ssl_options() if self.broker_tls is not None else None
+
     def check_api_key(self) -> None:
         """Raise :class:`SettingsError` unless there is an account to upload to (the worker needs
         one; the dead-letter command and producers do not)."""
@@ -145,8 +153,10 @@ class Settings:
         accounts_path = get.text("NETCORE_ACCOUNTS_FILE", "")
         file_accounts = tuple(accounts_file.load(accounts_path, env)) if accounts_path else ()
         backoff = get.number("UPLOAD_RETRY_BACKOFF", float, 1.0, low=0.0, high=MAX_BACKOFF)
+        broker_url = get.text("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//")
         settings = cls(
-            broker_url=get.text("CELERY_BROKER_URL", "amqp://guest:guest@localhost:5672//"),
+            broker_url=broker_url,
+            broker_tls=_broker_tls(broker_url, BrokerTLS.from_env(env)),
             api_key=api_key,
             region=region,
             api_url=api_url,
@@ -199,6 +209,22 @@ class Settings:
                 "ACTIVITY_UPLOAD_QUEUE must be four different queues"
             )
         return settings
+
+
+def _broker_tls(broker_url: str, tls: BrokerTLS) -> BrokerTLS | None:
+    """``tls`` for a broker URL (list) of ``amqps://`` nodes, None for plain ones; SettingsError for
+    a list that mixes them, or TLS settings given for a plain broker (they would be ignored)."""
+    schemes = {urlsplit(part.strip()).scheme for part in broker_url.split(";") if part.strip()}
+    if schemes == {"amqps"}:
+        return tls
+    if "amqps" in schemes:
+        raise SettingsError(f"CELERY_BROKER_URL={redact_url(broker_url)}: mixes amqps:// and other nodes: "
+                            "every node of the list takes TLS, or none does")
+    if tls.configured:
+        name, path = next(iter(tls.configured.items()))
+        raise SettingsError(f"{name}={path}: TLS settings need an amqps:// CELERY_BROKER_URL (it is "
+                            f"{'/'.join(sorted(schemes))}://)")
+    return None
 
 
 class _Reader:

@@ -19,6 +19,9 @@ of their own, which the server and ``rabbitmqctl`` both read), so they can form 
     with RabbitNodes() as nodes:
         first, second, third = nodes.cluster(3)   # joined with ``rabbitmqctl join_cluster``
 
+A node started with a :class:`TLSListener` takes AMQP over TLS only (its plain listener is off),
+and its :attr:`~RabbitNode.url` is an ``amqps://`` URL naming the listener's host.
+
 Nothing sleeps: ``rabbitmqctl wait`` blocks until the node's applications run (or its process
 dies), with a deadline.
 
@@ -65,6 +68,18 @@ log.file.level = info
 """
 
 
+#: Added to a node's configuration by a :class:`TLSListener`: the plain listener off, a TLS one on.
+TLS_CONFIG = """\
+listeners.tcp = none
+listeners.ssl.default = {address}:{port}
+ssl_options.cacertfile = {ca}
+ssl_options.certfile = {cert}
+ssl_options.keyfile = {key}
+ssl_options.verify = {verify}
+ssl_options.fail_if_no_peer_cert = {require}
+"""
+
+
 class NodeError(RuntimeError):
     """A private node could not be started or did not do what it was asked; says why."""
 
@@ -82,6 +97,26 @@ class Tools:
         """The command line and environment that run ``argv`` (a script and its arguments) with
         ``env``: here, as they are. A subclass runs them elsewhere (``tests/rabbitmq4.py``)."""
         return argv, env
+
+
+@dataclass(frozen=True)
+class TLSListener:
+    """A node's TLS listener (on the node's address): the node's certificate and key (PEM files), the
+    CA it checks clients' certificates against, and the host name its URL gives (what a client
+    checks the certificate against: ``localhost`` reaches the same listener as ``127.0.0.1``)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    host: str = "127.0.0.1"
+    #: Mutual TLS: a client without a certificate signed by ``ca`` is refused.
+    require_client_cert: bool = True
+
+    def config(self, address: str, port: int) -> str:
+        """The lines of ``rabbitmq.conf`` that make this listener on ``address:port``."""
+        return TLS_CONFIG.format(address=address, port=port, ca=self.ca, cert=self.cert, key=self.key,
+                                 verify="verify_peer" if self.require_client_cert else "verify_none",
+                                 require=str(self.require_client_cert).lower())
 
 
 def find_tools() -> Tools | None:
@@ -113,9 +148,10 @@ class RabbitNode:
     """
 
     def __init__(self, name: str, *, base: Path, home: Path, tools: Tools, user: str, password: str,
-                 address: str = LOOPBACK, launcher: Sequence[str] = ()) -> None:
+                 address: str = LOOPBACK, launcher: Sequence[str] = (), tls: TLSListener | None = None) -> None:
         self.name = name
         self.address, self.launcher = address, tuple(launcher)
+        self.tls = tls
         self.user, self.password = user, password
         self.directory = base / name.split("@", 1)[0]
         self.home = home
@@ -126,13 +162,21 @@ class RabbitNode:
         #: Whether the RabbitMQ application was stopped (``stop_app``) in a running VM.
         self.app_stopped = False
         self.directory.mkdir(parents=True)
-        (self.directory / "rabbitmq.conf").write_text(NODE_CONFIG.format(user=user, password=password))
+        config = NODE_CONFIG.format(user=user, password=password)
+        #: The TLS listener's port (``tls``), or 0: none.
+        self.tls_port = free_port() if tls is not None else 0
+        if tls is not None:
+            config += tls.config(address, self.tls_port)
+        (self.directory / "rabbitmq.conf").write_text(config)
         (self.directory / "enabled_plugins").write_text("[].\n")
         (self.directory / "rabbitmq-env.conf").write_text("")  # the machine's env file does not apply
 
     @property
     def url(self) -> str:
-        """The AMQP URL of the node's default vhost, with its user."""
+        """The AMQP URL of the node's default vhost, with its user (``amqps://`` to the TLS
+        listener's host, for a node with one)."""
+        if self.tls is not None:
+            return f"amqps://{self.user}:{self.password}@{self.tls.host}:{self.tls_port}//"
         return f"amqp://{self.user}:{self.password}@{self.address}:{self.port}//"
 
     @property
@@ -318,17 +362,19 @@ class RabbitNodes:
         self.user, self.password = user, password
         self.nodes: list[RabbitNode] = []
 
-    def node(self, *, address: str = LOOPBACK, launcher: Sequence[str] = ()) -> RabbitNode:
-        """A new node of this set, not started yet (``address``, ``launcher``: see RabbitNode)."""
+    def node(self, *, address: str = LOOPBACK, launcher: Sequence[str] = (),
+             tls: TLSListener | None = None) -> RabbitNode:
+        """A new node of this set, not started yet (``address``, ``launcher``: see RabbitNode; AMQP
+        over TLS only, with ``tls``)."""
         name = f"activity-tests-{self.token}-{len(self.nodes) + 1}@localhost"
         node = RabbitNode(name, base=self.base, home=self.home, tools=self.tools, user=self.user,
-                          password=self.password, address=address, launcher=launcher)
+                          password=self.password, address=address, launcher=launcher, tls=tls)
         self.nodes.append(node)
         return node
 
-    def start_node(self, timeout: float = START_TIMEOUT) -> RabbitNode:
-        """A new node, started."""
-        return self.node().start(timeout)
+    def start_node(self, timeout: float = START_TIMEOUT, *, tls: TLSListener | None = None) -> RabbitNode:
+        """A new node, started (AMQP over TLS only, with ``tls``)."""
+        return self.node(tls=tls).start(timeout)
 
     def cluster(self, size: int, timeout: float = START_TIMEOUT) -> list[RabbitNode]:
         """``size`` new nodes joined in one cluster (the first is the seed the others join)."""

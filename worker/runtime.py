@@ -106,7 +106,8 @@ class Runtime:
         """The publisher of the event loop's consumers (ingest, quarantine, salvage): a thread and a
         connection of its own, results back on the loop with ``call_soon`` (the worker's hub)."""
         if self._background is None:
-            publisher = Publisher(self.settings.broker_url, declare=self.topology.publish_targets())
+            publisher = Publisher(self.settings.broker_url, declare=self.topology.publish_targets(),
+                                  ssl=self.settings.broker_ssl())
             self._background = BackgroundPublisher(publisher, call_soon=call_soon)
         return self._background
 
@@ -124,7 +125,7 @@ def build_runtime(app: Celery, settings: Settings, *, clock: Clock | None = None
     counted = metrics or Metrics()
     hooks = Fanout([MetricsListener(counted), LogListener()])
     publishers = PublisherPool(settings.broker_url, size=min(PUBLISHERS, settings.upload_concurrency),
-                               declare=topology.publish_targets())
+                               declare=topology.publish_targets(), ssl=settings.broker_ssl())
 
     def retry_message(queue: str, bundle: Bundle) -> Outgoing:
         return upload_message(app, queue, bundle)

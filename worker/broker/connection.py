@@ -13,6 +13,12 @@ only work when the owner calls :func:`keep_alive` every ``heartbeat / 2`` second
 while it has nothing to publish: py-amqp sends nothing and reads nothing by itself. Short-lived
 commands (the dead-letter command, the health check) pass ``heartbeat=0``: an operator's pause
 at a prompt must not cost them their connection.
+
+An ``amqps://`` URL takes the ``ssl`` options of the settings (``Settings.broker_ssl()``): every
+caller passes them. A TLS refusal that trying again cannot mend (the broker's certificate is not
+trusted or names another host, or the broker refused our certificate) from every node of the list
+in turn ends the tries at once, and the error says in one line what to change
+(:mod:`worker.broker.tls`): a wrong CA costs a worker's start-up a second, not its 30 tries.
 """
 
 from __future__ import annotations
@@ -21,10 +27,19 @@ import socket
 from typing import Any
 
 from kombu.connection import Connection
+from kombu.exceptions import OperationalError
+
+from worker.broker import tls
+
+tls.register()  # every amqps:// connection of the process checks each node against its own name
 
 #: Seconds between heartbeats on the worker's long-lived connections, as on Celery's (``broker_heartbeat``
 #: in :mod:`config.celeryconfig`): both sides notice a dead peer within two to three of them.
 HEARTBEAT = 15.0
+
+
+class TLSRefused(OperationalError):
+    """Each node of the list refused TLS in a way trying again cannot mend; the message says what to change."""
 
 
 def connect(url: str, *, timeout: float = 10.0, retries: int = 3, heartbeat: float = 0.0,
@@ -32,12 +47,28 @@ def connect(url: str, *, timeout: float = 10.0, retries: int = 3, heartbeat: flo
     """A connection, established now: every node of the list tried in turn, then again
     ``retries`` more rounds (a second or so between rounds), each try bounded by ``timeout``;
     then the error (kombu's ``OperationalError``, or an ``OSError``). ``ssl``: kombu's TLS
-    options, or None."""
+    options, or None. A TLS refusal from every node in turn ends the tries (the module docstring)."""
     connection = Connection(url, heartbeat=heartbeat, connect_timeout=timeout, ssl=ssl or False)
     nodes = len([part for part in url.split(";") if part.strip()]) or 1
     rounds = 1 + max(0, retries)
-    connection.ensure_connection(max_retries=nodes * rounds - 1, interval_start=0.5, interval_step=1.0,
-                                 interval_max=5.0, timeout=(timeout + 5.0) * nodes * rounds)
+    refusals = 0  # permanent TLS refusals in a row: one from each node ends the tries
+
+    def on_error(error: BaseException, interval: float) -> None:  # before kombu moves to the next node
+        nonlocal refusals
+        refusals = refusals + 1 if tls.is_permanent(error) else 0
+        if refusals >= nodes:
+            raise TLSRefused(tls.explain(error, node=connection.host, options=ssl) or str(error)) from error
+
+    try:
+        connection.ensure_connection(errback=on_error, max_retries=nodes * rounds - 1, interval_start=0.5,
+                                     interval_step=1.0, interval_max=5.0, timeout=(timeout + 5.0) * nodes * rounds)
+    except TLSRefused:
+        raise
+    except (OperationalError, OSError) as error:
+        line = tls.explain(error, node=connection.host, options=ssl)  # the last node tried
+        if line is None:
+            raise
+        raise OperationalError(line) from error
     return connection
 
 

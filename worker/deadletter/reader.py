@@ -179,7 +179,7 @@ class Reader:
     def __enter__(self) -> Reader:
         where = self.settings.broker_url_redacted
         try:
-            self._connection = connect(self.settings.broker_url, retries=2)
+            self._connection = connect(self.settings.broker_url, retries=2, ssl=self.settings.broker_ssl())
         except (OperationalError, OSError) as exc:
             raise DeadLetterError(f"cannot reach the broker at {where}: {exc}") from None
         connection = self._connection

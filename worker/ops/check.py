@@ -4,7 +4,8 @@ The check runs :data:`STEPS` in order; each prints what it found, prefixed with 
 the first that fails ends the check with one line on stderr:
 
 1. ``settings``: every setting read and checked as the worker reads them (the accounts file of
-   ``NETCORE_ACCOUNTS_FILE`` included), an account to upload to required;
+   ``NETCORE_ACCOUNTS_FILE`` included), an account to upload to required; whether TLS to the
+   broker is on, and with which CA file and client certificate (paths only: a key is never shown);
 2. ``accounts``: each Netcore account, where it uploads (its key is never shown) and which
    asset_ids it takes, and where an asset_id of no account goes;
 3. ``broker``: the first node of ``CELERY_BROKER_URL`` (a ``;`` list) that answers within
@@ -68,7 +69,8 @@ def read_settings(context: Context) -> list[str]:
     """Every setting, as the worker reads them (the API key required)."""
     settings = context.settings = Settings.from_env(context.env)
     sentry = "on (SENTRY_DSN set, never shown)" if settings.sentry_dsn else "off"
-    return [f"ok; {settings.queue_type} queues, Sentry {sentry}, {settings.log_format} logs"]
+    tls = settings.broker_tls.describe() if settings.broker_tls else "TLS off (an amqp:// CELERY_BROKER_URL)"
+    return [f"ok; {settings.queue_type} queues, Sentry {sentry}, {settings.log_format} logs", f"broker {tls}"]
 
 
 def describe_accounts(context: Context) -> list[str]:
@@ -88,7 +90,8 @@ def describe_accounts(context: Context) -> list[str]:
 
 def reach_broker(context: Context) -> list[str]:
     """The first node of the broker URL list that answers."""
-    reached = context.broker = reach(context.need_settings().broker_url, timeout=context.timeout)
+    settings = context.need_settings()
+    reached = context.broker = reach(settings.broker_url, timeout=context.timeout, ssl=settings.broker_ssl())
     if reached.connection is None:
         what = "the broker refused" if reached.broker_answered else "cannot reach the broker"
         raise CheckFailed(f"{what}: {reached.why_not()}")

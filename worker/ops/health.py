@@ -90,7 +90,7 @@ def check(
     """Is the worker ``hostname`` alive and ``settings.queue`` consumed? (see the module docstring)"""
     where, queue = settings.broker_url_redacted, settings.queue
     try:
-        connection = connect(settings.broker_url, timeout=timeout, retries=0)
+        connection = connect(settings.broker_url, timeout=timeout, retries=0, ssl=settings.broker_ssl())
     except (OperationalError, OSError) as exc:
         return Health(False, f"cannot reach the broker at {where}: {exc}")
     with connection:

@@ -14,6 +14,7 @@ an operator reads says why no node would do. Two kinds of failure differ in what
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import amqp
 from kombu.connection import Connection
@@ -67,14 +68,15 @@ class Reached:
             self.connection.release()
 
 
-def reach(broker_url: str, *, timeout: float = DEFAULT_TIMEOUT) -> Reached:
-    """Try each node of ``broker_url`` (a ``;`` list) in turn; stop at the first that answers."""
+def reach(broker_url: str, *, timeout: float = DEFAULT_TIMEOUT, ssl: dict[str, Any] | None = None) -> Reached:
+    """Try each node of ``broker_url`` (a ``;`` list) in turn; stop at the first that answers.
+    ``ssl``: the TLS options of an ``amqps://`` list (``Settings.broker_ssl()``)."""
     reached = Reached()
     for url in (part.strip() for part in broker_url.split(";")):
         if not url:
             continue
         try:
-            reached.connection = connect(url, timeout=timeout, retries=0)
+            reached.connection = connect(url, timeout=timeout, retries=0, ssl=ssl)
         except amqp.exceptions.AMQPError as exc:  # a broker's refusal: login, vhost...
             reached.failed.append(Attempt(redact_url(url), _reply(exc), refused=True))
         except (OperationalError, OSError) as exc:

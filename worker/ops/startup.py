@@ -15,7 +15,7 @@ import amqp
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_init, worker_shutdown
 
 from config.settings import Settings
-from worker.broker.connection import connect
+from worker.broker.connection import TLSRefused, connect
 from worker.broker.topology import Topology
 from worker.errors import SettingsError
 from worker.ops import logs, sentry
@@ -40,9 +40,15 @@ DEAD_LETTER_LIMIT_HINT = (
 def declare_queues(settings: Settings) -> None:
     """Declare every queue of the worker now, so that tools and monitors find them from the
     start; exit with one line when one exists with other arguments (made by another version,
-    or with another ACTIVITY_QUEUE_TYPE), which the broker refuses to change."""
+    or with another ACTIVITY_QUEUE_TYPE), which the broker refuses to change; exit with one line
+    when TLS with the broker fails in a way trying again cannot mend (worker.broker.connection)."""
     topology = Topology.of(settings)
-    with connect(settings.broker_url, retries=30) as connection:  # RabbitMQ may still be starting
+    try:
+        connection = connect(settings.broker_url, retries=30, ssl=settings.broker_ssl())  # RabbitMQ may be starting
+    except TLSRefused as exc:
+        print(f"netcore-activity-worker: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    with connection:
         for queue in topology.all_queues():
             channel = connection.channel()
             try:

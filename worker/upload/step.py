@@ -129,4 +129,4 @@ def _watch_queues(runtime: Any) -> QueueWatcher:
         kind, account = group.split(":", 1)
         (metrics.upload_queue if kind == "ready" else metrics.retries_waiting).labels(account).set(total)
 
-    return QueueWatcher(runtime.settings.broker_url, groups, report)
+    return QueueWatcher(runtime.settings.broker_url, groups, report, ssl=runtime.settings.broker_ssl())
