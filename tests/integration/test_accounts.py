@@ -7,6 +7,7 @@ ids sent = ids delivered + ids dead-lettered, nothing lost.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -137,15 +138,20 @@ def test_a_429_storm_without_retry_after_backs_off_exponentially_on_its_account_
         start_worker: Callable[..., WorkerProcess], accounts_env: dict[str, str], queues: QueueSet,
         sandbox: Sandbox, dead_letters: DeadLetters) -> None:
     sandbox.add_fault(status=429, account="brand-b")  # no Retry-After: the worker chooses how long to wait
-    start_worker(**accounts_env)
+    worker = start_worker(**accounts_env)
     b_ids = publish(queues, "b", 1000, B_ASSETS)
     assert sandbox.wait_until(lambda s: sum(r.status == 429 for r in s.requests()) >= 4, timeout=30)
     a_ids = publish(queues, "a", 3000, ["a-0", "a-1", "a-2"])
     assert sandbox.wait_until(has_all(a_ids, "default"), timeout=60)  # the other account flows meanwhile
     storm = [r.at for r in sandbox.requests() if r.account == "brand-b"]
+    # each 429 paused the account twice as long as the one before, up to the cap: what the worker said
+    waits = [float(w) for w in re.findall(r"Account brand-b: the API asked to slow down \(429\): its uploads "
+                                          r"wait ([0-9.]+) s", worker.log())]
+    assert len(waits) >= 3 and all(b == min(PROBE_MAX, 2 * a) for a, b in zip(waits, waits[1:])), waits
+    # and did: the account's next request came only once the pause its last 429 started was over
+    # (one upload in flight at a time: the account's adaptive limit starts at one, and a 429 never raises it)
     gaps = [later - earlier for earlier, later in zip(storm, storm[1:])]
-    assert len(storm) <= 12  # paused twice as long each time: not one request every 0.8 s per batch
-    assert max(gaps) >= 3 * min(gaps[:2])  # the pauses grow (each twice the one before)
+    assert all(gap >= 0.9 * wait for gap, wait in zip(gaps, waits)), list(zip(gaps, waits))
     sandbox.clear_faults()
     assert sandbox.wait_until(has_all(b_ids, "brand-b"), timeout=PROBE_MAX * 3 + 30)
     dead_letters.settle(1.0)

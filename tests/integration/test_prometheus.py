@@ -74,7 +74,7 @@ def test_the_circuit_open_alert_fires_while_the_api_is_down_and_resolves_when_it
 
         firing = receiver.wait_for(CIRCUIT_OPEN, resolved=False, timeout=DEADLINE)
         assert firing, f"no firing {CIRCUIT_OPEN}; Prometheus has {prometheus.active_alerts(CIRCUIT_OPEN)}"
-        assert firing.labels == {"alertname": CIRCUIT_OPEN, "severity": "critical"}  # no account label yet
+        assert firing.labels == {"alertname": CIRCUIT_OPEN, "severity": "critical", "account": "default"}
         assert 'account "default" have stopped' in firing.annotations["summary"]
         assert [alert["state"] for alert in prometheus.active_alerts(CIRCUIT_OPEN)] == ["firing"]
         assert "Circuit OPEN" in worker.log()

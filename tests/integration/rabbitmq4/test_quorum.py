@@ -38,7 +38,7 @@ from tests.integration.test_quorum import (  # noqa: F401  (collected here: run 
     test_innocent_messages_a_crash_left_over_the_delivery_limit_are_delivered,
 )
 from worker.broker.messages import Bundle, UploadBatch, upload_message
-from worker.broker.topology import QUORUM, Topology
+from worker.broker.topology import QUORUM, Topology, dead_letter_arguments
 from worker.events import jsonutil
 from worker.sandbox import Sandbox
 
@@ -97,7 +97,8 @@ def ledger(sent: list[str], delivered: list[str | None], dead: list[str | None])
 
 @pytest.mark.parametrize("how", HAND_BACKS)
 def test_rabbitmq_4_counts_each_hand_back_and_takes_the_message_out_after_twenty(how: str, queues: QueueSet) -> None:
-    target = Queue(f"{queues.prefix}.target", durable=True, queue_arguments=QUORUM)
+    # the target as the worker declares a dead-letter queue (the reader below declares it so too)
+    target = Queue(f"{queues.prefix}.target", durable=True, queue_arguments=dead_letter_arguments(True))
     source = Queue(f"{queues.prefix}.source", durable=True, queue_arguments={
         **QUORUM, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": target.name})
     declare(queues, target, source)
