@@ -326,8 +326,24 @@ def test_on_a_quorum_queue_a_new_prefetch_takes_a_new_consumer_at_most_so_often(
     assert kombu.calls == ["consume", "cancel", "consume"] and kombu.channel.qos == [(4, False)]
     consumer.set_prefetch(8)
     assert len(kombu.calls) == 3  # too soon: the next one carries it
+    assert consumer.prefetch() == 4  # and says so, so that the flow asks again at its next tick
     consumer.set_prefetch(1)
     assert len(kombu.calls) == 5  # a probe: at once
     clock.advance(RECONSUME_INTERVAL)
     consumer.set_prefetch(2)
-    assert len(kombu.calls) == 7
+    assert len(kombu.calls) == 7 and consumer.prefetch() == 2
+
+
+def test_the_flow_applies_a_prefetch_a_quorum_consumer_put_off_once_the_interval_passed() -> None:
+    """A limit that grew too soon after the last re-consume is applied at a later tick, never dropped
+    (it was: the consumer kept its first prefetch, and a quorum worker uploaded one task at a time)."""
+    clock = ManualClock()
+    kombu = FakeKombuConsumer()
+    consumer = LaneConsumer(kombu, quorum=True, clock=clock)  # type: ignore[arg-type]
+    consumer.resume()
+    consumer.set_prefetch(2)
+    consumer.set_prefetch(9)  # put off
+    clock.advance(RECONSUME_INTERVAL)
+    if consumer.prefetch() != 9:  # what UploadFlow.tick does
+        consumer.set_prefetch(9)
+    assert kombu.channel.qos[-1] == (9, False) and kombu.calls[-2:] == ["cancel", "consume"]

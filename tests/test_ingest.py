@@ -1164,6 +1164,27 @@ def test_messages_are_taken_while_a_hand_off_waits_for_its_confirm_and_acked_aft
     assert rig.acks == [(t1, True), (t2, True)]
 
 
+def test_over_the_limit_one_early_release_waits_for_its_confirm_before_the_next() -> None:
+    """Confirms slower than messages (quorum queues): released batches stay big, not one event each."""
+    rig = DeferredRig(max_outstanding=3)
+    for n, asset in enumerate("abcd"):
+        rig.send_event(event(asset, f"e{n}"))  # the fourth goes over the limit: "a" is released
+    assert len(rig.deferred.groups) == 1
+    sent = ["e0", "e1", "e2", "e3"]
+    for n in range(4, 40):  # the broker has not confirmed yet: no more early releases meanwhile
+        rig.send_event(event("abcd"[n % 4], f"e{n}"))
+        sent.append(f"e{n}")
+    assert len(rig.deferred.groups) == 1
+    rig.confirm()
+    rig.send_event(event("a", "e40"))  # the next release takes what gathered meanwhile
+    sent.append("e40")
+    ((group, _),) = rig.deferred.groups  # one release again
+    assert sum(len(batch["events"]) for message in group for batch in json.loads(message.body)["batches"]) >= 10
+    rig.confirm()
+    rig.ingest.flush_all(1.0)
+    assert sorted(e["activity_params"]["event_id"] for e in uploaded_events(rig)) == sorted(sent)
+
+
 def test_a_later_hand_off_confirmed_first_waits_for_the_older_message_in_the_acks() -> None:
     rig = DeferredRig(batch_size=2)
     t1 = rig.send_event([event("a", "1"), event("a", "2")])

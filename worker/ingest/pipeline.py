@@ -156,6 +156,12 @@ class Ingest:
         self.handoff = HandOff(publisher=publisher, render=self._render, clock=clock, fallback=self._unrenderable)
         self.counts = {"messages": 0, "events": 0, "malformed": 0, "invalid": 0, "batches": 0, "suspects": 0,
                        "unhandled": 0}
+        #: An early release (over ``max_outstanding``) waits for its confirm: the next one waits for
+        #: it, since only confirms bring the count down (else, with confirms slower than the messages
+        #: arriving, as on quorum queues, each message released a batch of its own one event).
+        self._releasing = False
+        #: Bumped by :meth:`discard`: a forgotten release's confirm never comes.
+        self._generation = 0
 
     @property
     def blocked(self) -> bool:
@@ -218,14 +224,22 @@ class Ingest:
         dead, ready = self._route(events, replays,
                                   lambda asset_id, text, size: self.batcher.add(asset_id, text, size, ticket, replays))
         excess = self.acker.outstanding - self.max_outstanding
-        if excess > 0:  # release the oldest batches: enough for the excess, and some slack
+        then: list[Callable[[], None]] = [hold]
+        if excess > 0 and not self._releasing:  # release the oldest batches: the excess, and some slack
             released = 0
             while released < excess + self.release_slack and self.batcher.buffered:
                 batch = self.batcher.release_oldest()
                 assert batch is not None
                 ready.append(batch)
                 released += len(batch)
-        self._send(dead, ready, [hold])
+            if released:
+                self._releasing = True
+                then.append(partial(self._released, self._generation))
+        self._send(dead, ready, then)
+
+    def _released(self, generation: int) -> None:
+        if generation == self._generation:
+            self._releasing = False
 
     def _route(self, events: list[Routed], replays: int,
                batch: Callable[[str, str, int], list[Batch]]) -> tuple[list[Outgoing], list[Batch]]:
@@ -266,6 +280,8 @@ class Ingest:
         """Forget everything in memory (the channel is gone; the broker redelivers it all)."""
         self.handoff.forget()
         self.acker.forget()
+        self._releasing = False
+        self._generation += 1
         return self.batcher.discard()
 
     def _send(self, dead: list[Outgoing], batches: list[Batch], then: list[Callable[[], None]]) -> None:

@@ -137,12 +137,16 @@ class LaneConsumer:
         return self._prefetch
 
     def set_prefetch(self, count: int) -> None:
+        """Apply ``count`` now, or (a quorum queue re-consumed less than :data:`RECONSUME_INTERVAL`
+        ago) not yet: :meth:`prefetch` keeps saying the one in force, so the flow asks again."""
         count = max(1, count)  # 0 would mean "no limit" to RabbitMQ
-        self._prefetch = count
+        reconsume = self.quorum and self._consuming
+        now = self.clock.monotonic()
+        if reconsume and count > 1 and now - self._reconsumed_at < RECONSUME_INTERVAL:
+            return
         self.channel.basic_qos(0, count, not self.quorum)
-        if self.quorum and self._consuming:
-            now = self.clock.monotonic()
-            if count <= 1 or now - self._reconsumed_at >= RECONSUME_INTERVAL:
-                self._reconsumed_at = now
-                self.consumer.cancel()
-                self.consumer.consume()
+        self._prefetch = count
+        if reconsume:
+            self._reconsumed_at = now
+            self.consumer.cancel()
+            self.consumer.consume()
