@@ -75,7 +75,7 @@ ANSWER_SLACK = 0.05
 LOOSE_EVENT_ID_RE = re.compile(rb'"event_id"\s*:\s*"([^"]*)"')
 
 #: A finished upload task in the worker's log: its duration, events and batches.
-TASK_DONE_RE = re.compile(r"succeeded in ([0-9.]+)s: \{'events': (\d+), 'batches': (\d+)")
+TASK_DONE_RE = re.compile(r"succeeded in ([0-9.]+)s: \{(?:'account': '[^']*', )?'events': (\d+), 'batches': (\d+)")
 
 #: Seconds before the kill over which the throughput at the kill is measured.
 RATE_WINDOW = 2.0
@@ -96,16 +96,18 @@ def probes_allowed(base: float, cap: float, duration: float) -> int:
 
 
 def scrape(port: int, names: Sequence[str], timeout: float = 2.0) -> dict[str, float]:
-    """Values of the gauges ``names`` on the worker's ``/metrics`` (those it answers)."""
+    """Values of the gauges ``names`` on the worker's ``/metrics`` (those it answers), summed over
+    their labels (one series per account)."""
     try:
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=timeout).text
     except requests.RequestException:
         return {}
     found: dict[str, float] = {}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
+        series, _, value = line.rpartition(" ")
+        name = series.partition("{")[0]
         if name in names:
-            found[name] = float(value)
+            found[name] = found.get(name, 0.0) + float(value)
     return found
 
 

@@ -63,8 +63,10 @@ def test_dead_letter_ids_come_from_the_event_or_the_raw_body() -> None:
 
 
 def test_task_durations_are_read_from_the_worker_log_weighted_by_events() -> None:
-    log = ("Task activities.upload[1] succeeded in 0.2s: {'events': 100, 'batches': 1, 'delivered': 100}\n"
-           "Task activities.upload[2] succeeded in 0.6s: {'events': 300, 'batches': 4, 'delivered': 300}\n")
+    log = ("Task activities.upload[1] succeeded in 0.2s: {'account': 'default', 'events': 100, 'batches': 1, "
+           "'delivered': 100}\n"
+           "Task activities.upload[2] succeeded in 0.6s: {'account': 'brand-b', 'events': 300, 'batches': 4, "
+           "'delivered': 300}\n")
     assert len(TASK_DONE_RE.findall(log)) == 2
     result = KillResult(events=400, asset_ids=100, api_latency=0.15, kill_share=0.4, events_per_s_at_kill=1000.0)
     _task_stats(result, log)
