@@ -197,6 +197,7 @@ class DeadLetters:
     def __init__(self, queue: str, *, broker_url: str | None = None, quorum: bool = False) -> None:
         self.queue = queue
         self.envelopes: list[dict[str, Any]] = []
+        self._closed = False
         self._connection = Connection(broker_url or broker_url_of(queue))
         arguments = dead_letter_arguments(quorum)
         self._consumer = Consumer(
@@ -241,6 +242,10 @@ class DeadLetters:
         return counts
 
     def close(self) -> None:
+        """Stop collecting (a second call does nothing)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._consumer.cancel()
         finally:
