@@ -13,6 +13,14 @@ same account healthy says what the outage costs the healthy account: isolation. 
 alone, the worker also reads the second account's messages (half as many again, decoded, batched
 and handed on either way), CPU a single consumer on a shared machine pays whatever the other
 account's state.
+
+Against the instant sandbox the worker's CPU is what limits every run, so the second account's
+messages cost the healthy one their share of it. The real API is what limits a deployment: it is
+far away and rate-limits each account. Two more runs give the healthy account that limit
+(:data:`PACED_LIMIT` uploads a second, 429 with ``Retry-After: 1`` beyond, as the sandbox's
+``per_second`` rule answers): alone, and beside the down account with the same mix. Their ratio
+says whether anything of the down account (its circuit, its probes, its queue, its events on the
+way) takes from the healthy account's share of its API.
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ CASE = Case("accounts", 1, 7)
 #: The target: the healthy account's rate beside the down one, over its rate alone.
 TARGET = 0.9
 
+#: Uploads a second the API takes from the healthy account in the paced runs: with 1000-event
+#: batches, well under what one worker process reads, so that the API is what limits them.
+PACED_LIMIT = 4
+
 #: (label, the run's queue settings, events expected, the sandbox's faults) -> the measured run.
 RunFn = Callable[[str, dict[str, str], int, list[dict[str, Any]]], RunResult]
 
@@ -58,6 +70,15 @@ class AccountsResult:
     both_healthy_rate: float  #: the healthy account's own events/s in that run
     beside: RunResult
     down_requests: int  #: uploads the down account made during the last run (its circuit opened)
+    paced_alone: RunResult | None = None  #: alone, the API taking PACED_LIMIT uploads a second
+    paced_beside: RunResult | None = None  #: the same limit, beside the down account
+
+    @property
+    def paced_ratio(self) -> float:
+        """At the API's pace: beside the down account, against alone."""
+        if self.paced_alone is None or self.paced_beside is None or not self.paced_alone.events_per_s:
+            return 0.0
+        return self.paced_beside.events_per_s / self.paced_alone.events_per_s
 
     @property
     def ratio(self) -> float:
@@ -73,7 +94,11 @@ class AccountsResult:
         return {"events": self.events, "down_events": self.down_events, "alone": self.alone.to_dict(),
                 "both_healthy": self.both.to_dict(), "both_healthy_rate": round(self.both_healthy_rate, 1),
                 "beside": self.beside.to_dict(), "down_requests": self.down_requests,
-                "ratio": round(self.ratio, 3), "isolation": round(self.isolation, 3)}
+                "ratio": round(self.ratio, 3), "isolation": round(self.isolation, 3),
+                "paced_limit": PACED_LIMIT,
+                "paced_alone": self.paced_alone.to_dict() if self.paced_alone else None,
+                "paced_beside": self.paced_beside.to_dict() if self.paced_beside else None,
+                "paced_ratio": round(self.paced_ratio, 3)}
 
 
 def account_rate(sandbox: SandboxProcess, run: RunResult, account: str, count: int) -> float:
@@ -114,16 +139,23 @@ def interleave(first: list[bytes], second: list[bytes]) -> list[bytes]:
     return out
 
 
+def paced(account: str = DEFAULT_ACCOUNT) -> dict[str, Any]:
+    """The sandbox rule that takes at most PACED_LIMIT of ``account``'s uploads a second."""
+    return {"status": 429, "retry_after": 1, "per_second": PACED_LIMIT, "account": account}
+
+
 def run_accounts(*, queues: broker.Queues, sandbox: SandboxProcess, run_id: str, count: int, results: Path,
                  run: RunFn, say: Callable[[str], None]) -> AccountsResult:
     """Measure the healthy account alone, then beside the down one (see the module docstring)."""
     healthy = events.bodies(run_id, CASE, count)
     down = down_events(run_id, count // 2)
-    envs = {label: queues.worker_env(f"accounts-{label}") for label in ("alone", "both", "beside")}
+    labels = ("alone", "both", "beside", "paced-alone", "paced-beside")
+    envs = {label: queues.worker_env(f"accounts-{label}") for label in labels}
     mixed = interleave(healthy, down)
-    preload_s = broker.preload([envs["alone"]["ACTIVITY_QUEUE"]], healthy)
-    preload_s += broker.preload([envs["both"]["ACTIVITY_QUEUE"], envs["beside"]["ACTIVITY_QUEUE"]], mixed)
-    for label in ("both", "beside"):
+    preload_s = broker.preload([envs["alone"]["ACTIVITY_QUEUE"], envs["paced-alone"]["ACTIVITY_QUEUE"]], healthy)
+    preload_s += broker.preload([envs[label]["ACTIVITY_QUEUE"] for label in ("both", "beside", "paced-beside")],
+                                mixed)
+    for label in ("both", "beside", "paced-beside"):
         queues.names.update(broker.account_queues(envs[label], DOWN_ACCOUNT))
     say(f"accounts: preloaded {len(healthy):,} events of one account, and {len(down):,} of a second one mixed "
         f"in, in {preload_s:.1f} s")
@@ -138,4 +170,9 @@ def run_accounts(*, queues: broker.Queues, sandbox: SandboxProcess, run_id: str,
     result = AccountsResult(count, len(down), alone, both, both_rate, beside, requests)
     say(f"accounts: the healthy account beside a down one at {result.isolation:.2f} x its rate beside it healthy, "
         f"{result.ratio:.2f} x its rate alone; {requests} requests to the down one")
+    result.paced_alone = run("accounts-paced-alone", envs["paced-alone"], count, [paced()])
+    result.paced_beside = run("accounts-paced-beside-down", {**envs["paced-beside"], **extra}, count,
+                              [paced(), {"status": 503, "account": DOWN_ACCOUNT}])
+    say(f"accounts: at {PACED_LIMIT} uploads a second, the healthy account beside a down one at "
+        f"{result.paced_ratio:.2f} x its rate alone")
     return result

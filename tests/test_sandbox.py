@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from worker.sandbox import FaultError, RequestRecord, Sandbox
+from worker.sandbox.faults import FaultPlan
 from worker.sandbox.store import Store
 
 pytestmark = pytest.mark.timeout(30)
@@ -269,6 +270,37 @@ def test_rate_faults_are_random_but_repeatable_with_a_seed() -> None:
     assert statuses_with_rate(seed=3) == first
 
 
+def test_a_per_second_rule_is_a_rate_limit_of_its_own_per_account() -> None:
+    now = [100.0]
+    plan = FaultPlan(clock=lambda: now[0])
+    plan.add({"status": 429, "retry_after": 1, "per_second": 2, "account": "a"})
+    plan.add({"status": 429, "per_second": 1, "account": "b"})
+
+    def answers(account: str, n: int) -> list[int | None]:
+        return [getattr(plan.decide((), account).answer, "status", None) for _ in range(n)]
+
+    assert answers("a", 4) == [None, None, 429, 429]  # two a second pass, the rest are refused
+    assert answers("b", 2) == [None, 429]  # b's limit is its own: a's requests did not use it
+    now[0] += 0.99
+    assert answers("a", 1) == [429]  # the same second
+    now[0] += 0.01
+    assert answers("a", 3) == [None, None, 429]  # a new second
+    assert answers("c", 5) == [None] * 5  # no rule names c
+
+
+def test_a_per_second_rule_answers_over_http_with_its_retry_after(sandbox: Sandbox) -> None:
+    sandbox.add_fault(status=429, retry_after=1, per_second=3)
+    started = time.monotonic()
+    answers = [upload(sandbox, [event()]) for _ in range(5)]
+    within_one_window = time.monotonic() - started < 1.0  # the window starts at the first request
+    codes = [a.status_code for a in answers]
+    assert codes[:3] == [200, 200, 200]
+    if within_one_window:
+        assert codes[3:] == [429, 429]
+    assert all(a.headers.get("Retry-After") == "1" for a in answers if a.status_code == 429)
+    assert sandbox.accepted_count() == codes.count(200)
+
+
 def test_a_drop_closes_the_connection_without_an_answer(sandbox: Sandbox) -> None:
     sandbox.add_fault(drop=True, count=1)
     with pytest.raises(requests.ConnectionError):
@@ -306,6 +338,8 @@ def test_a_latency_rule_lets_later_rules_decide(sandbox: Sandbox) -> None:
     {}, {"status": 99}, {"status": 500, "count": 0}, {"status": 500, "rate": 2},
     {"drop": True, "status": 500}, {"retry_after": 2}, {"status": 500, "colour": "red"},
     {"status": 500, "asset_id": ""}, {"status": 500, "asset_id": 7}, {"asset_id": "asset-1"},
+    {"status": 429, "per_second": 0}, {"status": 429, "per_second": 1.5},
+    {"status": 429, "per_second": 5, "rate": 0.5},
 ], ids=repr)
 def test_nonsense_fault_rules_are_refused(sandbox: Sandbox, rule: dict[str, Any]) -> None:
     with pytest.raises(FaultError):
@@ -497,6 +531,25 @@ def test_the_command_line_takes_asset_id_faults() -> None:
                                   headers=AUTH, timeout=5).status_code
                     for asset in ("tenant-a", "tenant-b")]
         assert statuses == [200, 503]
+    finally:
+        process.kill()
+        process.communicate(timeout=10)
+
+
+def test_the_command_line_rate_limit_is_a_limit_per_account() -> None:
+    process, url = start_cli("--quiet", "--rate-limit", "1", "--account", "brand-b=key-b")
+    try:
+        # The window starts at an account's first request: its second one within a second is refused.
+        for auth in (AUTH, {"Authorization": "Bearer key-b"}):
+            started = time.monotonic()
+            answers = [requests.post(f"{url}/v1/activity/upload", json=[event()], headers=auth, timeout=5)
+                       for _ in range(2)]
+            assert answers[0].status_code == 200
+            if time.monotonic() - started < 1.0:
+                assert answers[1].status_code == 429 and answers[1].headers["Retry-After"] == "1"
+        rules = requests.get(f"{url}/_sandbox/faults", timeout=5).json()
+        assert sorted(r["account"] for r in rules) == ["brand-b", "default"]
+        assert {r["per_second"] for r in rules} == {1}
     finally:
         process.kill()
         process.communicate(timeout=10)

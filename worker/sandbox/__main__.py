@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any
 
 from worker.sandbox.faults import FaultError, FaultRule
-from worker.sandbox.server import Sandbox
+from worker.sandbox.server import DEFAULT_ACCOUNT, Sandbox
 
 log = logging.getLogger("worker.sandbox")
 
@@ -45,6 +45,9 @@ def parse_args(argv: Sequence[str] | None = None, *, prog: str = "python -m work
     parser.add_argument("--fail-status", type=int, default=500)
     parser.add_argument("--latency", type=float, default=0.0,
                         help="seconds every upload waits before it is answered")
+    parser.add_argument("--rate-limit", type=int, default=None, metavar="N",
+                        help="answer uploads beyond N a second with 429 and Retry-After: 1, as a "
+                             "rate-limited API (each account its own N)")
     parser.add_argument("--fault", action="append", default=[], metavar="JSON",
                         help='an extra fault rule, e.g. \'{"status": 429, "retry_after": 2, '
                              '"count": 3}\'; "asset_id": "..." limits it to one tenant\'s uploads, '
@@ -68,6 +71,9 @@ def fault_rules(args: argparse.Namespace) -> list[dict[str, Any]]:
         rules.append({"latency": args.latency})
     if args.fail_rate > 0:
         rules.append({"status": args.fail_status, "rate": args.fail_rate})
+    if args.rate_limit is not None:
+        for name in [DEFAULT_ACCOUNT, *(name for name, _ in args.account)]:
+            rules.append({"status": 429, "retry_after": 1, "per_second": args.rate_limit, "account": name})
     rules.extend(json.loads(text) for text in args.fault)
     for rule in rules:
         if not isinstance(rule, dict):

@@ -11,6 +11,7 @@ A rule is a small dict, for example::
     {"status": 503, "asset_id": "tenant-b"}         # only uploads of tenant-b's events fail
     {"status": 503, "account": "brand-b"}           # only uploads with brand-b's key fail
     {"trickle": 0.5}                                # the answer comes one byte every 0.5 s
+    {"status": 429, "retry_after": 1, "per_second": 5}  # a rate limit: 5 uploads a second pass
 
 ``count`` omitted means "until cleared". Rules apply only to upload requests that passed
 authentication (a wrong key is always a 401, so auth tests never depend on faults).
@@ -19,6 +20,10 @@ authentication (a wrong key is always a 401, so auth tests never depend on fault
 rule to requests made with that account's key, as ``asset_id`` does to its events; both may be
 given. ``trickle`` answers normally but sends the answer one byte every ``trickle`` seconds, a
 server that keeps a socket alive without ever finishing (a read timeout per byte never fires).
+
+``per_second`` makes a rule a rate limit, as the real API's: in each second (counted from the first
+request it applies to in that second) the first ``per_second`` requests pass it by, and it fires
+on the rest. With ``account``, each account has a limit of its own.
 
 ``asset_id`` (a non-empty string) narrows a rule to upload requests with at least one event
 carrying that ``asset_id``: the API failing for one tenant while the others go through. Other
@@ -36,14 +41,18 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 #: The keys a rule may hold.
 RULE_KEYS = frozenset({"status", "count", "rate", "retry_after", "latency", "drop", "body",
-                       "content_type", "asset_id", "account", "trickle"})
+                       "content_type", "asset_id", "account", "trickle", "per_second"})
+
+#: The window of a ``per_second`` rule, seconds.
+RATE_WINDOW = 1.0
 
 #: Messages the vendor documents for some statuses; others use the standard HTTP phrase.
 VENDOR_MESSAGES: dict[int, str] = {408: "Request Time Out", 500: "Internal Server Error"}
@@ -69,6 +78,9 @@ class FaultRule:
     asset_id: str | None = None  #: only requests with an event of this asset_id; None = all
     account: str | None = None  #: only requests made with this account's key; None = all
     trickle: float = 0.0  #: seconds between the bytes of the answer (0: all at once)
+    per_second: int | None = None  #: requests a second that pass the rule by; None = no limit
+    _window_start: float | None = None  #: when the current ``per_second`` window began
+    _window_passed: int = 0  #: requests let through in it
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> FaultRule:
@@ -88,6 +100,7 @@ class FaultRule:
         rule.asset_id = _asset_id(spec.get("asset_id"))
         rule.account = _name("account", spec.get("account"))
         rule.trickle = _non_negative("trickle", spec.get("trickle", 0.0))
+        rule.per_second = _per_second(spec.get("per_second"))
         rule._check_coherent()
         return rule
 
@@ -101,14 +114,26 @@ class FaultRule:
         return ((self.asset_id is None or self.asset_id in asset_ids)
                 and (self.account is None or self.account == account))
 
-    def fires(self, rng: random.Random) -> bool:
-        """Whether the rule fires for a request it applies to (its ``rate``); uses up one of
-        its count if it does."""
+    def fires(self, rng: random.Random, now: float = 0.0) -> bool:
+        """Whether the rule fires for a request it applies to at ``now`` (its ``rate``, or its
+        ``per_second`` limit passed); uses up one of its count if it does."""
         if self.rate is not None and rng.random() >= self.rate:
+            return False
+        if self.per_second is not None and self._within_limit(now):
             return False
         if self.count is not None:
             self.count -= 1
         return True
+
+    def _within_limit(self, now: float) -> bool:
+        """Count one request against the ``per_second`` window: True while it has room."""
+        assert self.per_second is not None
+        if self._window_start is None or now - self._window_start >= RATE_WINDOW:
+            self._window_start, self._window_passed = now, 0
+        if self._window_passed < self.per_second:
+            self._window_passed += 1
+            return True
+        return False
 
     @property
     def spent(self) -> bool:
@@ -135,6 +160,8 @@ class FaultRule:
             raise FaultError("a rule needs 'status', 'drop', a positive 'latency' or a positive 'trickle'")
         if self.trickle and self.drop:
             raise FaultError("'drop' answers nothing, so it cannot 'trickle'")
+        if self.per_second is not None and self.rate is not None:
+            raise FaultError("a rule is either random ('rate') or a limit ('per_second'), not both")
         if self.drop and self.status is not None:
             raise FaultError("'drop' answers nothing, so it cannot have a 'status'")
         answer_keys = {"body", "content_type", "retry_after"} & set(self.spec)
@@ -155,8 +182,9 @@ class Decision:
 class FaultPlan:
     """The ordered list of rules and the seeded random source. Not thread-safe: hold a lock."""
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._seed = seed
+        self._clock = clock
         self._random = random.Random(seed)
         self._rules: list[FaultRule] = []
 
@@ -181,8 +209,9 @@ class FaultPlan:
         """Check the rules in order for one request of ``account`` whose events carry
         ``asset_ids``, using up the counts of those that fire."""
         latency, trickle, delay_rule = 0.0, 0.0, None
+        now = self._clock()
         for rule in list(self._rules):
-            if not rule.applies_to(asset_ids, account) or not rule.fires(self._random):
+            if not rule.applies_to(asset_ids, account) or not rule.fires(self._random, now):
                 continue
             if rule.spent:
                 self._rules.remove(rule)
@@ -216,6 +245,14 @@ def _rate(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise FaultError(f"'rate' must be a probability 0..1, not {value!r}")
     return float(value)
+
+
+def _per_second(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FaultError(f"'per_second' must be a positive integer (requests a second), not {value!r}")
+    return value
 
 
 def _non_negative(name: str, value: Any) -> float:
