@@ -159,6 +159,29 @@ def test_a_429_storm_without_retry_after_backs_off_exponentially_on_its_account_
     ledger_holds(a_ids + b_ids, sandbox, dead_letters)
 
 
+def test_an_account_held_to_a_rate_limit_delivers_everything_at_its_pace_while_the_other_flows(
+        start_worker: Callable[..., WorkerProcess], accounts_env: dict[str, str], queues: QueueSet,
+        sandbox: Sandbox, dead_letters: DeadLetters) -> None:
+    # brand-b's API takes one upload a second and answers the rest 429 with Retry-After: 1, as a
+    # rate-limited API does; batches of 100 make 20 uploads of brand-b's events, 20 s at the least
+    sandbox.add_fault(status=429, retry_after=1, per_second=1, account="brand-b")
+    start_worker(**accounts_env, ACTIVITY_BATCH_SIZE="100", UPLOAD_MAX_RETRIES="2")
+    b_ids = publish(queues, "b", 2000, B_ASSETS)
+    a_ids = publish(queues, "a", 2000, ["a-0", "a-1"])
+    assert sandbox.wait_until(has_all(a_ids, "default"), timeout=60)
+    assert sandbox.accepted_count("brand-b") < len(b_ids)  # the other account did not wait for brand-b's pace
+    assert sandbox.wait_until(has_all(b_ids, "brand-b"), timeout=120)
+    b_answers = [r.status for r in sandbox.requests() if r.account == "brand-b"]
+    refused, taken = b_answers.count(429), b_answers.count(200)
+    assert refused >= 1  # the limit was met: the worker went faster than one a second when it could
+    # each 429 paused the account for its Retry-After: a few refusals per upload taken at most,
+    # where a worker that ignored Retry-After would meet hundreds
+    assert refused <= 2 * taken + 10, (refused, taken)
+    dead_letters.settle(1.0)
+    assert dead_letters.envelopes == []  # a rate limit spends no attempt (2 allowed here)
+    ledger_holds(a_ids + b_ids, sandbox, dead_letters)
+
+
 def test_an_asset_id_of_no_account_is_dead_lettered_unroutable_and_replayable(
         start_worker: Callable[..., WorkerProcess], accounts_env: dict[str, str], queues: QueueSet,
         sandbox: Sandbox, dead_letters: DeadLetters) -> None:
