@@ -72,6 +72,7 @@ class AccountsResult:
     down_requests: int  #: uploads the down account made during the last run (its circuit opened)
     paced_alone: RunResult | None = None  #: alone, the API taking PACED_LIMIT uploads a second
     paced_beside: RunResult | None = None  #: the same limit, beside the down account
+    paced_down_requests: int = 0  #: uploads the down account made during that run
 
     @property
     def paced_ratio(self) -> float:
@@ -98,7 +99,7 @@ class AccountsResult:
                 "paced_limit": PACED_LIMIT,
                 "paced_alone": self.paced_alone.to_dict() if self.paced_alone else None,
                 "paced_beside": self.paced_beside.to_dict() if self.paced_beside else None,
-                "paced_ratio": round(self.paced_ratio, 3)}
+                "paced_down_requests": self.paced_down_requests, "paced_ratio": round(self.paced_ratio, 3)}
 
 
 def account_rate(sandbox: SandboxProcess, run: RunResult, account: str, count: int) -> float:
@@ -106,6 +107,11 @@ def account_rate(sandbox: SandboxProcess, run: RunResult, account: str, count: i
     mine = Progress([r for r in sandbox.progress().records if r.get("account") == account])
     done = mine.time_reaching(1.0, count)
     return count / max(1e-6, done - run.started_at) if done is not None else 0.0
+
+
+def down_requests(sandbox: SandboxProcess) -> int:
+    """Uploads the down account made in the run just measured."""
+    return sum(1 for record in sandbox.progress().records if record.get("account") == DOWN_ACCOUNT)
 
 
 def accounts_file(path: Path, sandbox_url: str) -> Path:
@@ -166,13 +172,14 @@ def run_accounts(*, queues: broker.Queues, sandbox: SandboxProcess, run_id: str,
     both = run("accounts-both-healthy", {**envs["both"], **extra}, count + len(down), [])
     both_rate = account_rate(sandbox, both, DEFAULT_ACCOUNT, count)
     beside = run("accounts-beside-down", {**envs["beside"], **extra}, count, [{"status": 503, "account": DOWN_ACCOUNT}])
-    requests = sum(1 for record in sandbox.progress().records if record.get("account") == DOWN_ACCOUNT)
+    requests = down_requests(sandbox)
     result = AccountsResult(count, len(down), alone, both, both_rate, beside, requests)
     say(f"accounts: the healthy account beside a down one at {result.isolation:.2f} x its rate beside it healthy, "
         f"{result.ratio:.2f} x its rate alone; {requests} requests to the down one")
     result.paced_alone = run("accounts-paced-alone", envs["paced-alone"], count, [paced()])
     result.paced_beside = run("accounts-paced-beside-down", {**envs["paced-beside"], **extra}, count,
                               [paced(), {"status": 503, "account": DOWN_ACCOUNT}])
+    result.paced_down_requests = down_requests(sandbox)
     say(f"accounts: at {PACED_LIMIT} uploads a second, the healthy account beside a down one at "
-        f"{result.paced_ratio:.2f} x its rate alone")
+        f"{result.paced_ratio:.2f} x its rate alone; {result.paced_down_requests} requests to the down one")
     return result

@@ -528,7 +528,9 @@ def _accounts_block(a: AccountsResult) -> str:
                   f"**{a.paced_ratio:.2f} x**")]
     lines = ["### Two accounts, one down for the whole run", "",
              f"{a.events:,} single-event messages of one account (7 asset_ids); its own events/s in each run. "
-             f"{a.down_requests} requests to the down account, its events waiting in its upload queue. "
+             f"{a.down_requests} requests to the down account beside it at the instant API"
+             + (f", {a.paced_down_requests} in the paced run" if a.paced_beside is not None else "")
+             + "; its events wait in its upload queue. "
              "Against the instant API the worker's CPU limits each run; in the last two, the healthy "
              "account's API does, as the real one's rate limit would.", "",
              "| the healthy account | events/s | ratio to alone |", "| --- | ---: | ---: |"]

@@ -271,7 +271,7 @@ def test_rate_faults_are_random_but_repeatable_with_a_seed() -> None:
 
 
 def test_a_per_second_rule_is_a_rate_limit_of_its_own_per_account() -> None:
-    now = [100.0]
+    now = [100.5]
     plan = FaultPlan(clock=lambda: now[0])
     plan.add({"status": 429, "retry_after": 1, "per_second": 2, "account": "a"})
     plan.add({"status": 429, "per_second": 1, "account": "b"})
@@ -281,10 +281,14 @@ def test_a_per_second_rule_is_a_rate_limit_of_its_own_per_account() -> None:
 
     assert answers("a", 4) == [None, None, 429, 429]  # two a second pass, the rest are refused
     assert answers("b", 2) == [None, 429]  # b's limit is its own: a's requests did not use it
-    now[0] += 0.99
-    assert answers("a", 1) == [429]  # the same second
-    now[0] += 0.01
-    assert answers("a", 3) == [None, None, 429]  # a new second
+    now[0] = 101.49  # past a calendar second, within the second counted from a's first request
+    assert answers("a", 1) == [429]
+    now[0] = 101.5  # a's second is over: a new one starts at this request
+    assert answers("a", 3) == [None, None, 429]
+    now[0] = 102.4  # refusals late in a second do not move where the next one starts
+    assert answers("a", 1) == [429]
+    now[0] = 102.5
+    assert answers("a", 1) == [None]
     assert answers("c", 5) == [None] * 5  # no rule names c
 
 

@@ -23,16 +23,18 @@ server that keeps a socket alive without ever finishing (a read timeout per byte
 
 ``per_second`` makes a rule a rate limit, as the real API's: in each second (counted from the first
 request it applies to in that second) the first ``per_second`` requests pass it by, and it fires
-on the rest. With ``account``, each account has a limit of its own.
+on the rest. One rule is one limit: without ``account`` every account shares it; for a limit per
+account, add one rule per account (as ``--rate-limit`` does).
 
 ``asset_id`` (a non-empty string) narrows a rule to upload requests with at least one event
 carrying that ``asset_id``: the API failing for one tenant while the others go through. Other
 requests, and bodies with no readable events, pass it by as if it were not there: it neither
 fires, nor draws its ``rate``, nor uses its ``count``.
 
-Rules are checked in order. A rule *fires* when it applies to the request (its ``asset_id``),
-has count left and, if it has a ``rate``, when the seeded random draw says so; a fired rule
-uses up one of its count. A latency-only rule adds its delay and lets the next rules be
+Rules are checked in order. A rule *fires* when it applies to the request (its ``asset_id`` and
+``account``), has count left and, if it has a ``rate``, when the seeded random draw says so, or,
+if it has a ``per_second``, when its second's requests are used up; a fired rule uses up one of
+its count. A request an earlier rule answered never reaches, nor counts against, a later limit. A latency-only rule adds its delay and lets the next rules be
 checked; the first fired rule with an outcome (``status`` or ``drop``) decides the answer and
 ends the search. Nothing is stored for a request a fault answered.
 """
@@ -114,7 +116,7 @@ class FaultRule:
         return ((self.asset_id is None or self.asset_id in asset_ids)
                 and (self.account is None or self.account == account))
 
-    def fires(self, rng: random.Random, now: float = 0.0) -> bool:
+    def fires(self, rng: random.Random, now: float) -> bool:
         """Whether the rule fires for a request it applies to at ``now`` (its ``rate``, or its
         ``per_second`` limit passed); uses up one of its count if it does."""
         if self.rate is not None and rng.random() >= self.rate:
