@@ -92,7 +92,7 @@ class FaultRule:
             raise FaultError(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(RULE_KEYS)}")
         rule = cls(spec=dict(spec))
         rule.status = _status(spec.get("status"))
-        rule.count = _count(spec.get("count"))
+        rule.count = _positive_int("count", spec.get("count"))
         rule.rate = _rate(spec.get("rate"))
         rule.latency = _non_negative("latency", spec.get("latency", 0.0))
         rule.drop = _flag(spec.get("drop", False))
@@ -102,7 +102,7 @@ class FaultRule:
         rule.asset_id = _asset_id(spec.get("asset_id"))
         rule.account = _name("account", spec.get("account"))
         rule.trickle = _non_negative("trickle", spec.get("trickle", 0.0))
-        rule.per_second = _per_second(spec.get("per_second"))
+        rule.per_second = _positive_int("per_second", spec.get("per_second"), " (requests a second)")
         rule._check_coherent()
         return rule
 
@@ -233,11 +233,12 @@ def _status(value: Any) -> int | None:
     return value
 
 
-def _count(value: Any) -> int | None:
+def _positive_int(name: str, value: Any, what: str = "") -> int | None:
+    """``value`` if it is a positive integer, None if absent; ``what`` says what it counts."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FaultError(f"'count' must be a positive integer, not {value!r}")
+        raise FaultError(f"{name!r} must be a positive integer{what}, not {value!r}")
     return value
 
 
@@ -247,14 +248,6 @@ def _rate(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
         raise FaultError(f"'rate' must be a probability 0..1, not {value!r}")
     return float(value)
-
-
-def _per_second(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise FaultError(f"'per_second' must be a positive integer (requests a second), not {value!r}")
-    return value
 
 
 def _non_negative(name: str, value: Any) -> float:
