@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from tests.vhosts import SessionVhosts
 from worker.broker.publisher import Outgoing, Publisher
 from worker.broker.topology import Topology, dead_letter_arguments, delay_ladder
 from worker.events import jsonutil
+from worker.sandbox import Sandbox
 
 #: The machine's broker (the worker's own default, or the runner's ``CELERY_BROKER_URL``). Tests do
 #: not use its default vhost: each :class:`QueueSet` lives in a vhost of its own on it.
@@ -88,6 +90,17 @@ VHOSTS = SessionVhosts(BROKER_URL, user_prefix=TEST_BROKER_USER, password=TEST_B
 #: Every live QueueSet by its prefix: how :func:`publish_raw` and :class:`DeadLetters` find the
 #: broker (and vhost) of a queue.
 _QUEUE_SETS: dict[str, QueueSet] = {}
+
+
+def undelivered(sandbox: Sandbox, ids: Iterable[str]) -> set[str]:
+    """The ids in ``ids`` the sandbox has not accepted (yet)."""
+    return set(ids) - {event_id_of(e) for e in sandbox.accepted()}
+
+
+def all_delivered(ids: Iterable[str]) -> Callable[[Sandbox], bool]:
+    """A ``Sandbox.wait_until`` condition: every id in ``ids`` accepted."""
+    wanted = set(ids)
+    return lambda sandbox: not undelivered(sandbox, wanted)
 
 
 @dataclass
@@ -416,6 +429,33 @@ def processes_marked(variable: str, value: str) -> dict[int, str]:
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return found
+
+
+def assert_recovered_from_broker_fault(worker: WorkerProcess, mark: int, sandbox: Sandbox, queues: QueueSet,
+                                       sent: list[str]) -> int:
+    """After a broker fault (the worker's log at ``mark`` when it began): the worker reconnects by
+    itself and every event in ``sent`` is delivered, none dead-lettered, duplicates only around
+    the fault (a tenth at most). Returns the number of duplicates."""
+    assert worker.wait_for_log("Connected to amqp://", timeout=120, start=mark), "the worker did not reconnect"
+    assert sandbox.wait_until(all_delivered(sent), timeout=180), (
+        f"{len(undelivered(sandbox, sent))} events not delivered")
+    counts = Counter(event_id_of(e) for e in sandbox.accepted())
+    duplicates = sum(counts.values()) - len(counts)
+    assert set(counts) == set(sent)
+    assert queues.depth(queues.settings.dead_letter_queue) == 0  # delivered + dead-lettered (none) == sent
+    # the uploads in flight finish and their redeliveries are recognised: not sent twice
+    assert duplicates <= len(sent) // 10, f"{duplicates} duplicates: a storm"
+    assert worker.process is not None and worker.process.poll() is None  # it reconnected by itself
+    return duplicates
+
+
+def kill_all(pids: Iterable[int]) -> None:
+    """SIGKILL every process in ``pids``; one already gone is fine."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def wait_for_exit(pids: Iterable[int], timeout: float) -> set[int]:

@@ -44,11 +44,10 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 from types import TracebackType
 
-from tests.harness import wait_for_exit
+from tests.harness import kill_all, wait_for_exit
 from tests.rabbitmq_node import RabbitNode, RabbitNodes
 
 #: The private range the hosts' /30 networks are taken from (one /30 per host, chosen at random
@@ -210,11 +209,7 @@ class NetnsHost:
 
     def _end_processes(self) -> None:
         pids = self.pids()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(pids)
         left = wait_for_exit(pids, EXIT_TIMEOUT)
         if left:
             raise NetnsError(f"processes {sorted(left)} in {self.name} did not exit")

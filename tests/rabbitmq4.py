@@ -29,7 +29,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass
 from functools import cache
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ROOT, free_port, processes_marked, wait_for_exit
+from tests.harness import ROOT, free_port, kill_all, processes_marked, wait_for_exit
 from tests.rabbitmq_node import NodeError, RabbitNodes, Tools
 
 #: The script that builds the Debian 13 root (and says where it lives).
@@ -151,11 +150,7 @@ class Rabbit4Nodes(RabbitNodes):
     def remove(self) -> None:
         """Kill every process of the set, then remove the nodes and the directory."""
         left = self.processes()
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_all(left)
         super().remove()
         alive = wait_for_exit(left, REAP_TIMEOUT)
         if alive:

@@ -12,17 +12,12 @@ from collections import Counter
 
 import pytest
 
-from tests.harness import DeadLetters, QueueSet, event, event_id_of, publish_events
+from tests.harness import DeadLetters, QueueSet, all_delivered, event, event_id_of, publish_events
 from worker.sandbox import Sandbox
 
 
 def delivered(sandbox: Sandbox) -> Counter:
     return Counter(event_id_of(e) for e in sandbox.accepted())
-
-
-def all_delivered(ids: list[str]):
-    wanted = set(ids)
-    return lambda s: wanted <= {event_id_of(e) for e in s.accepted()}
 
 
 def test_sigkill_during_an_upload(start_worker, queues: QueueSet, sandbox: Sandbox) -> None:

@@ -36,7 +36,7 @@ import pytest
 from celery import Celery
 from kombu import Connection, Exchange, Queue
 
-from tests.harness import DeadLetters, QueueSet, WorkerProcess, event, event_id_of, publish_events
+from tests.harness import DeadLetters, QueueSet, WorkerProcess, all_delivered, event, event_id_of, publish_events
 from tests.netns import NetnsHost, start_node, unavailable
 from tests.rabbitmq_node import RabbitNode, RabbitNodes
 from worker.ops import health
@@ -189,7 +189,7 @@ def test_the_worker_rides_out_two_partitions(start_worker: Callable[..., WorkerP
     assert wait_for_worker_event(queues.broker_url, name, 60), "no worker-heartbeat event after the partitions"
     wanted = set(sent)
     # every event delivered (or, if one were dead-lettered, the deadline: the ledger below decides)
-    sandbox.wait_until(lambda s: wanted <= {event_id_of(e) for e in s.accepted()}, timeout=DELIVERY_DEADLINE)
+    sandbox.wait_until(all_delivered(wanted), timeout=DELIVERY_DEADLINE)
     dead = DeadLetters(queues.settings.dead_letter_queue, broker_url=queues.broker_url)
     dead.settle()
     dead.close()

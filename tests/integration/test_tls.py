@@ -33,10 +33,12 @@ from tests.harness import (
     TEST_BROKER_USER,
     QueueSet,
     WorkerProcess,
+    all_delivered,
     event,
     event_id_of,
     free_port,
     running_worker,
+    undelivered,
 )
 from tests.integration.command_support import COMMAND, command_env
 from tests.integration.conftest import API_KEY, assert_no_secrets, require_rabbitmq
@@ -165,9 +167,8 @@ def send(settings: Settings, *, valid: int, invalid: int) -> Sent:
 def assert_accounted(sent: Sent, settings: Settings, sandbox: Sandbox, worker: WorkerProcess) -> None:
     """Wait until every valid event is delivered and every invalid one dead-lettered: the ledger."""
     wanted = set(sent.valid)
-    assert sandbox.wait_until(lambda s: wanted <= {event_id_of(e) for e in s.accepted()}, timeout=DEADLINE), (
-        f"{len(wanted - {event_id_of(e) for e in sandbox.accepted()})} events not delivered; the worker's log:\n"
-        + worker.log()[-3000:])
+    assert sandbox.wait_until(all_delivered(wanted), timeout=DEADLINE), (
+        f"{len(undelivered(sandbox, wanted))} events not delivered; the worker's log:\n" + worker.log()[-3000:])
     dead = dead_letter_ids(settings, len(sent.invalid))
     assert sorted(dead) == sorted(sent.invalid)
     assert {event_id_of(e) for e in sandbox.accepted()} == wanted  # delivered + dead-lettered == sent

@@ -4,12 +4,11 @@ not the package's."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 
 import pytest
 
-from tests.harness import QueueSet, event, event_id_of, publish_events
+from tests.harness import QueueSet, assert_recovered_from_broker_fault, event, publish_events
 from tests.rabbitmq_node import RabbitNode
 from worker.broker.topology import Topology
 from worker.sandbox import Sandbox
@@ -41,13 +40,4 @@ def test_a_killed_4x_node_started_again_mid_run_loses_nothing(
     assert sandbox.accepted_count() < len(sent), "the crash came too late to test anything"
     rabbit4_node.start()
     sandbox.clear_faults()
-    assert worker.wait_for_log("Connected to amqp://", timeout=120, start=mark), "the worker did not reconnect"
-    wanted = set(sent)
-    assert sandbox.wait_until(lambda s: wanted <= {event_id_of(e) for e in s.accepted()}, timeout=180), (
-        f"{len(wanted - {event_id_of(e) for e in sandbox.accepted()})} events not delivered"
-    )
-    counts = Counter(event_id_of(e) for e in sandbox.accepted())
-    assert set(counts) == wanted
-    assert queues.depth(queues.settings.dead_letter_queue) == 0  # delivered + dead-lettered (none) == sent
-    assert sum(counts.values()) - len(counts) <= len(sent) // 10  # duplicates only around the crash
-    assert worker.process is not None and worker.process.poll() is None  # reconnected by itself
+    assert_recovered_from_broker_fault(worker, mark, sandbox, queues, sent)
