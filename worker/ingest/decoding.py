@@ -18,6 +18,7 @@ import orjson
 from worker.broker.compression import MAX_DECOMPRESSED_BYTES, TooLarge, Unsupported
 from worker.broker.headers import REPLAYS_HEADER
 from worker.broker.messages import INGEST_TASK
+from worker.deadletter.envelopes import ORIGINAL_PROPERTIES
 from worker.errors import ForeignMessage, MalformedBody
 from worker.events import jsonutil
 from worker.events.parsing import ACCEPTED_ENCODINGS, JSON_CONTENT_TYPE, MAX_MESSAGE_BYTES, parse_body
@@ -120,8 +121,7 @@ def foreign_message_details(message: Message, queue: str) -> dict[str, Any]:
     """What it takes to publish another application's message again as it was: its queue,
     headers and properties (JSON-safe: byte strings in base64 under ``{"$base64": ...}``)."""
     properties = getattr(message, "properties", None) or {}
-    kept = {name: properties[name] for name in ("content_type", "content_encoding", "correlation_id", "reply_to",
-                                                 "priority", "message_id", "type", "app_id") if properties.get(name)}
+    kept = {name: properties[name] for name in ORIGINAL_PROPERTIES if properties.get(name)}
     if message.content_type:
         kept["content_type"] = message.content_type
     if message.content_encoding:

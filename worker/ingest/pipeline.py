@@ -160,8 +160,6 @@ class Ingest:
         #: it, since only confirms bring the count down (else, with confirms slower than the messages
         #: arriving, as on quorum queues, each message released a batch of its own one event).
         self._releasing = False
-        #: Bumped by :meth:`discard`: a forgotten release's confirm never comes.
-        self._generation = 0
 
     @property
     def blocked(self) -> bool:
@@ -234,12 +232,13 @@ class Ingest:
                 released += len(batch)
             if released:
                 self._releasing = True
-                then.append(partial(self._released, self._generation))
+                then.append(self._released)
         self._send(dead, ready, then)
 
-    def _released(self, generation: int) -> None:
-        if generation == self._generation:
-            self._releasing = False
+    def _released(self) -> None:
+        """The early release was confirmed (a release :meth:`discard` forgot never reports:
+        the hand-off drops what it forgot)."""
+        self._releasing = False
 
     def _route(self, events: list[Routed], replays: int,
                batch: Callable[[str, str, int], list[Batch]]) -> tuple[list[Outgoing], list[Batch]]:
@@ -281,7 +280,6 @@ class Ingest:
         self.handoff.forget()
         self.acker.forget()
         self._releasing = False
-        self._generation += 1
         return self.batcher.discard()
 
     def _send(self, dead: list[Outgoing], batches: list[Batch], then: list[Callable[[], None]]) -> None:
@@ -342,14 +340,9 @@ class Ingest:
             replays = replays_of(message)
             alone = Batcher(max_events=self.settings.batch_size, max_wait=0.0, max_bytes=self.settings.batch_max_bytes,
                             max_buffered=MAX_EVENTS_PER_MESSAGE + 1, clock=self.clock)
-            full: list[Batch] = []
-
-            def gather(asset_id: str, text: str, size: int) -> list[Batch]:
-                """Batches of the message alone, as the batcher cuts them (size, bytes), all handed on at once."""
-                full.extend(alone.add(asset_id, text, size, ticket, replays))
-                return []
-
-            dead, _ = self._route(events, replays, gather)
+            # batches of the message alone, as the batcher cuts them (size, bytes), all handed on at once
+            dead, full = self._route(events, replays,
+                                     lambda asset_id, text, size: alone.add(asset_id, text, size, ticket, replays))
             self._send(dead, full + alone.drain(), [ticket.release])
         except CONNECTION_ERRORS:
             raise

@@ -148,11 +148,6 @@ class IngestStep(bootsteps.ConsumerStep):
             self._follow_broker()
             self.runtime.listener.observe_batcher(self.ingest.batcher)
 
-    @property
-    def consuming(self) -> bool:
-        """Whether the consumer takes messages (False while a hand-off waits for the broker)."""
-        return self._consuming
-
     def _follow_broker(self) -> None:
         """Stop taking messages while a hand-off waits to be tried again, resume after (a
         basic.cancel / basic.consume)."""
