@@ -26,12 +26,18 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import amqp
 from kombu.connection import Connection
 from kombu.exceptions import OperationalError
 
 from worker.broker import tls
 
 tls.register()  # every amqps:// connection of the process checks each node against its own name
+
+#: Errors that mean the channel or the connection is gone: Celery reconnects, the broker
+#: redelivers what was in hand. Anything else while handling a message is the handler's bug.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (amqp.exceptions.ConnectionError,
+                                                      amqp.exceptions.ChannelError, OSError)
 
 #: Seconds between heartbeats on the worker's long-lived connections, as on Celery's (``broker_heartbeat``
 #: in :mod:`config.celeryconfig`): both sides notice a dead peer within two to three of them.

@@ -41,10 +41,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
-import amqp
-
 from config.settings import Settings
 from worker.broker.background import Submitter
+from worker.broker.connection import CONNECTION_ERRORS
 from worker.broker.headers import SUSPECT_HEADER
 from worker.broker.messages import INGEST_TASK, MAX_BATCHES_PER_BUNDLE, Bundle, UploadBatch
 from worker.broker.publisher import Outgoing
@@ -75,11 +74,6 @@ MAX_EVENT_BYTES = 512 * 1024
 
 #: Deliveries of a quarantined message (handled alone) that prove it kills the worker.
 QUARANTINE_LIMIT = 2
-
-#: Errors that mean the channel or the connection is gone: Celery reconnects, the broker
-#: redelivers what was in hand. Everything else in handling a message is this module's bug.
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (amqp.exceptions.ConnectionError,
-                                                      amqp.exceptions.ChannelError, OSError)
 
 #: bundle -> the upload-task message that carries it.
 UploadMessageFn = Callable[[Bundle], Outgoing]

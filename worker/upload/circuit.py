@@ -38,7 +38,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from worker.clock import Clock
@@ -98,7 +98,6 @@ class _Hold:
     interval: float = 0.0
     until: float = 0.0
     probing: bool = False
-    last_error: str = field(default="", repr=False)
 
 
 class Circuit:
@@ -311,7 +310,6 @@ class Circuit:
                 return None
             hold = self._holds[asset_id] = _Hold(interval=self.probe_base)
         hold.failures += 1
-        hold.last_error = error
         if hold.held or hold.failures < ASSET_FAILURES_TO_HOLD:
             return None
         hold.held, hold.until = True, now + hold.interval

@@ -121,16 +121,8 @@ class WatchedHTTPConnection(HTTPConnection):
         super().request(*args, **kwargs)
 
 
-class WatchedHTTPSConnection(HTTPSConnection):
-    """The same, over TLS."""
-
-    def connect(self) -> None:
-        super().connect()
-        _register(self)
-
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _register(self)
-        super().request(*args, **kwargs)
+class WatchedHTTPSConnection(WatchedHTTPConnection, HTTPSConnection):
+    """The same, over TLS (HTTPSConnection's connect, then the watch)."""
 
 
 class WatchedHTTPPool(HTTPConnectionPool):

@@ -50,14 +50,8 @@ class Lanes:
     def __iter__(self) -> Iterator[Lane]:
         return iter(self._lanes.values())
 
-    def __len__(self) -> int:
-        return len(self._lanes)
-
     def get(self, name: str) -> Lane | None:
         return self._lanes.get(name)
-
-    def names(self) -> list[str]:
-        return list(self._lanes)
 
 
 def build_lanes(settings: Settings, topology: Topology, *, clock: Clock, publish: PublishFn,

@@ -18,20 +18,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import amqp
 from celery import bootsteps
 from kombu.messaging import Consumer
 
+from worker.broker.connection import CONNECTION_ERRORS
 from worker.broker.watch import QueueWatcher
 from worker.clock import SystemClock
 from worker.upload.flow import TICK, LaneConsumer, UploadConsumer, UploadFlow
 from worker.upload.lanes import Lane
 
 logger = logging.getLogger(__name__)
-
-#: Errors that mean the channel or the connection is gone (Celery reconnects).
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (amqp.exceptions.ConnectionError,
-                                                      amqp.exceptions.ChannelError, OSError)
 
 
 def set_aside(message: Any, what: str) -> None:
@@ -80,12 +76,13 @@ class UploadStep(bootsteps.StartStopStep):
             c.task_consumer.cancel_by_queue(queue.name)
         handler = guarded(c.create_task_handler())
         steered: list[tuple[Lane, UploadConsumer]] = []
+        self._consumers = []
         for lane in runtime.lanes:
             channel = c.connection.channel()
             consumer = Consumer(channel, queues=[runtime.topology.upload_queue(lane.name)], on_message=handler,
                                 on_decode_error=reject, no_ack=False, auto_declare=True)
-            steered.append((lane, LaneConsumer(consumer, quorum=runtime.topology.quorum, clock=SystemClock())))
-        self._consumers = [consumer for _, consumer in steered if isinstance(consumer, LaneConsumer)]
+            self._consumers.append(LaneConsumer(consumer, quorum=runtime.topology.quorum, clock=SystemClock()))
+            steered.append((lane, self._consumers[-1]))
         self.flow = runtime.flow = UploadFlow(steered)
         # the first tick comes from the timer, inside the event loop: only then do the consumers start
         self._timer = c.timer.call_repeatedly(TICK, self.flow.tick)
