@@ -99,20 +99,24 @@ class Settings:
     #: ``forward`` it as it is (the API accepts it; the worker counts it), or ``reject`` the
     #: event as invalid (dead-lettered, for teams that want every instant explicit).
     naive_timestamps: str = "forward"
-    #: NETCORE_ACCOUNTS_FILE: a TOML file of further Netcore accounts (config.accounts).
-    accounts_file: str = ""
-    #: The accounts of that file, read and checked once (by :meth:`from_env`).
+    #: The accounts of NETCORE_ACCOUNTS_FILE, a TOML file of further Netcore accounts
+    #: (config.accounts), read and checked once (by :meth:`from_env`).
     file_accounts: tuple[Account, ...] = field(default=(), repr=False)
 
     @property
+    def api_base_url(self) -> str:
+        """The default account's API: ``NETCORE_API_URL`` if set, else the region's."""
+        return self.api_url or REGIONS[self.region]
+
+    @property
     def upload_url(self) -> str:
-        """Where the default account's batches are POSTed: ``NETCORE_API_URL`` if set, else the region's API."""
-        return (self.api_url or REGIONS[self.region]).rstrip("/") + UPLOAD_PATH
+        """Where the default account's batches are POSTed."""
+        return self.api_base_url.rstrip("/") + UPLOAD_PATH
 
     @cached_property
     def accounts(self) -> Accounts:
         """Every account: ``default`` (``NETCORE_API_KEY``) when a key is set, then the file's."""
-        default = Account(DEFAULT, self.api_key, self.api_url or REGIONS[self.region],
+        default = Account(DEFAULT, self.api_key, self.api_base_url,
                           region="" if self.api_url else self.region) if self.api_key else None
         return Accounts.of(list(self.file_accounts), default)
 
@@ -186,7 +190,6 @@ class Settings:
             sentry_dsn=get.text("SENTRY_DSN", ""),
             log_format=get.choice("LOG_FORMAT", ("text", "json")),
             naive_timestamps=get.choice("ACTIVITY_NAIVE_TIMESTAMPS", ("forward", "reject")),
-            accounts_file=accounts_path,
             file_accounts=file_accounts,
         )
         settings.accounts  # noqa: B018  (an asset_id in two accounts stops start-up here)

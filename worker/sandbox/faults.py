@@ -99,7 +99,7 @@ class FaultRule:
         rule.retry_after = _retry_after(spec.get("retry_after"))
         rule.body = None if spec.get("body") is None else _text("body", spec["body"]).encode()
         rule.content_type = _text("content_type", spec.get("content_type", rule.content_type))
-        rule.asset_id = _asset_id(spec.get("asset_id"))
+        rule.asset_id = _name("asset_id", spec.get("asset_id"))
         rule.account = _name("account", spec.get("account"))
         rule.trickle = _non_negative("trickle", spec.get("trickle", 0.0))
         rule.per_second = _positive_int("per_second", spec.get("per_second"), " (requests a second)")
@@ -268,10 +268,6 @@ def _retry_after(value: Any) -> str | None:
         return value
     seconds = _non_negative("retry_after", value)
     return str(int(seconds)) if seconds.is_integer() else str(seconds)
-
-
-def _asset_id(value: Any) -> str | None:
-    return _name("asset_id", value)
 
 
 def _name(key: str, value: Any) -> str | None:

@@ -66,7 +66,6 @@ class Sandbox:
     def __init__(self, *, api_key: str = "sandbox-key", host: str = "127.0.0.1", port: int = 0,
                  seed: int | None = None, log_requests: bool = False,
                  accounts: Mapping[str, str] | None = None) -> None:
-        self.api_key = api_key
         #: Account name -> its API key: each key is an account of its own (``api_key`` is
         #: ``default``'s); records, stored events and fault rules know which account a request is.
         self.accounts: dict[str, str] = {DEFAULT_ACCOUNT: api_key, **(accounts or {})}

@@ -67,7 +67,6 @@ class Store:
         self.changed = threading.Condition(self.lock)
         self.faults = FaultPlan(seed)
         self._batches: list[_Batch] = []
-        self._accepted_count = 0
         self._accepted_by: dict[str | None, int] = {}
         self._dropped: list[dict[str, Any]] = []
         self._records: list[RequestRecord] = []
@@ -107,7 +106,6 @@ class Store:
             self._records.append(record)
             if batch is not None:
                 self._batches.append(batch)
-                self._accepted_count += len(stored)
                 self._accepted_by[record.account] = self._accepted_by.get(record.account, 0) + len(stored)
             self._dropped.extend(dropped)
             self.changed.notify_all()
@@ -123,7 +121,7 @@ class Store:
         """How many events are stored (for ``account``, when named): cheap, so it suits
         :meth:`wait_until` predicates."""
         with self.lock:
-            return self._accepted_count if account is None else self._accepted_by.get(account, 0)
+            return sum(self._accepted_by.values()) if account is None else self._accepted_by.get(account, 0)
 
     def dropped(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -145,7 +143,6 @@ class Store:
         """Forget everything: events, records and faults; the random source starts over."""
         with self.lock:
             self._batches.clear()
-            self._accepted_count = 0
             self._accepted_by.clear()
             self._dropped.clear()
             self._records.clear()
